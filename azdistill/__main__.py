@@ -1,0 +1,3 @@
+from azdistill.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""The `azdistill` command line. Commands only parse and dispatch; heavy libraries load inside them.
+
+Exit status: 0 success, 1 a stage failed on its data (e.g. too few usable teacher answers), 2 bad input
+(config, data, arguments), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from azdistill import __version__
+from azdistill.errors import StageFailed, UserError
+
+log = logging.getLogger("azdistill")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Readable progress lines on stderr; third-party chatter kept to warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    root = logging.getLogger()
+    if not any(getattr(handler, "_azdistill", False) for handler in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._azdistill = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("azdistill").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "mlflow", "alembic", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+config_argument = click.argument("config", required=False, type=click.Path(path_type=Path))
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a config key, e.g. --set training.epochs=2 (repeatable).",
+)
+force_option = click.option("--force", is_flag=True, help="Rerun even if inputs and settings are unchanged.")
+
+
+def _load(config: Optional[Path], overrides: tuple[str, ...]):
+    from azdistill.config import load_config
+
+    return load_config(config, overrides)
+
+
+class Commands(click.Group):
+    """Turns user mistakes into one line on stderr and exit status 2 (a failed stage: 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(UserError.exit_code)
+        except StageFailed as error:
+            click.echo(f"failed: {error}", err=True)
+            ctx.exit(StageFailed.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; run the same command again to continue where it stopped", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="azdistill")
+@click.option("-v", "--verbose", is_flag=True, help="More detail in the log.")
+def cli(verbose: bool) -> None:
+    """Distil a large teacher LLM into a small student: locally, or as Azure ML pipelines.
+
+    CONFIG is a YAML file; without one, the embedded demo config is used (the built-in SmolLM2 teacher
+    on the bundled sentiment sample).
+    """
+    configure_logging(verbose)
+
+
+@cli.command()
+@config_argument
+@set_option
+@click.option("--local", "local", is_flag=True, default=True, help="Run every stage on this machine (the default).")
+@force_option
+def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: bool) -> None:
+    """Run the whole distillation: synthesize, finetune, evaluate."""
+    from azdistill.local_runner import run_local
+    from azdistill.report import headline_lines
+
+    settings = _load(config, overrides)
+    result = run_local(settings, force=force)
+    click.echo("")
+    click.echo(f"Report: {result.report_dir / 'report.md'} (plot: {result.report_dir / 'report.png'})")
+    for line in headline_lines(result.report):
+        click.echo(f"  {line}")
+    if result.stage_seconds:
+        click.echo("  stage seconds: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result.stage_seconds.items()))
+    if result.tracking_uri:
+        version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
+        click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")
+        hint = "make ui" if config is None else f"azdistill ui {config}"
+        click.echo(f"Open the MLflow UI with: {hint}  (or: mlflow ui --backend-store-uri {result.tracking_uri})")
+
+
+@cli.command()
+@config_argument
+@set_option
+def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
+    """Check a config and its data files without running anything."""
+    from azdistill.data import read_records
+
+    settings = _load(config, overrides)
+    for split in ("train", "validation", "test"):
+        path = getattr(settings.data, split)
+        records = read_records(path, settings.task.type, settings.data.max_records)
+        with_reference = sum(record.reference is not None for record in records)
+        click.echo(f"{split}: {path} — {len(records)} records, {with_reference} with reference answers")
+    click.echo(f"config OK: task {settings.task.type}, teacher {settings.teacher.model}, student {settings.student.model}")
+
+
+@cli.command()
+@config_argument
+@set_option
+@force_option
+def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+    """Have the teacher answer the train and validation prompts."""
+    from azdistill.local_runner import local_teacher_factory
+    from azdistill.models import resolve_teacher
+    from azdistill.stages.synthesize import synthesize as run_stage
+    from azdistill.tracking import make_tracker
+
+    settings = _load(config, overrides)
+    factory = local_teacher_factory(settings, resolve_teacher(settings.teacher.model))
+    out_dir = run_stage(settings, factory, make_tracker(settings), force)
+    click.echo(f"synthetic data: {out_dir}")
+
+
+@cli.command()
+@config_argument
+@set_option
+@force_option
+@click.option("--on-references", is_flag=True, help="Train on the data's reference answers instead (the baseline).")
+def finetune(config: Optional[Path], overrides: tuple[str, ...], force: bool, on_references: bool) -> None:
+    """Train the student on the teacher's answers (run synthesize first)."""
+    from azdistill.local_runner import prepare_models, require_stage_output
+    from azdistill.stages.finetune import finetune as run_stage
+    from azdistill.tracking import make_tracker
+
+    settings = _load(config, overrides)
+    synthetic = settings.stage_dir("synthesize")
+    if not on_references:
+        require_stage_output(synthetic / "train.jsonl", "synthesize")
+    models = prepare_models(settings)
+    out_dir = run_stage(settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, on_references=on_references)
+    click.echo(f"student: {out_dir / 'model'}")
+
+
+@cli.command()
+@config_argument
+@set_option
+@force_option
+def evaluate(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+    """Compare teacher, student and baselines on the test set (run finetune first)."""
+    from azdistill.local_runner import prepare_models, require_stage_output
+    from azdistill.report import headline_lines
+    from azdistill.stages.evaluate import evaluate as run_stage
+    from azdistill.tracking import make_tracker
+
+    settings = _load(config, overrides)
+    models = prepare_models(settings)
+    evaluated = {
+        "student": require_stage_output(settings.stage_dir("finetune") / "model", "finetune"),
+        "baseline": models.student_init,
+    }
+    reference = settings.stage_dir("finetune-reference") / "model"
+    if reference.exists():
+        evaluated["reference_sft"] = reference
+    report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force)
+    click.echo(f"Report: {settings.stage_dir('evaluate') / 'report.md'}")
+    for line in headline_lines(report):
+        click.echo(f"  {line}")
+
+
+@cli.command()
+@config_argument
+@set_option
+@click.option("--port", default=5000, show_default=True, help="Port to serve on (127.0.0.1).")
+def ui(config: Optional[Path], overrides: tuple[str, ...], port: int) -> None:
+    """Open the MLflow UI on the runs of a config's tracking store."""
+    import shutil
+    import subprocess
+
+    settings = _load(config, overrides)
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise UserError(f"no runs yet: {uri[len('sqlite:///'):]} does not exist; run `azdistill run` first")
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise UserError("the mlflow command is not installed in this environment")
+    click.echo(f"MLflow UI on {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    try:
+        subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="azdistill")

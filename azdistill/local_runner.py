@@ -1,0 +1,126 @@
+"""The local runner: synthesize -> finetune (-> finetune on references) -> evaluate, in this process.
+
+The same stage functions run inside the Azure ML components; here they are chained under one MLflow parent
+run with a nested run per stage. A stage whose inputs and settings are unchanged is skipped; an interrupted
+one continues from what it had written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from azdistill.config import DistillConfig
+from azdistill.data import read_records, write_json
+from azdistill.errors import UserError
+from azdistill.report import Report
+from azdistill.tracking import NullTracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    report: Report
+    report_dir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    registered_version: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    run_id: Optional[str] = None
+
+
+@dataclass
+class Models:
+    """Where the teacher and the student's starting point live for a config."""
+
+    teacher: Path
+    student_init: Path
+
+
+def prepare_models(config: DistillConfig) -> Models:
+    from azdistill.models import resolve_student, resolve_teacher
+
+    teacher = resolve_teacher(config.teacher.model)
+    student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")
+    return Models(teacher, student_init)
+
+
+def local_teacher_factory(config: DistillConfig, teacher_path: Path):
+    def build():
+        from azdistill.models import pick_device
+        from azdistill.teacher import LocalTeacher
+
+        return LocalTeacher(teacher_path, config.synthesis, pick_device())
+
+    return build
+
+
+def has_references(config: DistillConfig) -> bool:
+    records = read_records(config.data.train, config.task.type, config.data.max_records)
+    return any(record.reference is not None for record in records)
+
+
+def require_stage_output(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `azdistill {stage}` with this config first (or `azdistill run`)")
+    return path
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    seconds[stage] = round(time.monotonic() - started, 1)
+
+
+def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None) -> RunResult:
+    """Run every stage of a distillation on this machine; returns the evaluation report and stage timings."""
+    from azdistill.stages.evaluate import evaluate
+    from azdistill.stages.finetune import finetune
+    from azdistill.stages.synthesize import synthesize
+
+    for split in ("train", "validation", "test"):  # fail on bad data before loading any model
+        read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+    tracker = tracker or make_tracker(config)
+    seconds: dict[str, float] = {}
+    tags = {
+        "azdistill.pipeline": config.name,
+        "azdistill.task": config.task.type,
+        "azdistill.teacher": config.teacher.model,
+        "azdistill.student": config.student.model,
+        "azdistill.data_version": config.data.version,
+        "azdistill.mode": "local",
+    }
+    with tracker.pipeline(run_name=f"{config.name}@data-v{config.data.version}", tags=tags):
+        with _timed(seconds, "prepare"):
+            models = prepare_models(config)
+        with _timed(seconds, "synthesize"):
+            synthetic = synthesize(config, local_teacher_factory(config, models.teacher), tracker, force)
+        with _timed(seconds, "finetune"):
+            student = finetune(config, models.student_init, models.teacher, synthetic, tracker, force) / "model"
+        evaluated = {"student": student, "baseline": models.student_init}
+        if config.evaluation.reference_baseline and has_references(config):
+            with _timed(seconds, "finetune-reference"):
+                evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
+        with _timed(seconds, "evaluate"):
+            report = evaluate(config, models.teacher, evaluated, tracker, force)
+        version = None
+        if config.tracking.enabled:
+            with _timed(seconds, "register"):
+                version = tracker.log_student(
+                    student,
+                    {
+                        "teacher": config.teacher.model,
+                        "data_version": config.data.version,
+                        "promote": str(report.promote).lower(),
+                        **{f"metric.{name}": f"{value:.4f}" for name, value in next(m for m in report.models if m.role == 'student').metrics.items()},
+                    },
+                )
+        tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
+        run_id = tracker.run_id
+    write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})
+    return RunResult(report, config.stage_dir("evaluate"), seconds, version, config.tracking_uri if config.tracking.enabled else None, run_id)

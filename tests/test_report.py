@@ -1,0 +1,286 @@
+"""Tests for azdistill.report: comparison ratios, JSON round trip, Markdown, console lines, files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from azdistill.report import (
+    ModelResult,
+    PromotionCheck,
+    Report,
+    comparison,
+    headline_lines,
+    plot_report,
+    render_markdown,
+    report_from_dict,
+    report_to_dict,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _model(role, name, parameters, peak, p50, p95, tput, metrics, disk=100.0, weights=200.0, n=80):
+    return ModelResult(
+        role=role,
+        name=name,
+        path=f"/models/{role}",
+        parameters=parameters,
+        size_on_disk_mb=disk,
+        weights_memory_mb=weights,
+        peak_memory_mb=peak,
+        latency_p50_s=p50,
+        latency_p95_s=p95,
+        throughput_tokens_per_s=tput,
+        n=n,
+        metrics=metrics,
+    )
+
+
+@pytest.fixture
+def report() -> Report:
+    # Round numbers so every expected ratio can be worked out by hand.
+    return Report(
+        pipeline="sentiment-demo",
+        task="classification",
+        data_version="v3",
+        created="2025-05-01T12:00:00+00:00",
+        primary_metric="accuracy",
+        models=[
+            _model("teacher", "Big (teacher)", 200_000_000, 2000.0, 0.8, 1.2, 100.0,
+                   {"accuracy": 0.9, "parse_rate": 0.99}, disk=400.0, weights=800.0),
+            _model("student", "Small (student)", 50_000_000, 500.0, 0.2, 0.3, 400.0,
+                   {"accuracy": 0.81, "agreement": 0.9, "parse_rate": 0.97}, disk=100.0, weights=200.0),
+            _model("baseline", "Small-Instruct (baseline)", 50_000_000, 510.0, 0.25, 0.4, 380.0,
+                   {"accuracy": 0.5, "agreement": 0.125}),
+            _model("reference_sft", "Small SFT | labels (reference)", 50_000_000, 505.0, 0.21, 0.31, 390.0,
+                   {"accuracy": 0.85, "agreement": 0.8, "parse_rate": 1.0}),
+        ],
+        promote=True,
+        checks=[
+            PromotionCheck("agreement", 0.9, 0.8, ">=", True),
+            PromotionCheck("quality_retained", 0.9, 0.85, ">=", True),
+            PromotionCheck("latency_ratio", 0.25, 0.5, "<=", True),
+            PromotionCheck("beats_baseline", 0.31, 0.0, ">", True),
+        ],
+        device="cpu (2 cores)",
+        samples=[
+            {"prompt": "Review: fast | cheap\nLabel?", "reference": "positive", "teacher": "positive",
+             "student": "positive", "baseline": "It is\npositive"},
+        ],
+    )
+
+
+@pytest.fixture
+def freeform_report(report) -> Report:
+    """A free-form task without references: no primary metric values, agreement only for some."""
+    r = copy.deepcopy(report)
+    r.task = "free_form"
+    r.primary_metric = "rouge_l"
+    r.models[0].metrics = {}
+    r.models[1].metrics = {"agreement": 0.42}
+    r.models[2].metrics = {"agreement": 0.1}
+    r.models = r.models[:3]
+    r.samples = [{"prompt": "Write a haiku", "reference": None, "teacher": "a\nb", "student": "c", "baseline": "d"}]
+    return r
+
+
+def test_comparison_ratios(report):
+    comp = comparison(report)
+    assert comp == pytest.approx(
+        {
+            "param_ratio": 0.25,  # 50M / 200M
+            "latency_ratio": 0.25,  # 0.2 / 0.8
+            "speedup": 4.0,  # 0.8 / 0.2
+            "memory_ratio": 0.25,  # 500 / 2000
+            "weights_memory_ratio": 0.25,  # 200 / 800
+            "quality_retained": 0.9,  # 0.81 / 0.9
+            "throughput_ratio": 4.0,  # 400 / 100
+        }
+    )
+
+
+def test_comparison_guards_zero_and_missing(report):
+    report.models[0].latency_p50_s = 0.0
+    report.models[1].latency_p50_s = 0.0
+    report.models[0].metrics["accuracy"] = 0.0
+    comp = comparison(report)
+    assert "latency_ratio" not in comp and "speedup" not in comp
+    assert "quality_retained" not in comp
+    assert comp["param_ratio"] == pytest.approx(0.25)
+
+    del report.models[0].metrics["accuracy"]
+    assert "quality_retained" not in comparison(report)
+    assert comparison(
+        Report("p", "t", "v", "now", "accuracy", [report.models[0]], False, [], "cpu")
+    ) == {}
+
+
+def test_json_round_trip(report):
+    data = report_to_dict(report)
+    assert data["comparison"] == comparison(report)
+    text = json.dumps(data, allow_nan=False)
+    assert report_from_dict(json.loads(text)) == report
+
+
+def test_json_nan_becomes_null(report):
+    report.models[2].metrics["bleu"] = float("nan")
+    data = report_to_dict(report)
+    assert data["models"][2]["metrics"]["bleu"] is None
+    json.dumps(data, allow_nan=False)  # strict JSON must not raise
+    back = report_from_dict(data)
+    assert math.isnan(back.models[2].metrics["bleu"])
+
+
+def test_from_dict_names_missing_key(report):
+    data = report_to_dict(report)
+    del data["models"][1]["peak_memory_mb"]
+    with pytest.raises(ValueError, match=r"models\[1\].*peak_memory_mb"):
+        report_from_dict(data)
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """Cells of the side-by-side table (the first table in the document)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Model |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_markdown_table(report):
+    md = render_markdown(report)
+    assert "sentiment-demo" in md and "classification" in md and "v3" in md
+    assert "2025-05-01" in md and "cpu (2 cores)" in md
+    assert "report.png" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Model |"))
+    # Primary metric first, then agreement, then the rest sorted.
+    assert header.index("Accuracy") < header.index("Agreement") < header.index("Parse rate")
+
+    rows = _table_rows(md)
+    assert len(rows) == 4  # one row per model
+    teacher, student, baseline, ref = rows
+    assert teacher[:7] == ["Big (teacher)", "200.0", "400.0", "2,000.0", "0.800", "1.200", "100.0"]
+    assert teacher[7:] == ["90.0%", "n/a", "99.0%"]  # the teacher has no agreement
+    assert "Small (student)" in student[0]
+    assert student[1] == "50.0" and student[7:] == ["81.0%", "90.0%", "97.0%"]
+    assert baseline[7:] == ["50.0%", "12.5%", "n/a"]
+    assert ref[0] == r"Small SFT \| labels (reference)"  # '|' escaped inside a cell
+
+
+def test_markdown_headline_promotion_samples(report):
+    md = render_markdown(report)
+    assert "## Student vs teacher" in md
+    assert "75% less latency, 75% less memory, 90% of the teacher's accuracy kept" in md
+    assert "4.0x faster" in md
+    assert "## Promotion: PROMOTE" in md
+    assert "| agreement | 0.90 | >= 0.80 | pass |" in md
+    assert r"Review: fast \| cheap<br>Label?" in md
+    assert "It is<br>positive" in md
+
+    report.promote = False
+    report.checks[0] = PromotionCheck("agreement", 0.71, 0.8, ">=", False)
+    md = render_markdown(report)
+    assert "## Promotion: KEEP CURRENT" in md
+    assert "| agreement | 0.71 | >= 0.80 | **FAIL** |" in md
+
+
+def test_markdown_bleu_one_decimal(report):
+    report.models[0].metrics["bleu"] = 31.25
+    report.models[1].metrics["bleu"] = 0.5  # bleu is on a 0-100 scale even when small
+    md = render_markdown(report)
+    rows = _table_rows(md)
+    header = next(line for line in md.splitlines() if line.startswith("| Model |"))
+    col = [c.strip() for c in header.strip("|").split(" | ")].index("BLEU")
+    assert [r[col] for r in rows] == ["31.2", "0.5", "n/a", "n/a"]
+
+
+def test_headline_lines(report):
+    lines = headline_lines(report)
+    assert 3 <= len(lines) <= 6
+    text = "\n".join(lines)
+    assert "student: 50.0M params (25% of teacher), 4.0x faster per response (p50 0.20 s vs 0.80 s)" in text
+    assert "agreement with teacher: 90.0% (baseline 12.5%)" in text
+    assert "accuracy: student 81.0%, teacher 90.0%, baseline 50.0%" in text
+    assert lines[-1] == "promotion: PROMOTE (all 4 checks passed)"
+
+    report.promote = False
+    report.checks[0] = PromotionCheck("agreement", 0.71, 0.8, ">=", False)
+    assert headline_lines(report)[-1] == "promotion: KEEP CURRENT (failed: agreement 0.71 < 0.80)"
+
+
+def test_write_report(report, tmp_path):
+    out = tmp_path / "nested" / "eval"
+    paths = write_report(report, out)
+    assert set(paths) == {"json", "markdown", "plot"}
+    assert paths["json"] == out / "report.json"
+    assert paths["markdown"] == out / "report.md"
+    assert paths["plot"] == out / "report.png"
+    assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+    data = json.loads(paths["json"].read_text())
+    assert data["comparison"]["speedup"] == pytest.approx(4.0)
+    assert paths["markdown"].read_text().startswith("# ")
+    # No temp files left behind by the atomic writes.
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+
+
+def test_write_report_replaces_existing(report, tmp_path):
+    write_report(report, tmp_path)
+    report.pipeline = "second-run"
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["pipeline"] == "second-run"
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_failed_plot_leaves_no_partial_file(report, tmp_path, monkeypatch):
+    import azdistill.report as mod
+
+    target = tmp_path / "report.png"
+    target.write_bytes(b"old")
+
+    def boom(_report):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(mod, "_build_figure", boom)
+    with pytest.raises(RuntimeError):
+        plot_report(report, target)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.png"]
+
+
+def test_freeform_report_without_reference_metrics_renders(freeform_report, tmp_path):
+    md = render_markdown(freeform_report)
+    rows = _table_rows(md)
+    assert len(rows) == 3
+    assert rows[0][-1] == "n/a" and rows[1][-1] == "42.0%"  # agreement is the only metric column
+    assert "ROUGE-L" not in md.split("## Student vs teacher")[0]
+    assert "of the teacher's" in md  # ratios still reported without a quality figure
+    assert "kept" not in md
+    assert "| Prompt | Teacher | Student | Baseline |" in md  # no reference column
+
+    lines = headline_lines(freeform_report)
+    assert any("faster per response" in line for line in lines)
+    assert any(line.startswith("agreement with teacher: 42.0%") for line in lines)
+
+    paths = write_report(freeform_report, tmp_path)
+    assert paths["plot"].read_bytes()[:8] == PNG_MAGIC
+    assert report_from_dict(json.loads(paths["json"].read_text())) == freeform_report
+
+
+def test_report_without_any_metrics_renders(freeform_report, tmp_path):
+    for m in freeform_report.models:
+        m.metrics = {}
+    freeform_report.checks = []
+    freeform_report.samples = []
+    md = render_markdown(freeform_report)
+    assert len(_table_rows(md)) == 3
+    assert "No promotion checks" in md
+    assert headline_lines(freeform_report)[-1].startswith("promotion: PROMOTE (no checks")
+    assert write_report(freeform_report, tmp_path)["plot"].read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,177 @@
+"""The synthesize stage on temporary JSONL with a scripted fake teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from azdistill.config import DistillConfig
+from azdistill.errors import StageFailed
+from azdistill.generation import Completion
+from azdistill.stages.synthesize import check_answer, synthesize
+
+SYSTEM = "Classify the sentiment. Answer positive or negative."
+
+
+class ScriptedTeacher:
+    """Answers from a function of the conversation; records every batch it was sent."""
+
+    name = "scripted"
+
+    def __init__(self, reply, batch_size: int = 3, fail_after_batches: int | None = None):
+        self.reply, self.batch_size = reply, batch_size
+        self.fail_after_batches = fail_after_batches
+        self.batches: list[list[list[dict]]] = []
+
+    def answer(self, conversations):
+        if self.fail_after_batches is not None and len(self.batches) >= self.fail_after_batches:
+            raise KeyboardInterrupt  # what Ctrl-C does in the middle of a run
+        self.batches.append([list(conversation) for conversation in conversations])
+        return [self.reply(conversation) for conversation in conversations]
+
+
+def stop(text: str) -> Completion:
+    return Completion(text=text, finish_reason="stop", prompt_tokens=10, completion_tokens=len(text.split()))
+
+
+def write_split(path: Path, rows: list[list[dict]]) -> None:
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
+
+
+def single(review: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Review: {review}"}]
+
+
+def make_config(tmp_path: Path, task: dict, train: list, validation: list, **synthesis) -> DistillConfig:
+    write_split(tmp_path / "train.jsonl", train)
+    write_split(tmp_path / "validation.jsonl", validation)
+    write_split(tmp_path / "test.jsonl", validation)
+    return DistillConfig.model_validate(
+        {
+            "name": "t",
+            "workdir": str(tmp_path / "work"),
+            "task": task,
+            "data": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")},
+            "synthesis": {"min_success_ratio": 0.0, **synthesis},
+            "tracking": {"enabled": False},
+        }
+    )
+
+
+def sentiment_reply(conversation):
+    text = conversation[-1]["content"]
+    if "empty" in text:
+        return stop("")
+    if "long" in text:
+        return Completion("The review is positive and", "length", 10, 5)
+    if "unsure" in text:
+        return stop("It could be positive or negative.")
+    return stop("The review is positive." if "good" in text else "Negative.")
+
+
+NLI = {"type": "nli", "labels": ["positive", "negative"]}
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_check_answer_names_each_reason():
+    assert check_answer(stop("Positive!"), "nli", ["positive", "negative"]) is None
+    assert check_answer(stop("  "), "nli", ["positive", "negative"]) == "empty answer"
+    assert "cut off" in check_answer(Completion("The", "length", 1, 1), "qa", None)
+    assert "labels" in check_answer(stop("positive or negative"), "nli", ["positive", "negative"])
+    assert check_answer(stop("no idea"), "math", None) == "answer has no number"
+    assert check_answer(stop("so 3 + 4 = 7. Answer: 7"), "math", None) is None
+
+
+def test_outputs_follow_input_order_and_rejects_carry_reasons(tmp_path):
+    train = [single(text) for text in ["good 1", "bad 2", "empty 3", "good 4", "long 5", "unsure 6", "bad 7"]]
+    config = make_config(tmp_path, NLI, train, [single("good v")])
+    teacher = ScriptedTeacher(sentiment_reply, batch_size=3)
+    out = synthesize(config, lambda: teacher)
+
+    rows = read(out / "train.jsonl")
+    assert [row["messages"][1]["content"] for row in rows] == ["Review: good 1", "Review: bad 2", "Review: good 4", "Review: bad 7"]
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": "The review is positive."}
+    rejected = read(out / "rejected.jsonl")
+    assert [(row["line"], row["reason"].split(" (")[0]) for row in rejected] == [
+        (3, "empty answer"),
+        (5, "answer cut off"),
+        (6, "answer names none or several of the labels ['positive', 'negative']"),
+    ]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["train"]["accepted"] == 4 and stats["splits"]["train"]["rejected"] == 3
+    assert stats["splits"]["validation"] == {
+        **stats["splits"]["validation"], "records": 1, "accepted": 1, "rejected": 0,
+    }
+    assert [len(batch) for batch in teacher.batches] == [3, 3, 1, 1]
+
+
+def test_conversation_is_regenerated_turn_by_turn_from_the_teachers_own_answers(tmp_path):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "human answer 1"},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "human answer 2"},
+    ]
+    config = make_config(tmp_path, {"type": "conversation"}, [conversation], [conversation[:2]])
+    teacher = ScriptedTeacher(lambda c: stop(f"teacher answer {sum(m['role'] == 'user' for m in c)}"), batch_size=4)
+    out = synthesize(config, lambda: teacher)
+
+    # The second turn's prompt holds the teacher's first answer, not the human one.
+    assert teacher.batches[1] == [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "teacher answer 1"},
+            {"role": "user", "content": "How are you?"},
+        ]
+    ]
+    (row,) = read(out / "train.jsonl")
+    assert [m["content"] for m in row["messages"]] == ["Be brief.", "Hi", "teacher answer 1", "How are you?", "teacher answer 2"]
+
+
+def test_interrupted_run_continues_without_asking_twice(tmp_path):
+    train = [single(f"good {i}") for i in range(10)]
+    config = make_config(tmp_path, NLI, train, [single("bad v")])
+    first = ScriptedTeacher(sentiment_reply, batch_size=3, fail_after_batches=2)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(config, lambda: first)
+    assert not (config.stage_dir("synthesize") / "train.jsonl").exists()  # nothing final written half-way
+
+    second = ScriptedTeacher(sentiment_reply, batch_size=3)
+    out = synthesize(config, lambda: second)
+    asked_again = [conversation[-1]["content"] for batch in second.batches for conversation in batch]
+    assert asked_again == [f"Review: good {i}" for i in range(6, 10)] + ["Review: bad v"]
+    rows = read(out / "train.jsonl")
+    assert [row["messages"][1]["content"] for row in rows] == [f"Review: good {i}" for i in range(10)]
+
+
+def test_unchanged_inputs_skip_the_stage_and_force_reruns_it(tmp_path):
+    config = make_config(tmp_path, NLI, [single("good 1")], [single("bad 1")])
+    synthesize(config, lambda: ScriptedTeacher(sentiment_reply))
+
+    def must_not_build():
+        raise AssertionError("the teacher was built although nothing changed")
+
+    synthesize(config, must_not_build)
+    again = ScriptedTeacher(sentiment_reply)
+    synthesize(config, lambda: again, force=True)
+    assert len(again.batches) == 2
+
+    changed = config.model_copy(update={"synthesis": config.synthesis.model_copy(update={"max_new_tokens": 9})})
+    other = ScriptedTeacher(sentiment_reply)
+    synthesize(changed, lambda: other)
+    assert len(other.batches) == 2  # a changed setting invalidates the earlier answers
+
+
+def test_too_few_usable_answers_fail_the_stage_with_the_main_reason(tmp_path):
+    train = [single(f"empty {i}") for i in range(4)] + [single("good 1")]
+    config = make_config(tmp_path, NLI, train, [single("good 2")], min_success_ratio=0.7)
+    with pytest.raises(StageFailed, match=r"only 2 of 6 teacher answers passed the checks \(33% < synthesis.min_success_ratio 70%.*empty answer \(4x\)"):
+        synthesize(config, lambda: ScriptedTeacher(sentiment_reply))
+    assert (config.stage_dir("synthesize") / "rejected.jsonl").exists()

@@ -139,7 +139,11 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) 
     from azdistill.stages.synthesize import synthesize as run_stage
     from azdistill.tracking import make_tracker
 
+    from azdistill.data import read_records
+
     settings = _load(config, overrides)
+    for split in ("train", "validation"):  # report bad data before spending time on the teacher
+        read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
     factory = local_teacher_factory(settings, resolve_teacher(settings.teacher.model))
     out_dir = run_stage(settings, factory, make_tracker(settings), force)
     click.echo(f"synthetic data: {out_dir}")
@@ -177,11 +181,9 @@ def evaluate(config: Optional[Path], overrides: tuple[str, ...], force: bool) ->
     from azdistill.tracking import make_tracker
 
     settings = _load(config, overrides)
+    student = require_stage_output(settings.stage_dir("finetune") / "model", "finetune")
     models = prepare_models(settings)
-    evaluated = {
-        "student": require_stage_output(settings.stage_dir("finetune") / "model", "finetune"),
-        "baseline": models.student_init,
-    }
+    evaluated = {"student": student, "baseline": models.student_init}
     reference = settings.stage_dir("finetune-reference") / "model"
     if reference.exists():
         evaluated["reference_sft"] = reference

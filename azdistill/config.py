@@ -263,8 +263,10 @@ def _describe_error(error: dict, source: str, lines: dict[tuple, int], overridde
     loc = tuple(error["loc"])
     key = ".".join(str(part) for part in loc) or "(top level)"
     where = source
-    if key in overridden:
-        where = f"--set {key}"
+    # Blame an override that set this key, a section above it or a value inside it.
+    blamed = [item for item in overridden if item == key or key.startswith(item + ".") or item.startswith(key + ".")]
+    if blamed:
+        where = f"--set {blamed[0]}"
     else:
         for depth in range(len(loc), 0, -1):
             if loc[:depth] in lines:
@@ -311,7 +313,10 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
             raise UserError(f"{source_path}: config file not found")
         base = source_path.resolve().parent
     source = str(path) if path is not None else "embedded demo config"
-    text = source_path.read_text(encoding="utf-8")
+    try:
+        text = source_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{source}: not UTF-8 text (bad byte at offset {error.start}); save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -344,7 +349,9 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
     for split in ("train", "validation", "test"):
         value: Path = getattr(config.data, split)
         if not value.is_absolute():
-            setattr(config.data, split, (base / value).resolve())
+            # A path typed on the command line is relative to where the user is, not to the config file.
+            split_base = Path.cwd() if f"data.{split}" in overridden else base
+            setattr(config.data, split, (split_base / value).resolve())
     for model_field in (config.teacher, config.student):
         if model_field.model not in ("builtin", "pruned-teacher") and not Path(model_field.model).is_absolute():
             candidate = (base / model_field.model).resolve()

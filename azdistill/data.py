@@ -86,8 +86,13 @@ def read_records(path: Path, task_type: str, limit: Optional[int] = None) -> lis
         raise UserError(f"{path}: expected a .jsonl file (one JSON object per line)")
     records: list[Record] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                problems.append(f"{path}:{number}: not UTF-8 text (bad byte at column {error.start + 1}); save the file as UTF-8")
+                continue
             if not raw.strip():
                 continue
             try:
@@ -130,6 +135,8 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp creates files readable by the owner only; outputs should get the usual permissions.
+    os.chmod(temporary, 0o666 & ~_current_umask())
     try:
         with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
@@ -139,6 +146,12 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -7,6 +7,7 @@ one continues from what it had written.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -77,6 +78,33 @@ def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
     seconds[stage] = round(time.monotonic() - started, 1)
 
 
+def register_student(config: DistillConfig, tracker: NullTracker, student: Path, report: Report) -> Optional[str]:
+    """Register the student in the model registry, once per distinct model: a rerun that changed nothing
+    reuses the version registered before instead of piling up identical versions."""
+    from azdistill.data import write_json
+    from azdistill.stages.state import folder_digest
+
+    marker = config.run_dir / "registered.json"
+    digest = folder_digest(student)
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous.get("digest") == digest and previous.get("tracking_uri") == config.tracking_uri:
+            log.info("register: this student is already version %s of '%s'", previous["version"], config.registered_model_name)
+            return previous["version"]
+    metrics = next(model for model in report.models if model.role == "student").metrics
+    version = tracker.log_student(
+        student,
+        {
+            "teacher": config.teacher.model,
+            "data_version": config.data.version,
+            "promote": str(report.promote).lower(),
+            **{f"metric.{name}": f"{value:.4f}" for name, value in metrics.items()},
+        },
+    )
+    write_json(marker, {"digest": digest, "version": version, "tracking_uri": config.tracking_uri})
+    return version
+
+
 def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None) -> RunResult:
     """Run every stage of a distillation on this machine; returns the evaluation report and stage timings."""
     from azdistill.stages.evaluate import evaluate
@@ -111,15 +139,7 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
         version = None
         if config.tracking.enabled:
             with _timed(seconds, "register"):
-                version = tracker.log_student(
-                    student,
-                    {
-                        "teacher": config.teacher.model,
-                        "data_version": config.data.version,
-                        "promote": str(report.promote).lower(),
-                        **{f"metric.{name}": f"{value:.4f}" for name, value in next(m for m in report.models if m.role == 'student').metrics.items()},
-                    },
-                )
+                version = register_student(config, tracker, student, report)
         tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
         run_id = tracker.run_id
     write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})

@@ -1,0 +1,501 @@
+"""Tests for the `azdistill` command line: help, version, `validate`, and the one-line errors (exit 2).
+
+No test here loads a model or runs a stage: the functions that would load or convert one are replaced by a
+tripwire (`forbid_models`), so a command that reaches them fails its test instead of spending minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import azdistill
+import azdistill.models
+from azdistill.cli import cli
+from azdistill.config import TASK_TYPES
+from azdistill.errors import StageFailed
+
+from conftest import line_of
+
+COMMANDS = ("run", "validate", "synthesize", "finetune", "evaluate", "ui")
+TOP_LEVEL_KEYS = "data, evaluation, name, student, synthesis, task, teacher, tracking, training, workdir"
+GOOD_ROW = {
+    "messages": [
+        {"role": "system", "content": "Classify the review as positive or negative."},
+        {"role": "user", "content": "Loved it."},
+        {"role": "assistant", "content": "positive"},
+    ]
+}
+
+
+class ModelLoaded(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def forbid_models(monkeypatch, tmp_path):
+    """Fail loudly if a command gets as far as converting, pruning or loading a model; keep everything offline."""
+
+    def tripwire(*args, **kwargs):
+        raise ModelLoaded("a CLI test reached model loading")
+
+    for name in ("builtin_teacher_path", "make_pruned_student", "load_model", "load_tokenizer"):
+        monkeypatch.setattr(azdistill.models, name, tripwire)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("AZDISTILL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str):
+    return runner.invoke(cli, [str(arg) for arg in args])
+
+
+def assert_user_error(result, expected_line: str) -> None:
+    """Exit 2, exactly one line on stderr (`error: ...`), no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines() == [expected_line]
+
+
+def data_file(config: Path, split: str) -> Path:
+    return config.parent / "data" / f"{split}.jsonl"
+
+
+def write_rows(path: Path, rows) -> None:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Help and version
+
+
+def test_help_lists_every_command_and_returns_quickly(runner):
+    started = time.monotonic()
+    result = invoke(runner, "--help")
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 0
+    assert result.stderr == ""
+    commands_section = result.stdout.split("Commands:", 1)[1]
+    listed = [line.split()[0] for line in commands_section.splitlines() if line.strip()]
+    assert sorted(listed) == sorted(COMMANDS)
+    assert elapsed < 2.0
+
+
+def test_short_help_option(runner):
+    result = invoke(runner, "-h")
+    assert result.exit_code == 0
+    assert "Commands:" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(runner, command):
+    result = invoke(runner, command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"Usage: cli {command} [OPTIONS]" in result.stdout
+    assert "--set KEY.PATH=VALUE" in result.stdout
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from azdistill.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['--help'])\n"
+        "assert result.exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_version(runner):
+    result = invoke(runner, "--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"azdistill, version {azdistill.__version__}\n"
+    assert azdistill.__version__ == "0.1.0"
+
+
+def test_module_entry_point_uses_the_program_name(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "azdistill", "--version"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"azdistill, version {azdistill.__version__}\n"
+
+
+def test_unknown_command_is_a_usage_error(runner):
+    result = invoke(runner, "distil")
+    assert result.exit_code == 2
+    assert "No such command 'distil'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate on good input
+
+
+@pytest.mark.parametrize("minimal_config", TASK_TYPES, indirect=True)
+def test_validate_prints_counts_per_split(runner, minimal_config):
+    task = minimal_config.read_text().split("type: ", 1)[1].split()[0]
+    result = invoke(runner, "validate", minimal_config)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    data = minimal_config.parent.resolve() / "data"
+    assert result.stdout.splitlines() == [
+        f"train: {data / 'train.jsonl'} — 4 records, 4 with reference answers",
+        f"validation: {data / 'validation.jsonl'} — 2 records, 2 with reference answers",
+        f"test: {data / 'test.jsonl'} — 3 records, 3 with reference answers",
+        f"config OK: task {task}, teacher builtin, student pruned-teacher",
+    ]
+
+
+def test_validate_counts_records_without_references(runner, make_config):
+    config = make_config("qa", counts={"test": 5}, references={"test": False, "validation": False})
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("— 4 records, 4 with reference answers")
+    assert lines[1].endswith("— 2 records, 0 with reference answers")
+    assert lines[2].endswith("— 5 records, 0 with reference answers")
+
+
+def test_validate_applies_set_overrides(runner, make_config):
+    config = make_config("nli")
+    result = invoke(runner, "validate", config, "--set", "data.max_records=1", "--set", "task.labels=[positive, negative, mixed]")
+    assert result.exit_code == 0, result.output
+    assert [line.split(" — ")[1] for line in result.stdout.splitlines()[:3]] == ["1 records, 1 with reference answers"] * 3
+
+
+def test_validate_does_not_create_the_workdir(runner, make_config, workdir):
+    result = invoke(runner, "validate", make_config())
+    assert result.exit_code == 0
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate on bad input: exit 2, one line on stderr, no traceback
+
+
+def test_malformed_json_line(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, [GOOD_ROW, '{"messages": [oops]}', GOOD_ROW])
+    result = invoke(runner, "validate", config)
+    assert_user_error(result, f"error: {train.resolve()}:2: malformed JSON: Expecting value (column 15)")
+    assert result.stdout == ""
+
+
+def test_wrong_first_role(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, [GOOD_ROW, {"messages": GOOD_ROW["messages"][1:]}])
+    assert_user_error(invoke(runner, "validate", config), f"error: {train.resolve()}:2: the first message must be 'system', not 'user'")
+
+
+def test_roles_out_of_order(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    system, user, _ = GOOD_ROW["messages"]
+    write_rows(train, [{"messages": [system, user, user]}])
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {train.resolve()}:1: messages[2] is 'user' where 'assistant' was expected "
+        "(system, then user and assistant alternating)",
+    )
+
+
+def test_unknown_role(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    system, _, _ = GOOD_ROW["messages"]
+    write_rows(train, [{"messages": [system, {"role": "human", "content": "hi"}]}])
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {train.resolve()}:1: messages[1].role is 'human'; allowed: system, user, assistant",
+    )
+
+
+def test_empty_content(runner, make_config):
+    config = make_config()
+    test = data_file(config, "test")
+    system, _, _ = GOOD_ROW["messages"]
+    write_rows(test, [GOOD_ROW, GOOD_ROW, {"messages": [system, {"role": "user", "content": "   "}]}])
+    result = invoke(runner, "validate", config)
+    assert_user_error(result, f"error: {test.resolve()}:3: messages[1] (user) has empty content")
+    # the splits before the bad one were reported on stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["train", "validation"]
+
+
+def test_multi_turn_record_for_a_single_turn_task(runner, make_config):
+    config = make_config("math")
+    train = data_file(config, "train")
+    system, user, assistant = GOOD_ROW["messages"]
+    write_rows(train, [{"messages": [system, user, assistant, user, assistant]}])
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {train.resolve()}:1: task 'math' takes one turn: [system, user] or [system, user, assistant]; "
+        "got 5 messages (use task conversation or chat for multi-turn records)",
+    )
+
+
+def test_several_bad_lines_are_all_reported(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, ["{oops", GOOD_ROW, "[]"])
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines() == [
+        f"error: {train.resolve()}:1: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{train.resolve()}:3: expected an object with a 'messages' list",
+    ]
+
+
+def test_missing_data_file(runner, make_config):
+    config = make_config()
+    validation = data_file(config, "validation")
+    validation.unlink()
+    assert_user_error(invoke(runner, "validate", config), f"error: {validation.resolve()}: data file not found")
+
+
+def test_data_file_with_the_wrong_extension(runner, make_config):
+    config = make_config()
+    json_file = config.parent / "data" / "train.json"
+    json_file.write_text(json.dumps(GOOD_ROW) + "\n")
+    assert_user_error(
+        invoke(runner, "validate", config, "--set", f"data.train={json_file}"),
+        f"error: {json_file.resolve()}: expected a .jsonl file (one JSON object per line)",
+    )
+
+
+def test_empty_data_file(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    train.write_text("")
+    assert_user_error(invoke(runner, "validate", config), f"error: {train.resolve()}: no records (the file is empty)")
+
+
+def test_missing_config_file(runner, tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert_user_error(invoke(runner, "validate", missing), f"error: {missing}: config file not found")
+
+
+def test_unknown_task(runner, make_config):
+    config = make_config("qa")
+    config.write_text(config.read_text().replace("type: qa", "type: poetry"))
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{line_of(config, 'type: poetry')}: task.type: Input should be 'nli', 'qa', 'conversation', "
+        "'math', 'summarization' or 'chat' (given: 'poetry')",
+    )
+
+
+def test_nli_without_labels(runner, make_config):
+    config = make_config("nli")
+    config.write_text(config.read_text().replace("  labels: [positive, negative]\n", ""))
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{line_of(config, 'task:')}: task: task.labels must list at least two labels for task type nli",
+    )
+
+
+def test_bad_config_key(runner, make_config):
+    config = make_config(extra="traning:\n  epochs: 2\n")
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{line_of(config, 'traning:')}: unknown key 'traning'; allowed keys here: {TOP_LEVEL_KEYS}",
+    )
+
+
+def test_bad_config_value(runner, make_config):
+    config = make_config(extra="synthesis:\n  temperature: 1.5\n")
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{line_of(config, 'temperature:')}: synthesis.temperature: "
+        "Input should be less than or equal to 1 (given: 1.5)",
+    )
+
+
+def test_invalid_yaml(runner, make_config):
+    config = make_config(extra="training:\n  epochs: [2\n")
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {config}:")
+    assert ": not valid YAML: " in line
+
+
+def test_config_that_is_a_list(runner, tmp_path):
+    config = tmp_path / "list.yaml"
+    config.write_text("- name: x\n")
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}: expected a mapping of sections (task, data, teacher, ...), got list",
+    )
+
+
+def test_set_without_equals(runner, make_config):
+    assert_user_error(
+        invoke(runner, "validate", make_config(), "--set", "training.epochs"),
+        "error: --set training.epochs: expected key.path=value, e.g. --set training.epochs=2",
+    )
+
+
+def test_set_of_an_unknown_key(runner, make_config):
+    result = invoke(runner, "validate", make_config(), "--set", "training.epoch=2")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: --set training.epoch: unknown key 'training.epoch'; allowed keys here: batch_size, ")
+
+
+def test_set_with_a_bad_value(runner, make_config):
+    assert_user_error(
+        invoke(runner, "validate", make_config(), "--set", "training.epochs=0"),
+        "error: --set training.epochs: training.epochs: Input should be greater than 0 (given: 0)",
+    )
+
+
+def test_data_file_that_is_not_utf8(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    train.write_bytes(json.dumps(GOOD_ROW).replace("Loved", "Caf\\u00e9").encode().replace(b"Caf\\u00e9", b"Caf\xe9") + b"\n")
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {train.resolve()}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Other commands fail on bad input before any model loads, and leave no stage output
+
+
+def test_run_with_a_malformed_data_line_fails_fast_and_writes_nothing(runner, make_config, workdir):
+    config = make_config()
+    test = data_file(config, "test")
+    write_rows(test, [GOOD_ROW, "{not json"])
+    started = time.monotonic()
+    result = invoke(runner, "run", config)
+    elapsed = time.monotonic() - started
+    assert_user_error(result, f"error: {test.resolve()}:2: malformed JSON: Expecting property name enclosed in double quotes (column 2)")
+    assert elapsed < 3.0
+    assert not (workdir / "runs").exists()
+
+
+def test_run_with_a_bad_config_value_writes_nothing(runner, make_config, workdir):
+    config = make_config()
+    assert_user_error(
+        invoke(runner, "run", config, "--set", "training.learning_rate=2"),
+        "error: --set training.learning_rate: training.learning_rate: Input should be less than 1 (given: 2)",
+    )
+    assert not workdir.exists()
+
+
+def test_run_with_a_missing_teacher_folder_fails_before_loading_anything(runner, make_config, workdir, tmp_path):
+    missing = tmp_path / "no-such-teacher"
+    result = invoke(runner, "run", make_config(), "--set", f"teacher.model={missing}")
+    assert_user_error(
+        result,
+        f"error: teacher.model: {missing} is not a folder; give 'builtin'/'pruned-teacher' or a local model folder",
+    )
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["synthesize", "finetune", "evaluate", "ui"])
+def test_other_commands_report_config_errors_with_exit_2(runner, make_config, workdir, command):
+    assert_user_error(
+        invoke(runner, command, make_config(), "--set", "colour=blue"),
+        f"error: --set colour: unknown key 'colour'; allowed keys here: {TOP_LEVEL_KEYS}",
+    )
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "synthesize", "finetune", "evaluate", "ui", "validate"])
+def test_every_command_reports_a_missing_config(runner, tmp_path, command):
+    missing = tmp_path / "missing.yaml"
+    assert_user_error(invoke(runner, command, missing), f"error: {missing}: config file not found")
+
+
+def test_finetune_before_synthesize_says_what_to_run(runner, make_config, workdir):
+    result = invoke(runner, "finetune", make_config())
+    assert_user_error(
+        result,
+        f"error: {workdir / 'runs' / 'unit-test' / 'synthesize' / 'train.jsonl'} does not exist: "
+        "run `azdistill synthesize` with this config first (or `azdistill run`)",
+    )
+    assert not workdir.exists()
+
+
+def test_ui_without_runs_says_so(runner, make_config, workdir):
+    config = make_config(extra="")
+    config.write_text(config.read_text().replace("  enabled: false\n", "  enabled: true\n"))
+    assert_user_error(
+        invoke(runner, "ui", config),
+        f"error: no runs yet: {(workdir / 'mlflow.db').resolve()} does not exist; run `azdistill run` first",
+    )
+
+
+def test_evaluate_before_finetune_fails_before_loading_models(runner, make_config, workdir):
+    result = invoke(runner, "evaluate", make_config())
+    assert_user_error(
+        result,
+        f"error: {workdir / 'runs' / 'unit-test' / 'finetune' / 'model'} does not exist: "
+        "run `azdistill finetune` with this config first (or `azdistill run`)",
+    )
+    assert not (workdir / "runs").exists()
+
+
+def test_synthesize_with_a_malformed_data_line_fails_before_touching_the_teacher(runner, make_config, workdir):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, ["{not json"])
+    assert_user_error(
+        invoke(runner, "synthesize", config),
+        f"error: {train.resolve()}:1: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+    )
+    assert not (workdir / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dispatcher's other exit statuses
+
+
+def test_a_failed_stage_exits_1_with_one_line(runner, make_config, monkeypatch):
+    def fail(*args, **kwargs):
+        raise StageFailed("only 2 of 10 teacher answers passed the checks")
+
+    monkeypatch.setattr("azdistill.config.load_config", fail)
+    result = invoke(runner, "validate", make_config())
+    assert result.exit_code == 1
+    assert result.stderr == "failed: only 2 of 10 teacher answers passed the checks\n"
+    assert "Traceback" not in result.output
+
+
+def test_an_interrupt_exits_130_with_a_hint(runner, make_config, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("azdistill.config.load_config", interrupt)
+    result = invoke(runner, "validate", make_config())
+    assert result.exit_code == 130
+    assert result.stderr == "interrupted; run the same command again to continue where it stopped\n"
+
+
+def test_the_tripwire_fixture_works(runner):
+    with pytest.raises(ModelLoaded):
+        azdistill.models.builtin_teacher_path()
+    with pytest.raises(ModelLoaded):
+        azdistill.models.make_pruned_student(Path("t"), 0.5, Path("s"))

@@ -1,0 +1,93 @@
+"""One end-to-end local run: the real built-in teacher, the embedded demo config cut down, a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from azdistill.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    overrides = [
+        f"workdir={workdir}",
+        "data.max_records=12",
+        "training.epochs=1",
+        "evaluation.latency_samples=3",
+        # A dozen records is too few for the 70% floor to mean anything with a 135M teacher.
+        "synthesis.min_success_ratio=0.2",
+    ]
+    args = ["run", "--local"] + [item for override in overrides for item in ("--set", override)]
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    return workdir, args, result, time.monotonic() - started
+
+
+def test_run_prints_report_location_headline_and_how_to_open_mlflow(finished_run):
+    workdir, _, result, _ = finished_run
+    assert result.exit_code == 0, result.output
+    assert f"Report: {workdir}/runs/sentiment-demo/evaluate/report.md" in result.output
+    assert "faster per response" in result.output and "agreement with teacher" in result.output
+    assert "Open the MLflow UI with: make ui" in result.output
+
+
+def test_report_has_every_model_and_every_figure(finished_run):
+    workdir, _, _, _ = finished_run
+    report = json.loads((workdir / "runs/sentiment-demo/evaluate/report.json").read_text())
+    assert [model["role"] for model in report["models"]] == ["teacher", "student", "baseline", "reference_sft"]
+    for model in report["models"]:
+        for key in ("parameters", "size_on_disk_mb", "weights_memory_mb", "peak_memory_mb", "latency_p50_s",
+                    "latency_p95_s", "throughput_tokens_per_s"):
+            assert model[key] > 0 and math.isfinite(model[key]), (model["role"], key)
+        assert model["n"] == 12
+        expected = {"accuracy", "parse_rate"} | ({"agreement"} if model["role"] != "teacher" else set())
+        assert set(model["metrics"]) == expected
+    teacher, student = report["models"][0], report["models"][1]
+    assert student["parameters"] / teacher["parameters"] < 0.5
+    assert {check["name"] for check in report["checks"]} >= {"agreement", "latency_ratio"}
+    markdown = (workdir / "runs/sentiment-demo/evaluate/report.md").read_text()
+    assert markdown.count("\n| ") >= 5  # header and one row per model
+    assert (workdir / "runs/sentiment-demo/evaluate/report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_holds_a_parent_run_with_nested_stage_runs_and_the_registered_student(finished_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    workdir, _, _, _ = finished_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    experiment = client.get_experiment_by_name("sentiment-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["training.learning_rate"] == "0.0003"
+    assert parent.data.tags["azdistill.data_version"] == "1"
+    children = {run.data.tags["azdistill.stage"]: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"synthesize", "finetune", "finetune-reference", "evaluate"}
+    assert len(client.get_metric_history(children["finetune"].info.run_id, "train_loss")) >= 2
+    assert "student_agreement" in children["evaluate"].data.metrics
+    artifacts = {item.path for item in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"report.md", "report.json", "report.png"} <= artifacts
+    versions = client.search_model_versions("name='sentiment-demo-student'")
+    assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+    assert versions[0].tags["data_version"] == "1"
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run):
+    _, args, _, first_seconds = finished_run
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0
+    assert result.output.count("Report:") == 1
+    # Skipping reuses the synthetic data, models and answers: only scoring, reporting and registering remain.
+    assert time.monotonic() - started < first_seconds / 2

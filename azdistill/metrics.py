@@ -222,7 +222,9 @@ def score_predictions(
     - The task's `TASK_METRICS`, over the items that have a reference (absent if none has one).
       "accuracy" is the share of those items whose `answer_key` equals the reference's.
     - "agreement" with the teacher (absent if `teacher_answers` is None): for nli and math the share of
-      items whose `answer_key` equals the teacher's; for qa the mean token F1 against the teacher's
+      the items the teacher answered with a label or number (its `answer_key` is not None) whose
+      `answer_key` the prediction matches; where the teacher committed to no answer there is nothing to
+      agree with, and its own "parse_rate" in the report shows how often that happened. For qa the mean token F1 against the teacher's
       answer; for the other free-form tasks the mean ROUGE-L F against it. A missing (None) teacher
       answer counts as disagreement.
     - "parse_rate" for nli and math: the share of predictions whose `answer_key` is not None.
@@ -259,12 +261,9 @@ def score_predictions(
             ]
             metrics["accuracy"] = _mean(hits)
         if teacher_answers is not None:
-            metrics["agreement"] = _mean(
-                [
-                    agrees(key, None if teacher is None else answer_key(task_type, teacher, labels))
-                    for key, teacher in zip(keys, teacher_answers)
-                ]
-            )
+            teacher_keys = [None if teacher is None else answer_key(task_type, teacher, labels) for teacher in teacher_answers]
+            decided = [(key, teacher_key) for key, teacher_key in zip(keys, teacher_keys) if teacher_key is not None]
+            metrics["agreement"] = _mean([agrees(key, teacher_key) for key, teacher_key in decided]) if decided else 0.0
         metrics["parse_rate"] = _mean([key is not None for key in keys])
         return metrics
 

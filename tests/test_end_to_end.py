@@ -91,3 +91,23 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run):
     assert result.output.count("Report:") == 1
     # Skipping reuses the synthetic data, models and answers: only scoring, reporting and registering remain.
     assert time.monotonic() - started < first_seconds / 2
+
+
+@pytest.mark.parametrize("task", ["nli", "qa", "math", "summarization", "conversation", "chat"])
+def test_every_sample_task_runs_through_every_stage(task, tmp_path):
+    """Each bundled sample config, cut to a few records, goes through synthesize, finetune and evaluate."""
+    from azdistill.config import PROJECT_ROOT
+
+    overrides = [
+        f"workdir={tmp_path}", "data.max_records=4", "training.epochs=1", "evaluation.latency_samples=1",
+        "evaluation.reference_baseline=false", "synthesis.min_success_ratio=0", "tracking.enabled=false",
+    ]
+    args = ["run", str(PROJECT_ROOT / "data" / task / "config.yaml")] + [x for o in overrides for x in ("--set", o)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (report_path,) = tmp_path.glob("runs/*/evaluate/report.json")
+    report = json.loads(report_path.read_text())
+    assert [model["role"] for model in report["models"]] == ["teacher", "student", "baseline"]
+    student = report["models"][1]
+    assert "agreement" in student["metrics"]
+    assert report["primary_metric"] in student["metrics"]

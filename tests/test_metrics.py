@@ -309,6 +309,14 @@ def test_score_nli_unparseable_teacher_never_agrees():
     assert result == {"accuracy": 0.0, "agreement": 0.0, "parse_rate": 0.0}
 
 
+def test_score_label_agreement_counts_only_items_the_teacher_decided():
+    # Item 2's teacher answer names both labels: there is no decision to agree with, so it is left out.
+    predictions = ["positive", "negative", "positive"]
+    teacher = ["Positive.", "It is positive or negative.", "negative"]
+    result = score_predictions("nli", predictions, [None] * 3, teacher, ["positive", "negative"])
+    assert result == {"agreement": 0.5, "parse_rate": 1.0}
+
+
 def test_score_math():
     predictions = ["3 + 4 = 7 apples", "Answer: 2.50", "Answer: 1,250", "I don't know"]
     references = ["#### 7", "2.5", None, "5"]

@@ -30,9 +30,29 @@ OUTPUTS = ["report.json", "report.md", "report.png", "predictions"]
 ROLE_NAMES = {
     "teacher": "teacher",
     "student": "distilled student",
-    "baseline": "baseline (student before distillation)",
-    "reference_sft": "student fine-tuned on references",
+    "baseline": "baseline: student before distillation",
+    "reference_sft": "baseline: student fine-tuned on the reference answers",
 }
+
+
+def model_labels(config: DistillConfig, models: dict[str, Path]) -> dict[str, str]:
+    """Row names a person recognises: the teacher's model name, and what each student row is."""
+    from azdistill.models import BUILTIN_TEACHER_NAME
+
+    teacher = BUILTIN_TEACHER_NAME if config.teacher.model == "builtin" else Path(config.teacher.model).name
+    if config.student.model == "pruned-teacher" and "baseline" in models:
+        import json
+
+        layers = json.loads((Path(models["baseline"]) / "config.json").read_text()).get("num_hidden_layers")
+        student = f"{teacher}, {layers} layers"
+    else:
+        student = Path(config.student.model).name
+    return {
+        "teacher": f"{teacher} (teacher)",
+        "student": f"{student} (distilled student)",
+        "baseline": f"{student} (before distillation)",
+        "reference_sft": f"{student} (trained on references)",
+    }
 
 
 def measure_model(path: str, conversations: list[list[Message]], settings: dict, description: str) -> dict:
@@ -193,6 +213,7 @@ def evaluate(
         has_references = any(reference is not None for reference in references)
         primary = TASK_METRICS[config.task.type][0] if has_references else "agreement"
         results: dict[str, ModelResult] = {}
+        labels = model_labels(config, all_models)
         for role, data in measured.items():
             metrics = score_predictions(
                 config.task.type,
@@ -203,7 +224,7 @@ def evaluate(
             )
             results[role] = ModelResult(
                 role=role,
-                name=f"{Path(all_models[role]).name} ({ROLE_NAMES[role]})",
+                name=labels[role],
                 path=str(all_models[role]),
                 parameters=data["parameters"],
                 size_on_disk_mb=data["size_on_disk_bytes"] / 2**20,

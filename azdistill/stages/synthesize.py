@@ -68,6 +68,7 @@ def synthesize_split(
     """Answer every not-yet-done record of one split, journaling each result as soon as its record is complete."""
     task, labels = config.task.type, config.task.labels
     todo = [_start(i, r, config.synthesis.system_prompt) for i, r in enumerate(records) if i not in done]
+    rejected_so_far = 0
     with Progress(len(todo), f"synthesize {split}", unit="records") as progress:
         for start in range(0, len(todo), teacher.batch_size):
             chunk = todo[start : start + teacher.batch_size]
@@ -102,7 +103,8 @@ def synthesize_split(
                 else:
                     row.update(status="ok", messages=item.history)
                 journal.append(row)
-            progress.update(len(chunk), rejected=len(rejected))
+            rejected_so_far += len(rejected)
+            progress.update(len(chunk), rejected=rejected_so_far)
 
 
 def synthesize(
@@ -121,7 +123,8 @@ def synthesize(
             "max_records": config.data.max_records,
             "task": config.task.model_dump(),
             "teacher": config.teacher.model_dump(),
-            "synthesis": config.synthesis.model_dump(),
+            # The success floor judges the answers; it does not change them.
+            "synthesis": config.synthesis.model_dump(exclude={"min_success_ratio"}),
         }
     )
     if not force and state.is_done(out_dir, stage_fingerprint):

@@ -52,6 +52,13 @@ set_option = click.option(
 force_option = click.option("--force", is_flag=True, help="Rerun even if inputs and settings are unchanged.")
 
 
+def redact_uri(uri: str) -> str:
+    """Hide a password in a tracking URI (postgresql://user:secret@host/db) before it is printed or stored."""
+    import re
+
+    return re.sub(r"(//[^/:@]+):[^/@]+@", r"\1:***@", uri)
+
+
 def _load(config: Optional[Path], overrides: tuple[str, ...]):
     from azdistill.config import load_config
 
@@ -108,8 +115,14 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
     if result.tracking_uri:
         version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
         click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")
-        hint = "make ui" if config is None else f"azdistill ui {config}"
-        click.echo(f"Open the MLflow UI with: {hint}  (or: mlflow ui --backend-store-uri {result.tracking_uri})")
+        uri = redact_uri(result.tracking_uri)
+        if uri.startswith("sqlite:///"):
+            hint = "make ui" if config is None and not overrides else " ".join(
+                ["azdistill ui"] + ([str(config)] if config else []) + [f"--set {item}" for item in overrides]
+            )
+            click.echo(f"Open the MLflow UI with: {hint}  (or: mlflow ui --backend-store-uri {uri})")
+        else:
+            click.echo(f"Runs are on the tracking server {uri}")
 
 
 @cli.command()
@@ -134,7 +147,7 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
 @force_option
 def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
     """Have the teacher answer the train and validation prompts."""
-    from azdistill.local_runner import local_teacher_factory
+    from azdistill.local_runner import local_teacher_factory, teacher_identity
     from azdistill.models import resolve_teacher
     from azdistill.stages.synthesize import synthesize as run_stage
     from azdistill.tracking import make_tracker
@@ -144,8 +157,8 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) 
     settings = _load(config, overrides)
     for split in ("train", "validation"):  # report bad data before spending time on the teacher
         read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
-    factory = local_teacher_factory(settings, resolve_teacher(settings.teacher.model))
-    out_dir = run_stage(settings, factory, make_tracker(settings), force)
+    teacher = resolve_teacher(settings.teacher.model)
+    out_dir = run_stage(settings, local_teacher_factory(settings, teacher), make_tracker(settings), force, teacher_identity=teacher_identity(teacher))
     click.echo(f"synthetic data: {out_dir}")
 
 
@@ -163,7 +176,7 @@ def finetune(config: Optional[Path], overrides: tuple[str, ...], force: bool, on
     settings = _load(config, overrides)
     synthetic = settings.stage_dir("synthesize")
     if not on_references:
-        require_stage_output(synthetic / "train.jsonl", "synthesize")
+        require_stage_output(synthetic, "synthesize")
     models = prepare_models(settings)
     out_dir = run_stage(settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, on_references=on_references)
     click.echo(f"student: {out_dir / 'model'}")
@@ -175,17 +188,19 @@ def finetune(config: Optional[Path], overrides: tuple[str, ...], force: bool, on
 @force_option
 def evaluate(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
     """Compare teacher, student and baselines on the test set (run finetune first)."""
-    from azdistill.local_runner import prepare_models, require_stage_output
+    from azdistill.local_runner import prepare_models, require_stage_output, wants_reference_baseline
     from azdistill.report import headline_lines
     from azdistill.stages.evaluate import evaluate as run_stage
     from azdistill.tracking import make_tracker
 
     settings = _load(config, overrides)
-    student = require_stage_output(settings.stage_dir("finetune") / "model", "finetune")
+    student = require_stage_output(settings.stage_dir("finetune"), "finetune") / "model"
+    reference = None
+    if wants_reference_baseline(settings):
+        reference = require_stage_output(settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
     models = prepare_models(settings)
     evaluated = {"student": student, "baseline": models.student_init}
-    reference = settings.stage_dir("finetune-reference") / "model"
-    if reference.exists():
+    if reference is not None:
         evaluated["reference_sft"] = reference
     report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force)
     click.echo(f"Report: {settings.stage_dir('evaluate') / 'report.md'}")

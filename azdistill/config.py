@@ -29,7 +29,8 @@ SINGLE_TURN_TASKS = ("nli", "qa", "math", "summarization")
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `version: 2` or `--set name=2024` mean text, not a type error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class TaskConfig(Section):
@@ -347,13 +348,14 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
         raise UserError(message) from None
 
     for split in ("train", "validation", "test"):
-        value: Path = getattr(config.data, split)
+        value: Path = getattr(config.data, split).expanduser()
+        setattr(config.data, split, value)
         if not value.is_absolute():
             # A path typed on the command line is relative to where the user is, not to the config file.
             split_base = Path.cwd() if f"data.{split}" in overridden else base
             setattr(config.data, split, (split_base / value).resolve())
     for model_field in (config.teacher, config.student):
-        if model_field.model not in ("builtin", "pruned-teacher") and not Path(model_field.model).is_absolute():
+        if model_field.model not in ("builtin", "pruned-teacher") and not Path(model_field.model).expanduser().is_absolute():
             candidate = (base / model_field.model).resolve()
             if candidate.exists():
                 model_field.model = str(candidate)
@@ -371,5 +373,6 @@ def config_to_params(config: DistillConfig) -> dict[str, str]:
         else:
             flat[prefix] = str(value)
 
-    walk(config.model_dump(mode="json"), "")
+    # The tracking section says where runs go, not how the model was made; its URI may carry credentials.
+    walk(config.model_dump(mode="json", exclude={"tracking"}), "")
     return flat

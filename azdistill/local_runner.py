@@ -60,15 +60,27 @@ def local_teacher_factory(config: DistillConfig, teacher_path: Path):
     return build
 
 
-def has_references(config: DistillConfig) -> bool:
+def wants_reference_baseline(config: DistillConfig) -> bool:
+    """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
+    if not config.evaluation.reference_baseline:
+        return False
     records = read_records(config.data.train, config.task.type, config.data.max_records)
     return any(record.reference is not None for record in records)
 
 
-def require_stage_output(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{path} does not exist: run `azdistill {stage}` with this config first (or `azdistill run`)")
-    return path
+def teacher_identity(teacher_path: Path) -> str:
+    from azdistill.stages.state import folder_digest
+
+    return folder_digest(teacher_path)
+
+
+def require_stage_output(stage_dir: Path, stage: str) -> Path:
+    """A finished stage's folder; a missing, failed or interrupted one is a user error naming the command to run."""
+    from azdistill.stages.state import DONE_FILE
+
+    if not (stage_dir / DONE_FILE).is_file():
+        raise UserError(f"{stage_dir} holds no finished {stage} stage: run `azdistill {stage}` with this config first (or `azdistill run`)")
+    return stage_dir
 
 
 @contextmanager
@@ -88,7 +100,7 @@ def register_student(config: DistillConfig, tracker: NullTracker, student: Path,
     digest = folder_digest(student)
     if marker.is_file():
         previous = json.loads(marker.read_text())
-        if previous.get("digest") == digest and previous.get("tracking_uri") == config.tracking_uri:
+        if previous == {**previous, "digest": digest, "tracking_uri": config.tracking_uri, "name": config.registered_model_name}:
             log.info("register: this student is already version %s of '%s'", previous["version"], config.registered_model_name)
             return previous["version"]
     metrics = next(model for model in report.models if model.role == "student").metrics
@@ -101,7 +113,7 @@ def register_student(config: DistillConfig, tracker: NullTracker, student: Path,
             **{f"metric.{name}": f"{value:.4f}" for name, value in metrics.items()},
         },
     )
-    write_json(marker, {"digest": digest, "version": version, "tracking_uri": config.tracking_uri})
+    write_json(marker, {"digest": digest, "version": version, "tracking_uri": config.tracking_uri, "name": config.registered_model_name})
     return version
 
 
@@ -127,11 +139,13 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
         with _timed(seconds, "prepare"):
             models = prepare_models(config)
         with _timed(seconds, "synthesize"):
-            synthetic = synthesize(config, local_teacher_factory(config, models.teacher), tracker, force)
+            synthetic = synthesize(
+                config, local_teacher_factory(config, models.teacher), tracker, force, teacher_identity=teacher_identity(models.teacher)
+            )
         with _timed(seconds, "finetune"):
             student = finetune(config, models.student_init, models.teacher, synthetic, tracker, force) / "model"
         evaluated = {"student": student, "baseline": models.student_init}
-        if config.evaluation.reference_baseline and has_references(config):
+        if wants_reference_baseline(config):
             with _timed(seconds, "finetune-reference"):
                 evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
         with _timed(seconds, "evaluate"):

@@ -81,8 +81,16 @@ def builtin_teacher_path() -> Path:
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        open_permissions(staging)
         os.replace(staging, target)
     return target
+
+
+def open_permissions(folder: Path) -> None:
+    """mkdtemp makes owner-only folders; a model folder should get the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def resolve_teacher(model: str) -> Path:
@@ -153,18 +161,31 @@ def prune_layers(model, keep_share: float):
 
 
 def make_pruned_student(teacher_path: Path, keep_share: float, target: Path) -> Path:
-    """Save the teacher with only `keep_share` of its layers into `target` (idempotent)."""
-    if (target / "config.json").is_file():
+    """Save the teacher with only `keep_share` of its layers into `target`; reused while teacher and share are the same."""
+    import json
+
+    from azdistill.stages.state import folder_digest
+
+    origin = {"teacher": str(teacher_path), "teacher_digest": folder_digest(teacher_path), "keep_layers": keep_share}
+    marker = target / "pruned-from.json"
+    if (target / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == origin:
         return target
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(teacher_path)
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise UserError(
+            f"student.model: pruned-teacher needs a decoder with model.layers (Llama, Mistral, Qwen, Phi-3 style); "
+            f"{type(model).__name__} has none: give student.model a local model folder instead"
+        )
     total = model.config.num_hidden_layers
     kept = prune_layers(model, keep_share)
     log.info("pruned student: kept %d of %d teacher layers %s", len(kept), total, kept)
     staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=f".{target.name}-"))
     model.save_pretrained(staging)
     load_tokenizer(teacher_path).save_pretrained(staging)
+    (staging / "pruned-from.json").write_text(json.dumps(origin))
+    open_permissions(staging)
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -626,24 +624,12 @@ def _build_figure(report: Report):
 
 
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write via a temp file in the same folder and ``os.replace`` it, so readers see the old
-    file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write through `data.atomic_writer`: readers see the old file or the complete new one, never a part."""
+    from azdistill.data import atomic_writer
+
+    with atomic_writer(Path(path), "wb") as handle:
+        write(handle)
+    return Path(path)
 
 
 def plot_report(report: Report, path: Path) -> Path:

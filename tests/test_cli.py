@@ -433,7 +433,7 @@ def test_finetune_before_synthesize_says_what_to_run(runner, make_config, workdi
     result = invoke(runner, "finetune", make_config())
     assert_user_error(
         result,
-        f"error: {workdir / 'runs' / 'unit-test' / 'synthesize' / 'train.jsonl'} does not exist: "
+        f"error: {workdir / 'runs' / 'unit-test' / 'synthesize'} holds no finished synthesize stage: "
         "run `azdistill synthesize` with this config first (or `azdistill run`)",
     )
     assert not workdir.exists()
@@ -448,11 +448,24 @@ def test_ui_without_runs_says_so(runner, make_config, workdir):
     )
 
 
+def test_finetune_after_an_interrupted_synthesize_says_what_to_run(runner, make_config, workdir):
+    # An interrupted synthesize has written train.jsonl but not finished the validation split.
+    synthetic = workdir / "runs" / "unit-test" / "synthesize"
+    synthetic.mkdir(parents=True)
+    (synthetic / "train.jsonl").write_text("")
+    result = invoke(runner, "finetune", make_config())
+    assert_user_error(
+        result,
+        f"error: {synthetic} holds no finished synthesize stage: "
+        "run `azdistill synthesize` with this config first (or `azdistill run`)",
+    )
+
+
 def test_evaluate_before_finetune_fails_before_loading_models(runner, make_config, workdir):
     result = invoke(runner, "evaluate", make_config())
     assert_user_error(
         result,
-        f"error: {workdir / 'runs' / 'unit-test' / 'finetune' / 'model'} does not exist: "
+        f"error: {workdir / 'runs' / 'unit-test' / 'finetune'} holds no finished finetune stage: "
         "run `azdistill finetune` with this config first (or `azdistill run`)",
     )
     assert not (workdir / "runs").exists()

@@ -36,7 +36,8 @@ def test_run_prints_report_location_headline_and_how_to_open_mlflow(finished_run
     assert result.exit_code == 0, result.output
     assert f"Report: {workdir}/runs/sentiment-demo/evaluate/report.md" in result.output
     assert "faster per response" in result.output and "agreement with teacher" in result.output
-    assert "Open the MLflow UI with: make ui" in result.output
+    # The hint repeats the overrides, so it opens this run's store, not the default one.
+    assert f"Open the MLflow UI with: azdistill ui --set workdir={workdir} --set data.max_records=12" in result.output
 
 
 def test_report_has_every_model_and_every_figure(finished_run):
@@ -99,7 +100,7 @@ def test_every_sample_task_runs_through_every_stage(task, tmp_path):
     from azdistill.config import PROJECT_ROOT
 
     overrides = [
-        f"workdir={tmp_path}", "data.max_records=4", "training.epochs=1", "evaluation.latency_samples=1",
+        f"workdir={tmp_path}", "data.max_records=6", "training.epochs=1", "evaluation.latency_samples=1",
         "evaluation.reference_baseline=false", "synthesis.min_success_ratio=0", "tracking.enabled=false",
     ]
     args = ["run", str(PROJECT_ROOT / "data" / task / "config.yaml")] + [x for o in overrides for x in ("--set", o)]

@@ -166,3 +166,29 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tokenizer, tmp_pa
     assert "resuming from" in caplog.text and "checkpoint-3" in caplog.text
     assert summary["steps"] == 8
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_pruned_student_is_rebuilt_when_the_share_of_layers_changes(tokenizer, tmp_path):
+    import json as json_module
+
+    from azdistill.models import make_pruned_student
+
+    teacher = tiny_model(tokenizer, tmp_path / "teacher", layers=6)
+    target = tmp_path / "student-init"
+    make_pruned_student(teacher, 0.5, target)
+    assert json_module.loads((target / "config.json").read_text())["num_hidden_layers"] == 3
+    mtime = (target / "model.safetensors").stat().st_mtime_ns
+    make_pruned_student(teacher, 0.5, target)
+    assert (target / "model.safetensors").stat().st_mtime_ns == mtime  # same settings: reused
+    make_pruned_student(teacher, 0.34, target)
+    assert json_module.loads((target / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_a_retrained_model_never_passes_for_the_old_one(tokenizer, tmp_path):
+    from azdistill.stages.state import folder_digest
+
+    folder = tiny_model(tokenizer, tmp_path / "m", seed=1)
+    first = folder_digest(folder)
+    assert folder_digest(folder) == first
+    tiny_model(tokenizer, folder, seed=2)  # same architecture and file sizes, new weights
+    assert folder_digest(folder) != first

@@ -118,6 +118,10 @@ def _make_trainer(model, tokenizer, train, validation, args, teacher_model, kd_w
     class DistillationTrainer(Trainer):
         """Trainer whose loss mixes SFT with token-level KL to a local teacher."""
 
+        # Our mixed loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps; left
+        # to itself it assumes the model normalised by `num_items_in_batch` (transformers 5 gradient-accumulation fix).
+        loss_is_scaled_for_ga = False if (teacher_model is not None and kd_weight > 0) else None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if teacher_model is None or kd_weight == 0:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -322,25 +326,28 @@ def finetune(
             return [record.messages for record in records if record.reference is not None]
 
         train, validation = references("train"), references("validation")
-        inputs = {split: state.file_digest(getattr(config.data, split)) for split in ("train", "validation")}
+        if not train:
+            raise UserError(f"{config.data.train}: no record has a reference answer (a final assistant message) to train on")
     else:
         train = load_conversations(synthetic_dir / "train.jsonl")
         validation = load_conversations(synthetic_dir / "validation.jsonl")
-        inputs = {split: state.file_digest(synthetic_dir / f"{split}.jsonl") for split in ("train", "validation")}
     uses_teacher = config.training.kd_weight > 0 and not on_references
+    settings = config.training if uses_teacher else config.training.model_copy(update={"kd_weight": 0.0})
     stage_fingerprint = state.fingerprint(
         {
-            "inputs": inputs,
+            "inputs": state.fingerprint({"train": train, "validation": validation}),
             "student": state.folder_digest(student_init),
             "teacher": state.folder_digest(teacher_path) if uses_teacher and teacher_path else None,
-            "training": config.training.model_dump(),
+            # Logging and checkpoint intervals do not change the weights; the distillation settings matter only with a teacher.
+            "training": settings.model_dump(
+                exclude={"logging_steps", "save_steps"} | (set() if uses_teacher else {"kd_weight", "kd_temperature"})
+            ),
         }
     )
     if not force and state.is_done(out_dir, stage_fingerprint):
         log.info("%s: data and settings unchanged, reusing %s (use --force to rerun)", stage, out_dir)
         return out_dir
     resume = state.begin(out_dir, stage_fingerprint, force)
-    settings = config.training if not on_references else config.training.model_copy(update={"kd_weight": 0.0})
     with tracker.stage(stage):
         tracker.log_params({"stage.student_init": student_init, "stage.examples": len(train)})
         summary = train_student(train, validation, student_init, out_dir, settings, teacher_path if uses_teacher else None, tracker, resume)

@@ -28,14 +28,19 @@ def file_digest(path: Path) -> str:
 
 
 def folder_digest(path: Path) -> str:
-    """Digest of a model folder: names and sizes and the digest of config files (weights are large; their size
-    and the stage.json fingerprint of the stage that wrote them identify them well enough)."""
+    """Identity of a model folder: each file's name, size and modification time, and the content of its JSON
+    files. Hashing gigabytes of weights on every run would cost more than the stages it lets us skip; a model
+    written again gets a new modification time, so a retrained model never passes for the old one."""
+    path = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(Path(path).rglob("*")):
-        if file.is_file() and "checkpoint" not in file.parts[-2]:
-            digest.update(f"{file.relative_to(path)}:{file.stat().st_size}".encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if not file.is_file() or any(part.startswith("checkpoint-") for part in relative.parts[:-1]):
+            continue
+        status = file.stat()
+        digest.update(f"{relative}:{status.st_size}:{status.st_mtime_ns}".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
     return digest.hexdigest()
 
 

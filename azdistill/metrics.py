@@ -13,8 +13,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Sequence
 
-import sacrebleu
-from rouge_score import rouge_scorer
+# sacrebleu and rouge_score (which pulls in nltk and scipy: seconds) load on first use, so that the answer
+# parsers below cost nothing to import for the synthesize stage.
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "nli": ("accuracy",),
@@ -172,13 +172,17 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     Like any corpus BLEU, it is 0 when no 4-gram matches, which includes corpora of very short texts.
     """
     _check_pair(predictions, references)
+    import sacrebleu
+
     score = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
     # Floating-point error can put a perfect score a hair above 100.
     return float(min(max(score, 0.0), 100.0))
 
 
 @lru_cache(maxsize=1)
-def _rouge_scorer() -> rouge_scorer.RougeScorer:
+def _rouge_scorer() -> "rouge_scorer.RougeScorer":  # noqa: F821 - imported here, on first use
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

@@ -2,25 +2,38 @@
 
 Single-turn records get one teacher answer. Conversations are regenerated turn by turn: the teacher answers
 the first user turn, then the second with its own first answer in the history, and so on. Every answer is
-checked (empty, cut off, unparseable label or number); a record with any failed answer goes to
-`rejected.jsonl` with its reason. Results are journaled per record, so an interrupted run continues where it
-stopped, and the final files are written in input order.
+checked (empty, cut off, filtered, unparseable label, number or chain-of-thought JSON); a record with any
+failed answer goes to `rejected.jsonl` with its reason, and so does an exact duplicate of an earlier example.
+
+Exactly once. Each finished record is appended to a per-split journal (`<split>.journal.jsonl`) as one line,
+flushed at once; a conversation also journals each answered turn. A run killed at any moment (even SIGKILL)
+and started again reads the journal and asks the teacher only what it had not answered. Hosted teachers are
+asked concurrently, so the journal is in completion order; the final files are written in input order by
+reading the journal at the offsets of each record, so memory stays flat however long the split is: the
+stage streams its input, keeps only the records in flight and 8 bytes per record for the offsets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import queue
+import threading
 import time
+from array import array
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Iterator, Optional, Sequence
 
 from azdistill.config import DistillConfig
-from azdistill.data import AppendLog, Record, read_journal, read_records, write_json, write_jsonl
-from azdistill.errors import StageFailed
+from azdistill.data import AppendLog, Record, atomic_writer, check_messages, write_json
+from azdistill.errors import StageFailed, UserError
 from azdistill.generation import Completion
 from azdistill.metrics import parse_label, parse_number
 from azdistill.progress import Progress
+from azdistill.prompts import check_strategy, teacher_system_prompt, training_target
 from azdistill.stages import state
 from azdistill.teacher import Teacher
 from azdistill.tracking import NullTracker
@@ -29,84 +42,532 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 OUTPUTS = ["train.jsonl", "validation.jsonl", "rejected.jsonl", "stats.json"]
+MAX_REPORTED_ERRORS = 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
 
 
 def check_answer(completion: Completion, task_type: str, labels: Optional[Sequence[str]]) -> Optional[str]:
     """Why a teacher answer cannot be used as training data, or None if it can."""
+    problem = _check_completion(completion)
+    if problem:
+        return problem
+    return _check_target(completion.text, task_type, labels)
+
+
+def _check_completion(completion: Completion) -> Optional[str]:
+    if completion.finish_reason.startswith("refused: "):
+        return completion.finish_reason[len("refused: ") :]
+    if completion.finish_reason == "content_filter":
+        return "answer removed by the teacher's content filter (finish_reason=content_filter)"
     if not completion.text.strip():
         return "empty answer"
     if completion.finish_reason != "stop":
         return f"answer cut off (finish_reason={completion.finish_reason}); raise synthesis.max_new_tokens"
-    if task_type == "nli" and parse_label(completion.text, labels or []) is None:
+    return None
+
+
+def _check_target(text: str, task_type: str, labels: Optional[Sequence[str]]) -> Optional[str]:
+    if task_type == "nli" and parse_label(text, labels or []) is None:
         return f"answer names none or several of the labels {list(labels or [])}"
-    if task_type == "math" and parse_number(completion.text) is None:
+    if task_type == "math" and parse_number(text) is None:
         return "answer has no number"
     return None
 
 
+def judge(completion: Completion, config: DistillConfig) -> tuple[Optional[str], Optional[str]]:
+    """`(training target, None)` for a usable answer, `(None, reason)` for one that is not."""
+    problem = _check_completion(completion)
+    if problem:
+        return None, problem
+    synthesis = config.synthesis
+    target, problem = training_target(
+        completion.text, synthesis.prompt_strategy, config.task.type, config.task.labels,
+        synthesis.keep_rationale, synthesis.max_summary_words,
+    )
+    if problem:
+        return None, problem
+    if synthesis.prompt_strategy == "plain":
+        problem = _check_target(target, config.task.type, config.task.labels)
+        if problem:
+            return None, problem
+    return target, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming input
+
+
+def iter_records(path: Path, task_type: str, limit: Optional[int] = None) -> Iterator[Record]:
+    """Records of a JSONL split one at a time (validated by `count_records` first)."""
+    with Path(path).open("rb") as handle:
+        count = 0
+        for number, raw_bytes in enumerate(handle, start=1):
+            if limit is not None and count >= limit:
+                return
+            raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+            if not raw.strip():
+                continue
+            row = json.loads(raw)
+            count += 1
+            yield Record(messages=row["messages"], line=number, extra={k: v for k, v in row.items() if k != "messages"})
+
+
+def count_records(path: Path, task_type: str, limit: Optional[int] = None) -> int:
+    """Validate a split line by line without holding it in memory; the errors are those of `data.read_records`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found")
+    if path.suffix != ".jsonl":
+        raise UserError(f"{path}: expected a .jsonl file (one JSON object per line)")
+    problems: list[str] = []
+    extra_problems = 0
+    count = 0
+    with path.open("rb") as handle:
+        for number, raw_bytes in enumerate(handle, start=1):
+            problem = None
+            try:
+                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                problem = f"{path}:{number}: not UTF-8 text (bad byte at column {error.start + 1}); save the file as UTF-8"
+                raw = ""
+            if problem is None and not raw.strip():
+                continue
+            if problem is None:
+                try:
+                    row = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    problem = f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})"
+                else:
+                    if not isinstance(row, dict) or "messages" not in row:
+                        problem = f"{path}:{number}: expected an object with a 'messages' list"
+                    else:
+                        why = check_messages(row["messages"], task_type)
+                        if why:
+                            problem = f"{path}:{number}: {why}"
+            if problem:
+                if len(problems) < MAX_REPORTED_ERRORS:
+                    problems.append(problem)
+                else:
+                    extra_problems += 1
+                continue
+            count += 1
+    if problems:
+        if extra_problems:
+            problems.append(f"{path}: ... and {extra_problems} more bad lines")
+        raise UserError("\n".join(problems))
+    if not count:
+        raise UserError(f"{path}: no records (the file is empty)")
+    return min(count, limit) if limit else count
+
+
+# ---------------------------------------------------------------------------------------------------
+# The journal
+
+
+class Journal:
+    """What an append-only journal holds: per record the byte offset of its final row (last one wins, -1 if
+    none), the answered turns of conversations left unfinished, and the tokens spent so far."""
+
+    def __init__(self, path: Path, records: int):
+        self.path = Path(path)
+        self.offsets = array("q", [-1]) * records
+        self.partials: dict[int, list[dict]] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.done = 0
+
+    @classmethod
+    def scan(cls, path: Path, records: int, retry_failed: bool = False) -> "Journal":
+        """Read a journal; `retry_failed` leaves records given up on after transient faults to be asked again."""
+        journal = cls(path, records)
+        if not journal.path.exists():
+            return journal
+        with journal.path.open("rb") as handle:
+            offset = 0
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line from a killed writer: that record was not finished
+                row = json.loads(raw)
+                index = row["index"]
+                journal.prompt_tokens += row.get("prompt_tokens", 0)
+                journal.completion_tokens += row.get("completion_tokens", 0)
+                if 0 <= index < records:
+                    if row.get("partial"):
+                        journal.partials.setdefault(index, []).append(row)
+                    elif retry_failed and row.get("retryable"):
+                        journal.offsets[index] = -1
+                        journal.partials.pop(index, None)
+                    else:
+                        journal.offsets[index] = offset
+                        journal.partials.pop(index, None)
+                offset += len(raw)
+        journal.done = sum(1 for value in journal.offsets if value >= 0)
+        return journal
+
+    def is_done(self, index: int) -> bool:
+        return self.offsets[index] >= 0
+
+
+class SafeLog:
+    """An `AppendLog` that several threads may append to, and that refuses writes once closed."""
+
+    def __init__(self, log: AppendLog):
+        self._log = log
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def append(self, row: dict) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._log.append(row)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# One record in flight
+
+
 @dataclass
-class _Pending:
+class _Item:
     index: int
-    record: Record
-    history: list = field(default_factory=list)  # messages so far, with the teacher's answers
-    user_turns: list = field(default_factory=list)  # positions of user messages in record.messages
+    line: int
+    messages: list  # the record's messages, system replaced by synthesis.system_prompt if set
+    user_turns: list  # positions of user messages in `messages`
+    teacher_system: str  # the system message the teacher sees (with the prompt strategy's instructions)
+    answers: list = field(default_factory=list)  # training target of each answered turn
+    raw_answers: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    rejected: Optional[tuple] = None  # (reason, the answer that failed)
+    retryable: bool = False  # given up on after transient faults: asked again on the next run
+
+    def teacher_prompt(self) -> list[dict]:
+        """What the teacher is asked for the next turn: its system message, the turns so far with its own answers."""
+        history = [{"role": "system", "content": self.teacher_system}]
+        for turn, answer in enumerate(self.answers):
+            history += [self.messages[self.user_turns[turn]], {"role": "assistant", "content": answer}]
+        history.append(self.messages[self.user_turns[len(self.answers)]])
+        return history
+
+    def training_messages(self) -> list[dict]:
+        history = [self.messages[0]]
+        for turn, answer in enumerate(self.answers):
+            history += [self.messages[self.user_turns[turn]], {"role": "assistant", "content": answer}]
+        return history
+
+    @property
+    def finished(self) -> bool:
+        return len(self.answers) == len(self.user_turns)
+
+    def take(self, completion: Completion, config: DistillConfig) -> Optional[str]:
+        """Add the answer to the next turn; returns why it was rejected, or None."""
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        target, reason = judge(completion, config)
+        if reason:
+            where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
+            self.rejected = (where + reason, completion.text)
+            return reason
+        self.answers.append(target)
+        self.raw_answers.append(completion.text)
+        logprobs = getattr(completion, "logprobs", None)
+        if logprobs is not None:
+            self.logprobs.append({"turn": len(self.answers), "text": completion.text, "content": logprobs})
+        return None
+
+    def row(self) -> dict:
+        row = {"index": self.index, "line": self.line, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        if self.rejected:
+            reason, answer = self.rejected
+            prompt = self.messages if self.messages[-1]["role"] != "assistant" else self.messages[:-1]
+            row.update(status="rejected", reason=reason, answer=answer, messages=prompt)
+            if self.retryable:
+                row["retryable"] = True
+        else:
+            row.update(status="ok", messages=self.training_messages())
+            if self.logprobs:
+                row["logprobs"] = self.logprobs
+        return row
+
+    def reject(self, reason: str, retryable: bool = False) -> None:
+        where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
+        self.rejected = (where + reason, "")
+        self.retryable = retryable
 
 
-def _start(index: int, record: Record, system_prompt: Optional[str]) -> _Pending:
+def _start(record: Record, index: int, config: DistillConfig, partials: Optional[list[dict]] = None) -> _Item:
     messages = [dict(message) for message in record.messages]
-    if system_prompt is not None:
-        messages[0] = {"role": "system", "content": system_prompt}
+    if config.synthesis.system_prompt is not None:
+        messages[0] = {"role": "system", "content": config.synthesis.system_prompt}
     user_turns = [position for position, message in enumerate(messages) if message["role"] == "user"]
-    return _Pending(index=index, record=Record(messages, record.line, record.extra), history=[messages[0]], user_turns=user_turns)
+    system = teacher_system_prompt(
+        messages[0]["content"], config.synthesis.prompt_strategy, config.task.type, config.task.labels,
+        config.synthesis.density_iterations, config.synthesis.max_summary_words,
+    )
+    item = _Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system)
+    for partial in sorted(partials or [], key=lambda row: row["turn"]):
+        if partial["turn"] == len(item.answers) + 1:  # resume a conversation after its answered turns
+            item.answers.append(partial["answer"])
+            item.raw_answers.append(partial.get("raw", partial["answer"]))
+            if partial.get("logprobs") is not None:
+                item.logprobs.append(partial["logprobs"])
+    return item
 
 
-def synthesize_split(
-    records: list[Record], teacher: Teacher, config: DistillConfig, journal: AppendLog, done: set[int], split: str
-) -> None:
-    """Answer every not-yet-done record of one split, journaling each result as soon as its record is complete."""
-    task, labels = config.task.type, config.task.labels
-    todo = [_start(i, r, config.synthesis.system_prompt) for i, r in enumerate(records) if i not in done]
-    rejected_so_far = 0
-    with Progress(len(todo), f"synthesize {split}", unit="records") as progress:
-        for start in range(0, len(todo), teacher.batch_size):
-            chunk = todo[start : start + teacher.batch_size]
-            rejected: dict[int, tuple[str, str]] = {}
-            turns = max(len(item.user_turns) for item in chunk)
-            for turn in range(turns):
-                active = [item for item in chunk if turn < len(item.user_turns) and item.index not in rejected]
-                if not active:
-                    break
-                for item in active:
-                    item.history.append(item.record.messages[item.user_turns[turn]])
-                completions = teacher.answer([list(item.history) for item in active])
-                if len(completions) != len(active):
-                    raise RuntimeError(f"teacher {teacher.name} returned {len(completions)} answers for {len(active)} prompts")
-                for item, completion in zip(active, completions):
-                    item.prompt_tokens += completion.prompt_tokens
-                    item.completion_tokens += completion.completion_tokens
-                    reason = check_answer(completion, task, labels)
-                    if reason:
-                        where = f"turn {turn + 1}: " if len(item.user_turns) > 1 else ""
-                        rejected[item.index] = (where + reason, completion.text)
-                    else:
-                        item.history.append({"role": "assistant", "content": completion.text})
-            for item in chunk:
-                row = {
-                    "index": item.index,
-                    "line": item.record.line,
-                    "prompt_tokens": item.prompt_tokens,
-                    "completion_tokens": item.completion_tokens,
-                }
-                if item.index in rejected:
-                    reason, answer = rejected[item.index]
-                    row.update(status="rejected", reason=reason, answer=answer, messages=item.record.prompt)
-                else:
-                    row.update(status="ok", messages=item.history)
-                journal.append(row)
-            rejected_so_far += len(rejected)
-            progress.update(len(chunk), rejected=rejected_so_far)
+# ---------------------------------------------------------------------------------------------------
+# Drivers: a local model in batches, a hosted endpoint concurrently, or answers already in the data
+
+
+class _Context:
+    def __init__(self, config: DistillConfig, progress: Progress):
+        self.config = config
+        self.progress = progress
+        self.rejected = 0
+
+    def finished(self, journal, row: dict) -> None:
+        journal.append(row)
+        self.rejected += row["status"] != "ok"
+        self.progress.update(1, rejected=self.rejected)
+
+
+def _run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, teacher: Teacher, context: _Context) -> None:
+    """A local teacher: chunks of `batch_size` records, all turns of a chunk before the next chunk."""
+    chunk: list[_Item] = []
+    for index, record in records:
+        if done.is_done(index):
+            continue
+        chunk.append(_start(record, index, context.config, done.partials.get(index)))
+        if len(chunk) == teacher.batch_size:
+            _answer_chunk(chunk, journal, teacher, context)
+            chunk = []
+    if chunk:
+        _answer_chunk(chunk, journal, teacher, context)
+
+
+def _answer_chunk(chunk: list[_Item], journal, teacher: Teacher, context: _Context) -> None:
+    from_record = getattr(teacher, "answers_from_record", False)
+    rejected: set[int] = set()
+    while True:
+        active = [item for item in chunk if not item.finished and item.index not in rejected]
+        if not active:
+            break
+        if from_record:
+            completions = [teacher.logged_answer(item.messages, item.user_turns[len(item.answers)]) for item in active]
+        else:
+            completions = teacher.answer([item.teacher_prompt() for item in active])
+        if len(completions) != len(active):
+            raise RuntimeError(f"teacher {teacher.name} returned {len(completions)} answers for {len(active)} prompts")
+        for item, completion in zip(active, completions):
+            if item.take(completion, context.config):
+                rejected.add(item.index)
+    for item in chunk:
+        context.finished(journal, item.row())
+
+
+def _answer_item(item: _Item, teacher, context: _Context, journal: SafeLog, stop: threading.Event) -> dict:
+    """All remaining turns of one record against a hosted teacher (runs in a worker thread)."""
+    from azdistill.endpoints import RecordRejected
+
+    while not item.finished:
+        try:
+            completion = teacher.complete(item.teacher_prompt(), stop)
+        except RecordRejected as error:
+            item.reject(str(error), retryable=error.retryable)
+            break
+        if item.take(completion, context.config):
+            break
+        if not item.finished:  # journal each answered turn of a conversation, so a kill loses at most one turn
+            partial = {
+                "index": item.index, "partial": True, "turn": len(item.answers), "answer": item.answers[-1],
+                "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            }
+            if item.raw_answers[-1] != item.answers[-1]:
+                partial["raw"] = item.raw_answers[-1]
+            if getattr(completion, "logprobs", None) is not None:
+                partial["logprobs"] = item.logprobs[-1]
+            journal.append(partial)
+            # Tokens of journaled turns are counted there; the final row carries only the rest.
+            item.prompt_tokens -= completion.prompt_tokens
+            item.completion_tokens -= completion.completion_tokens
+    return item.row()
+
+
+def _run_concurrent(records: Iterator[tuple[int, Record]], done: Journal, journal: SafeLog, teacher, context: _Context) -> None:
+    """A hosted teacher: `max_concurrency` worker threads, a bounded window of records in flight."""
+    stop = threading.Event()
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while not stop.is_set():
+            item = jobs.get()
+            if item is None:
+                return
+            try:
+                results.put((_answer_item(item, teacher, context, journal, stop), None))
+            except BaseException as error:  # handed to the main thread, which decides
+                results.put((None, error))
+
+    # Daemon threads: a worker blocked in a slow request must not keep a stopped run's process alive.
+    workers = [threading.Thread(target=work, name=f"teacher-{n}", daemon=True) for n in range(teacher.concurrency)]
+    for worker in workers:
+        worker.start()
+    window = max(4, 2 * teacher.concurrency)
+    in_flight = 0
+
+    def collect(block: bool) -> None:
+        nonlocal in_flight
+        row, error = results.get() if block else results.get_nowait()
+        in_flight -= 1
+        if error is not None:
+            raise error
+        context.finished(journal, row)
+
+    try:
+        for index, record in records:
+            if done.is_done(index):
+                continue
+            while in_flight >= window:
+                collect(block=True)
+            jobs.put(_start(record, index, context.config, done.partials.get(index)))
+            in_flight += 1
+        while in_flight:
+            collect(block=True)
+    except BaseException as failure:
+        stop.set()
+        # Nothing new is sent; requests already sent are paid for, so wait for them (a while) and journal what
+        # comes back. What does not come back in time is asked again on the next run.
+        while True:
+            try:
+                jobs.get_nowait()
+                in_flight -= 1
+            except queue.Empty:
+                break
+        deadline = time.monotonic() + (2.0 if isinstance(failure, KeyboardInterrupt) else teacher.timeout_s + 1.0)
+        while in_flight > 0 and time.monotonic() < deadline:
+            try:
+                row, error = results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            in_flight -= 1
+            if error is None:
+                context.finished(journal, row)
+        raise
+    finally:
+        stop.set()
+        for _ in workers:
+            jobs.put(None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Final files
+
+
+def _read_row(handle: IO[bytes], offset: int) -> dict:
+    handle.seek(offset)
+    return json.loads(handle.readline())
+
+
+def _example_hash(messages: list) -> int:
+    digest = hashlib.blake2b(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def _duplicates(handle: IO[bytes], offsets: array) -> "object":
+    """For each record, the index of the earlier record it exactly duplicates, or -1 (numpy, 16 bytes a record)."""
+    import numpy as np
+
+    hashes = np.zeros(len(offsets), dtype=np.uint64)
+    for index, offset in enumerate(offsets):
+        if offset >= 0:
+            row = _read_row(handle, offset)
+            if row["status"] == "ok":
+                hashes[index] = _example_hash(row["messages"])
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    same = np.concatenate(([False], (ordered[1:] == ordered[:-1]) & (ordered[1:] != 0)))
+    run_start = np.maximum.accumulate(np.where(~same, np.arange(len(order)), 0))
+    duplicate_of = np.full(len(offsets), -1, dtype=np.int64)
+    positions = np.nonzero(same)[0]
+    duplicate_of[order[positions]] = order[run_start[positions]]
+    return duplicate_of
+
+
+def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool) -> dict:
+    """Write `<split>.jsonl` (and the logprobs sidecar) in input order from the journal; returns the split's stats."""
+    done = Journal.scan(journal_path, records)
+    missing = [index for index in range(records) if done.offsets[index] < 0]
+    if missing:  # cannot happen unless the journal was edited: never write a set with holes
+        raise RuntimeError(f"synthesize {split}: {len(missing)} records have no answer in {journal_path} (e.g. #{missing[0]})")
+    reasons: dict[str, int] = {}
+    accepted = 0
+    with ExitStack() as files:
+        handle = files.enter_context(journal_path.open("rb"))
+        out = files.enter_context(atomic_writer(out_dir / f"{split}.jsonl"))
+        sidecar = files.enter_context(atomic_writer(out_dir / f"{split}.logprobs.jsonl")) if logprobs else None
+        duplicate_of = _duplicates(handle, done.offsets) if config.synthesis.reject_duplicates else None
+        for index in range(records):
+            row = _read_row(handle, done.offsets[index])
+            if row["status"] == "ok" and duplicate_of is not None and duplicate_of[index] >= 0:
+                first = _read_row(handle, done.offsets[int(duplicate_of[index])])
+                row = {**row, "status": "rejected", "answer": row["messages"][-1]["content"],
+                       "reason": f"exact duplicate of the example from input line {first['line']}",
+                       "messages": row["messages"][:-1]}
+            if row["status"] == "ok":
+                out.write(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n")
+                if sidecar is not None:
+                    sidecar.write(json.dumps({"row": accepted, "index": index, "line": row["line"], "turns": row.get("logprobs") or []}, ensure_ascii=False) + "\n")
+                accepted += 1
+            else:
+                rejected_out.write(json.dumps({"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}}, ensure_ascii=False) + "\n")
+                key = row["reason"].split(";")[0].split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "records": records,
+        "accepted": accepted,
+        "rejected": records - accepted,
+        "rejected_by_reason": reasons,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) -> str:
+    """Everything the answers depend on; operational settings (rate limits, retries, prices, budget) are not."""
+    teacher = config.teacher.model_dump(
+        exclude={"auth", "timeout_s", "max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
+                 "backoff_s", "max_backoff_s", "price_per_million_prompt_tokens", "price_per_million_completion_tokens"}
+    )
+    if config.teacher.kind == "local":  # the fingerprint of earlier local runs stays valid
+        teacher = {"kind": "local", "model": config.teacher.model}
+    synthesis = config.synthesis.model_dump(exclude={"min_success_ratio", "max_cost", "preflight"})
+    for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("prompt_strategy", "plain"), ("keep_rationale", False),
+                          ("density_iterations", 4), ("max_summary_words", 80), ("top_logprobs", 0), ("reject_duplicates", True)):
+        if synthesis.get(name) == default:
+            synthesis.pop(name)  # settings left at their default do not change earlier fingerprints
+    return state.fingerprint(
+        {
+            "inputs": {split: state.file_digest(getattr(config.data, split)) for split in SPLITS},
+            "max_records": config.data.max_records,
+            "task": config.task.model_dump(),
+            "teacher": teacher,
+            "teacher_identity": teacher_identity,
+            # The success floor judges the answers; it does not change them.
+            "synthesis": synthesis,
+        }
+    )
 
 
 def synthesize(
@@ -123,70 +584,85 @@ def synthesize(
     invalidate earlier answers.
     """
     out_dir = Path(out_dir or config.stage_dir("synthesize"))
-    splits = {split: read_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
-    stage_fingerprint = state.fingerprint(
-        {
-            "inputs": {split: state.file_digest(getattr(config.data, split)) for split in SPLITS},
-            "max_records": config.data.max_records,
-            "task": config.task.model_dump(),
-            "teacher": config.teacher.model_dump(),
-            "teacher_identity": teacher_identity,
-            # The success floor judges the answers; it does not change them.
-            "synthesis": config.synthesis.model_dump(exclude={"min_success_ratio"}),
-        }
-    )
-    if not force and state.is_done(out_dir, stage_fingerprint):
+    check_strategy(config.synthesis.prompt_strategy, config.task.type)
+    counts = {split: count_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
+    fingerprint = stage_fingerprint(config, teacher_identity)
+    if not force and state.is_done(out_dir, fingerprint):
         log.info("synthesize: inputs and settings unchanged, reusing %s (use --force to rerun)", out_dir)
         return out_dir
-    resumed = state.begin(out_dir, stage_fingerprint, force)
+    resumed = state.begin(out_dir, fingerprint, force)
     started = time.monotonic()
+    logprobs = config.teacher.hosted and config.synthesis.top_logprobs > 0
+    outputs = OUTPUTS + ([f"{split}.logprobs.jsonl" for split in SPLITS] if logprobs else [])
     with tracker.stage("synthesize"):
-        teacher: Optional[Teacher] = None
+        teacher = None
+        try:
+            for split, records in counts.items():
+                journal_path = out_dir / f"{split}.journal.jsonl"
+                done = Journal.scan(journal_path, records, retry_failed=True)
+                if resumed and (done.done or done.partials):
+                    log.info("synthesize %s: continuing, %d of %d records already answered", split, done.done, records)
+                if done.done == records:
+                    continue
+                if teacher is None:
+                    teacher = teacher_factory()
+                    if hasattr(teacher, "budget"):
+                        spent = {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
+                        teacher.budget.spent = teacher.budget.cost(
+                            sum(j.prompt_tokens for j in spent.values()), sum(j.completion_tokens for j in spent.values())
+                        )
+                        if config.synthesis.preflight:
+                            from azdistill.preflight import preflight
+
+                            report = preflight(config, teacher, counts, done=sum(j.done for j in spent.values()))
+                            for line in report.lines:
+                                log.info("preflight: %s", line)
+                            report.raise_for_budget()
+                records_iter = enumerate(iter_records(getattr(config.data, split), config.task.type, config.data.max_records))
+                with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
+                    context = _Context(config, progress)
+                    if hasattr(teacher, "complete"):
+                        safe = SafeLog(append_log)
+                        try:
+                            _run_concurrent(records_iter, done, safe, teacher, context)
+                        finally:
+                            safe.close()
+                    else:
+                        _run_batches(records_iter, done, append_log, teacher, context)
+        finally:
+            if teacher is not None and hasattr(teacher, "close"):
+                teacher.close()
+
         stats: dict = {"splits": {}}
-        rejected_rows: list[dict] = []
-        for split, records in splits.items():
-            journal_path = out_dir / f"{split}.journal.jsonl"
-            done = {row["index"] for row in read_journal(journal_path)}
-            if resumed and done:
-                log.info("synthesize %s: continuing, %d of %d records already answered", split, len(done), len(records))
-            if len(done) < len(records):
-                teacher = teacher or teacher_factory()
-                with AppendLog(journal_path) as journal:
-                    synthesize_split(records, teacher, config, journal, done, split)
-            rows = {row["index"]: row for row in read_journal(journal_path)}
-            ordered = [rows[index] for index in range(len(records))]
-            accepted = [row for row in ordered if row["status"] == "ok"]
-            write_jsonl(out_dir / f"{split}.jsonl", ({"messages": row["messages"]} for row in accepted))
-            reasons: dict[str, int] = {}
-            for row in ordered:
-                if row["status"] != "ok":
-                    rejected_rows.append({"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}})
-                    key = row["reason"].split(";")[0]
-                    reasons[key] = reasons.get(key, 0) + 1
-            stats["splits"][split] = {
-                "records": len(records),
-                "accepted": len(accepted),
-                "rejected": len(records) - len(accepted),
-                "rejected_by_reason": reasons,
-                "prompt_tokens": sum(row["prompt_tokens"] for row in ordered),
-                "completion_tokens": sum(row["completion_tokens"] for row in ordered),
-            }
-        write_jsonl(out_dir / "rejected.jsonl", rejected_rows)
+        with atomic_writer(out_dir / "rejected.jsonl") as rejected_out:
+            for split, records in counts.items():
+                stats["splits"][split] = _finish_split(split, records, out_dir / f"{split}.journal.jsonl", out_dir, rejected_out, config, logprobs)
         total = sum(s["records"] for s in stats["splits"].values())
         accepted_total = sum(s["accepted"] for s in stats["splits"].values())
         elapsed = time.monotonic() - started
+        prompt_tokens = sum(s["prompt_tokens"] for s in stats["splits"].values())
         completion_tokens = sum(s["completion_tokens"] for s in stats["splits"].values())
         stats.update(
-            teacher=config.teacher.model,
+            teacher=config.teacher.model if config.teacher.kind == "local" else f"{config.teacher.kind}:{getattr(teacher, 'name', None) or config.teacher.deployment or config.teacher.model}",
             success_ratio=accepted_total / total,
             seconds=round(elapsed, 2),
             completion_tokens_per_s=round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
         )
+        if teacher is not None and hasattr(teacher, "stats"):
+            stats["endpoint"] = teacher.stats.as_dict()
+        prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
+        if any(price is not None for price in prices):
+            stats["cost"] = round(prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6, 6)
         write_json(out_dir / "stats.json", stats)
         metrics = {"success_ratio": stats["success_ratio"], "seconds": elapsed}
         for split, split_stats in stats["splits"].items():
             for key in ("records", "accepted", "rejected", "prompt_tokens", "completion_tokens"):
                 metrics[f"{split}_{key}"] = split_stats[key]
+        if "endpoint" in stats:
+            for key in ("requests", "retries", "throttled", "refused"):
+                metrics[f"teacher_{key}"] = stats["endpoint"][key]
+        if "cost" in stats:
+            metrics["teacher_cost"] = stats["cost"]
         tracker.log_metrics(metrics)
         tracker.log_artifact(out_dir / "stats.json")
         tracker.log_artifact(out_dir / "rejected.jsonl")
@@ -203,7 +679,7 @@ def synthesize(
             )
         if not stats["splits"]["train"]["accepted"]:
             raise StageFailed(f"synthesize: no teacher answer to a training prompt passed the checks; see {out_dir / 'rejected.jsonl'}")
-        state.finish(out_dir, stage_fingerprint, OUTPUTS, stats)
+        state.finish(out_dir, fingerprint, outputs, stats)
     log.info(
         "synthesize: %d of %d records accepted (%.0f%%) in %.0f s -> %s",
         accepted_total, total, 100 * stats["success_ratio"], elapsed, out_dir,

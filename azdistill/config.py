@@ -301,9 +301,25 @@ class StudentConfig(Section):
     )
 
 
+class LoraSettings(Section):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank (Azure ML's distillation uses 8).")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator: updates are scaled by alpha / r (Azure ML's: 128).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer but the output head) or names, "
+        "e.g. [q_proj, v_proj].",
+    )
+    save_adapter: bool = Field(
+        default=True,
+        description="Also save the adapter alone in <stage>/adapter (a few MB). The stage's model/ always holds the "
+        "merged weights, which evaluate and serving load like any model.",
+    )
+
+
 class TrainingConfig(Section):
     learning_rate: float = Field(default=2e-5, gt=0.0, lt=1.0, description="Peak learning rate.")
-    batch_size: int = Field(default=2, gt=0, le=4096, description="Sequences per optimizer micro-batch.")
+    batch_size: int = Field(default=2, gt=0, le=4096, description="Sequences per optimizer micro-batch (per process).")
     gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
     epochs: float = Field(default=3.0, gt=0.0, le=1000, description="Passes over the synthetic training set.")
     max_length: int = Field(default=512, ge=16, le=131072, description="Longest training sequence, in tokens.")
@@ -312,17 +328,105 @@ class TrainingConfig(Section):
     )
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    method: Literal["full", "lora"] = Field(
+        default="full", description="full: train every weight. lora: train low-rank adapters (training.lora), then merge them."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (method: lora).")
+    sft_weight: Optional[float] = Field(
+        default=None,
+        ge=0.0,
+        description="Weight of the SFT loss on the teacher's answers (sequence-level distillation). "
+        "Default: 1 - kd_weight - topk_weight.",
+    )
     kd_weight: float = Field(
         default=0.0,
         ge=0.0,
         le=1.0,
-        description="Weight of the token-level distillation loss (KL to the local teacher's logits); "
-        "the SFT loss gets 1 - kd_weight. 0 trains on the teacher's answers only.",
+        description="Weight of the token-level distillation loss against the local teacher's full logits "
+        "(training.kd_loss at kd_temperature). 0 trains without it.",
     )
-    kd_temperature: float = Field(default=2.0, gt=0.0, le=100.0, description="Softmax temperature of the KL loss.")
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        default="forward_kl",
+        description="Divergence for kd_weight and on-policy batches: forward_kl KL(teacher||student), reverse_kl "
+        "KL(student||teacher) or jsd, the generalized Jensen-Shannon divergence with kd_beta.",
+    )
+    kd_beta: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="jsd: the teacher's share of the mixture distribution (GKD's beta)."
+    )
+    kd_temperature: float = Field(
+        default=2.0, gt=0.0, le=100.0, description="Softmax temperature of the logit and top-k losses."
+    )
+    topk_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the loss against the teacher's top-k log-probabilities stored by synthesize "
+        "(<split>.logprobs.jsonl, hosted teachers with synthesis.top_logprobs > 0).",
+    )
+    hidden_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Weight of hidden-state matching: each layer of a student pruned from the teacher is pulled "
+        "towards the output of the teacher layer it was copied from (needs a local teacher).",
+    )
+    hidden_loss: Literal["cosine", "mse"] = Field(
+        default="cosine", description="Hidden-state distance: cosine (1 - cosine similarity) or mse."
+    )
+    on_policy_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of batches where the student writes its own answers and learns from the local teacher's "
+        "logits on them (GKD's lambda; needs kd_weight > 0). 0: always the teacher's answers.",
+    )
+    on_policy_max_new_tokens: int = Field(
+        default=64, gt=0, le=4096, description="Longest answer the student writes on an on-policy batch."
+    )
+    on_policy_temperature: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="Sampling temperature of the student's on-policy answers."
+    )
+    batching: Literal["padded", "length_grouped", "packed"] = Field(
+        default="length_grouped",
+        description="padded: random batches padded to their longest sequence. length_grouped: batches of similar "
+        "lengths, little padding. packed: each batch concatenated into one padding-free row (position ids restart "
+        "per example); fastest with flash attention on a GPU.",
+    )
+    bf16: Optional[bool] = Field(
+        default=None, description="bfloat16 mixed precision. Default: on with a GPU that supports it, off on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: much less GPU memory, ~30% slower."
+    )
     save_steps: int = Field(default=50, gt=0, description="Checkpoint interval in optimizer steps (for resume).")
     logging_steps: int = Field(default=5, gt=0, description="Loss logging interval in optimizer steps.")
     seed: int = Field(default=42, description="Random seed for data order and initialisation.")
+
+    @model_validator(mode="after")
+    def _losses_fit_together(self) -> "TrainingConfig":
+        if self.sft_weight is None and self.kd_weight + self.topk_weight > 1.0 + 1e-9:
+            raise ValueError(
+                "kd_weight + topk_weight is above 1, which leaves the SFT loss a negative default weight; "
+                "lower them or set training.sft_weight explicitly"
+            )
+        if self.effective_sft_weight + self.kd_weight + self.topk_weight + self.hidden_weight <= 0:
+            raise ValueError("every loss has weight 0: set sft_weight, kd_weight, topk_weight or hidden_weight above 0")
+        if self.on_policy_ratio > 0 and self.kd_weight == 0:
+            raise ValueError("on_policy_ratio > 0 needs kd_weight > 0: the student's own answers are scored by the teacher's logits")
+        if self.on_policy_ratio > 0 and self.batching == "packed":
+            raise ValueError("on_policy_ratio > 0 needs batching padded or length_grouped (the student generates from each prompt)")
+        return self
+
+    @property
+    def effective_sft_weight(self) -> float:
+        """The SFT weight in force: as set, else what the token-level losses leave of 1."""
+        if self.sft_weight is not None:
+            return self.sft_weight
+        return max(0.0, 1.0 - self.kd_weight - self.topk_weight)
+
+    @property
+    def uses_teacher_model(self) -> bool:
+        """Whether training runs the local teacher alongside the student."""
+        return self.kd_weight > 0 or self.hidden_weight > 0 or self.on_policy_ratio > 0
 
 
 class PromotionConfig(Section):

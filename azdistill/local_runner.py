@@ -43,10 +43,12 @@ class Models:
 
 
 def prepare_models(config: DistillConfig) -> Models:
-    from azdistill.models import resolve_student, resolve_teacher
+    from azdistill.models import file_lock, resolve_student, resolve_teacher
 
     teacher = resolve_teacher(config.teacher.model)
-    student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")
+    # Under torchrun every process gets here: the first builds the pruned student, the others then reuse it.
+    with file_lock(config.run_dir / ".student-init.lock"):
+        student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")
     return Models(teacher, student_init)
 
 

@@ -17,6 +17,7 @@ rejects that record (`RecordRejected`), 401/403/404 stop the run at once (`UserE
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -35,6 +36,12 @@ from azdistill.secrets import Credential, redact
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# How far back the limiter counts requests the endpoint accepted, to measure its limit when it says 429.
+ACCEPTED_WINDOW_S = 1.0
+# A request waiting for its turn re-reads the pace at least this often.
+MAX_NAP_S = 0.05
+# At most one slow-down per throttling episode: the 429s of requests already in flight are one event.
+THROTTLE_EPISODE_S = 1.0
 # 429s are the endpoint pacing us, not failing; they are waited out this many times more often than faults.
 THROTTLE_RETRY_FACTOR = 20
 # After this many non-retryable 400s in a row with no answer in between, the settings are wrong, not the records.
@@ -111,9 +118,11 @@ class AdaptiveRateLimiter:
     """Shared by all workers: paces requests, honours the server's retry hints, and keeps to token budgets.
 
     Without a configured request budget it starts at `initial_rate` requests/s and doubles each second (slow
-    start) until the first 429; from then on it adds `increase` requests/s per second while answers come
-    back and multiplies its rate by `decrease` on a 429 (at most once per throttling episode), like TCP's
-    congestion control. A configured `requests_per_minute` caps the rate.
+    start) until the first 429. A 429 means the endpoint's limit was reached, so the rate the endpoint was
+    accepting over the last second is a measurement of that limit: the pace drops to just under it (and at
+    least by the factor `decrease`, at most once per throttling episode). While answers come back the pace
+    creeps up again by `increase` of itself per second, like TCP's congestion avoidance, so a limit that
+    rises is found too. A configured `requests_per_minute` caps the rate.
     """
 
     def __init__(
@@ -121,12 +130,13 @@ class AdaptiveRateLimiter:
         requests_per_minute: Optional[float] = None,
         tokens_per_minute: Optional[float] = None,
         initial_rate: float = 16.0,
-        decrease: float = 0.85,
+        decrease: float = 0.97,
         increase: float = 0.04,
         min_rate: float = 0.05,
         clock=time.monotonic,
     ):
         self._lock = threading.Lock()
+        self._gate = threading.Lock()  # requests waiting for their turn queue here
         self._clock = clock
         self.max_rate = requests_per_minute / 60.0 if requests_per_minute else math.inf
         # A configured budget is the deployment's quota: pace at it from the start; otherwise find the limit.
@@ -142,34 +152,42 @@ class AdaptiveRateLimiter:
         self._tokens = self._token_capacity
         self._tokens_at = clock()
         self.throttled = 0
+        # When the endpoint accepted (answered with anything but 429) each recent request: the measured limit.
+        self._accepted: collections.deque = collections.deque()
 
     def acquire(self, tokens: int = 0, stop: Optional[threading.Event] = None) -> None:
-        """Wait for this request's turn (and its tokens); returns when it may be sent."""
-        while True:
-            with self._lock:
-                now = self._clock()
-                wait_tokens = self._take_tokens(tokens, now)
-                if wait_tokens > 0:
-                    slot = None
-                else:
-                    slot = max(now, self._next_at, self.blocked_until)
-                    self._next_at = slot + 1.0 / self.rate
-            delay = wait_tokens if slot is None else slot - now
-            if delay > 0:
+        """Wait for this request's turn (and its tokens); returns when it may be sent.
+
+        Waiting requests queue at a gate; only the one at the head waits for the clock, and it computes its
+        slot from the current pace, so a change of pace (or a 429's pause) applies to the very next request
+        rather than after slots handed out in advance at the old pace.
+        """
+        while not self._gate.acquire(timeout=0.1):
+            if stop is not None and stop.is_set():
+                raise Stopped()
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    raise Stopped()
+                with self._lock:
+                    now = self._clock()
+                    ready_at = max(self._next_at, self.blocked_until)
+                    if now >= ready_at:
+                        wait = self._take_tokens(tokens, now)
+                        if wait <= 0:
+                            self._next_at = max(self._next_at, now) + 1.0 / self.rate
+                            return
+                    else:
+                        wait = ready_at - now
+                # Short naps: the pace or a pause may change while we wait.
+                nap = min(wait, MAX_NAP_S)
                 if stop is not None:
-                    if stop.wait(delay):
+                    if stop.wait(nap):
                         raise Stopped()
                 else:
-                    time.sleep(delay)
-            if slot is None:
-                continue
-            with self._lock:
-                # A 429 may have arrived while we waited for our slot: then wait it out like everyone else.
-                if self._clock() + 1e-6 < self.blocked_until:
-                    if tokens:
-                        self._refund_locked(tokens)
-                    continue
-            return
+                    time.sleep(nap)
+        finally:
+            self._gate.release()
 
     def _take_tokens(self, tokens: int, now: float) -> float:
         if not self.tokens_per_s or not tokens:
@@ -192,6 +210,14 @@ class AdaptiveRateLimiter:
             with self._lock:
                 self._refund_locked(tokens)
 
+    def on_accepted(self) -> None:
+        """The endpoint took a request against its limit (an answer, or a fault after admission)."""
+        with self._lock:
+            now = self._clock()
+            self._accepted.append(now)
+            while self._accepted and self._accepted[0] < now - ACCEPTED_WINDOW_S:
+                self._accepted.popleft()
+
     def on_success(self) -> None:
         with self._lock:
             if self.slow_start:
@@ -207,11 +233,15 @@ class AdaptiveRateLimiter:
             pause = retry_after if retry_after is not None else min(2.0, 2.0 / self.rate) * random.uniform(0.5, 1.0)
             self.blocked_until = max(self.blocked_until, now + pause)
             # Requests already in flight when the limit was hit all come back 429: one decrease for all of them.
-            if now - self._last_decrease >= max(0.25, 4.0 / self.rate):
+            if now - self._last_decrease >= max(THROTTLE_EPISODE_S, 4.0 / self.rate):
                 self._last_decrease = now
                 self.slow_start = False
-                self.rate = max(self.min_rate, self.rate * self.decrease)
-            self._next_at = max(self._next_at, self.blocked_until)
+                while self._accepted and self._accepted[0] < now - ACCEPTED_WINDOW_S:
+                    self._accepted.popleft()
+                measured = len(self._accepted) / ACCEPTED_WINDOW_S
+                # Just under what the endpoint was taking; never up, never below half at once.
+                target = min(self.rate * self.decrease, measured * 0.97) if measured else self.rate * 0.5
+                self.rate = max(self.min_rate, self.rate * 0.5, target)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -494,6 +524,7 @@ class EndpointTeacher:
                         if throttles > self.max_retries * THROTTLE_RETRY_FACTOR + THROTTLE_RETRY_FACTOR:
                             raise RecordRejected(f"teacher kept answering 429 (rate limited) {throttles} times; gave up", retryable=True) from None
                         continue  # the limiter holds everyone back until the server's hint has passed
+                    self.limiter.on_accepted()  # a fault after admission still counted against the limit
                     faults += 1
                     last_fault = str(error)
                     self.stats.fault(last_fault.split(":")[0].split(" (")[0])
@@ -509,6 +540,7 @@ class EndpointTeacher:
                         time.sleep(delay)
                     continue
                 except RecordRejected:
+                    self.limiter.on_accepted()
                     self.limiter.refund(estimate + self.max_new_tokens)
                     with self._sessions_lock:
                         self._bad_requests_in_a_row += 1
@@ -522,6 +554,7 @@ class EndpointTeacher:
                     raise
                 with self._sessions_lock:
                     self._bad_requests_in_a_row = 0
+                self.limiter.on_accepted()
                 self.limiter.on_success()
                 used = completion.prompt_tokens + completion.completion_tokens
                 self.limiter.refund(estimate + self.max_new_tokens - used)

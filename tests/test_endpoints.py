@@ -473,3 +473,18 @@ def test_the_key_is_in_no_output_file_log_line_or_mlflow_param(tmp_path, monkeyp
         assert all(KEY not in f"{key}={value}" for key, value in run.data.params.items())
         assert all(KEY not in f"{key}={value}" for key, value in run.data.tags.items())
         assert run.data.params.get("teacher.auth.api_key_env") == "AZDISTILL_TEACHER_KEY"
+
+
+def test_prompt_strategies_parse_what_they_ask_for():
+    from azdistill.prompts import check_strategy, teacher_system_prompt, training_target
+
+    assert '"answer": <the final number>' in teacher_system_prompt("Solve.", "chain_of_thought", "math", None)
+    assert training_target('```json\n{"reason": "3 + 4", "answer": "7.0"}\n```', "chain_of_thought", "math", None) == ("7", None)
+    assert training_target('{"reason": "3 + 4", "answer": 7}', "chain_of_thought", "math", None, keep_rationale=True) == ("3 + 4\n\nAnswer: 7", None)
+    assert training_target('{"reason": "x", "answer": "many"}', "chain_of_thought", "math", None)[1] == "chain-of-thought 'answer' is not a number"
+    densities = json.dumps([{"Missing_Entities": "a", "Denser_Summary": "First summary."}, {"Missing_Entities": "b", "Denser_Summary": "Denser summary."}])
+    assert training_target(densities, "chain_of_density", "summarization", None) == ("Denser summary.", None)
+    assert training_target("Just a summary.", "chain_of_density", "summarization", None)[1] == "chain-of-density answer is not the JSON list asked for"
+    assert "4 summaries" in teacher_system_prompt("Summarise.", "chain_of_density", "summarization", None)
+    with pytest.raises(UserError, match="works with task types summarization, not qa"):
+        check_strategy("chain_of_density", "qa")

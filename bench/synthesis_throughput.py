@@ -1,0 +1,277 @@
+"""Synthesis throughput and memory against a loopback OpenAI-compatible endpoint (not a timed test).
+
+1. Throughput: 1,000 records (950 train + 50 validation) against an endpoint with 50 ms latency and a limit
+   of 40 requests/s, answered beyond it with 429 + Retry-After + retry-after-ms (tests/fake_teacher_server.py,
+   in its own process). Our synthesize stage runs first with no faults, then with 10% transient faults
+   (500, 503, dropped connections, answers slower than the 2 s client timeout, in turn). In the same run, a
+   client shaped like Azure ML's distillation step (records in chunks of 10 on a thread pool, 3 retries after
+   a fixed 5 s, a record dropped on any failure) answers the same 1,000 records against the same faulty
+   endpoint. Printed: records/s as a fraction of the endpoint's limit, the ratio between the two clients,
+   and records lost and duplicated.
+2. Memory: peak RSS of the synthesize stage (a fresh process each) for 1,000 and 100,000 records against a
+   fast endpoint (no latency, no limit).
+
+Run: .venv/bin/python bench/synthesis_throughput.py [--records 1000] [--azure-records 1000] [--memory 1000,100000]
+The Azure-shaped client spends most of its time sleeping 5 s between retries: with faults it takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LIMIT_PER_S = 40
+LATENCY_S = 0.05
+CLIENT_TIMEOUT_S = 2.0
+HANG_S = 3.0
+SYSTEM = "Classify the sentiment of the review. Answer positive or negative."
+
+
+def start_server(*options: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_teacher_server.py"), *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline()
+    if not line.startswith("PORT "):
+        raise RuntimeError(f"the fake server did not start: {line} {process.stderr.read()}")
+    return process, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
+def stop_server(process: subprocess.Popen) -> dict:
+    process.send_signal(2)  # SIGINT: the server prints what it did
+    _, err = process.communicate(timeout=10)
+    try:
+        return json.loads(err.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+
+
+def review(index: int) -> str:
+    return f"Review: #{index} {'a good' if index % 3 else 'a bad'} film, scene {index * 7919 % 10007}."
+
+
+def expected_answer(index: int) -> str:
+    return "positive" if index % 3 else "negative"
+
+
+def write_data(folder: Path, records: int) -> dict[str, Path]:
+    """`records` distinct reviews: 95% train, 5% validation (at least one); the test split is the validation."""
+    folder.mkdir(parents=True, exist_ok=True)
+    validation = max(1, records // 20)
+    paths = {split: folder / f"{split}.jsonl" for split in ("train", "validation", "test")}
+    with paths["train"].open("w") as train, paths["validation"].open("w") as val:
+        for index in range(records):
+            row = json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": review(index)}]}) + "\n"
+            (val if index >= records - validation else train).write(row)
+    paths["test"].write_text(paths["validation"].read_text())
+    return paths
+
+
+def our_config(url: str, data: dict[str, Path], workdir: Path, **teacher):
+    from azdistill.config import DistillConfig
+
+    return DistillConfig.model_validate(
+        {
+            "name": "bench",
+            "workdir": str(workdir),
+            "task": {"type": "nli", "labels": ["positive", "negative"]},
+            "data": {split: str(path) for split, path in data.items()},
+            "teacher": {
+                "kind": "openai-compatible", "endpoint": f"{url}/v1", "model": "teacher", "auth": {"method": "none"},
+                "timeout_s": CLIENT_TIMEOUT_S, **teacher,
+            },
+            "synthesis": {"temperature": 0.0, "max_new_tokens": 16, "min_success_ratio": 0.0},
+            "tracking": {"enabled": False},
+        }
+    )
+
+
+def check_outputs(out_dir: Path, records: int) -> dict:
+    """Every input record exactly once, in input order, with the right answer; returns lost/duplicated counts."""
+    seen: list[int] = []
+    wrong = 0
+    for split in ("train", "validation"):
+        for line in (out_dir / f"{split}.jsonl").read_text().splitlines():
+            messages = json.loads(line)["messages"]
+            index = int(messages[1]["content"].split("#")[1].split()[0])
+            seen.append(index)
+            wrong += messages[-1]["content"] != expected_answer(index)
+    rejected = [json.loads(line) for line in (out_dir / "rejected.jsonl").read_text().splitlines()]
+    for row in rejected:
+        seen.append(int(row["messages"][1]["content"].split("#")[1].split()[0]))
+    return {
+        "answered": len(seen) - len(rejected),
+        "rejected": len(rejected),
+        "lost": len(set(range(records)) - set(seen)),
+        "duplicated": len(seen) - len(set(seen)),
+        "wrong_answers": wrong,
+        "in_input_order": sorted(seen[: len(seen) - len(rejected)]) == seen[: len(seen) - len(rejected)],
+    }
+
+
+def run_ours(url: str, records: int, folder: Path) -> dict:
+    from azdistill.stages.synthesize import synthesize
+    from azdistill.teacher import hosted_teacher_factory
+
+    data = write_data(folder / "data", records)
+    config = our_config(url, data, folder / "work")
+    started = time.monotonic()
+    out = synthesize(config, hosted_teacher_factory(config))
+    seconds = time.monotonic() - started
+    result = check_outputs(out, records)
+    stats = json.loads((out / "stats.json").read_text())
+    result.update(seconds=round(seconds, 2), records_per_s=round(result["answered"] / seconds, 2), endpoint=stats["endpoint"])
+    result["fraction_of_limit"] = round(result["records_per_s"] / LIMIT_PER_S, 3)
+    return result
+
+
+def run_azure_shaped(url: str, records: int, folder: Path) -> dict:
+    """Azure ML's step as the mission describes it: chunks of 10 records on a 10-thread pool, each record retried
+    3 times after a fixed 5 s, dropped on a non-200, an exception, bad JSON or finish_reason != stop; no pacing."""
+    import requests
+
+    data = write_data(folder / "data-azure", records)
+    rows = [json.loads(line) for split in ("train", "validation") for line in data[split].read_text().splitlines()]
+    session_local = __import__("threading").local()
+
+    def call(row: dict):
+        session = getattr(session_local, "session", None) or requests.Session()
+        session_local.session = session
+        for attempt in range(4):  # the first try and 3 retries
+            try:
+                response = session.post(
+                    f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S,
+                    json={"model": "teacher", "messages": row["messages"], "temperature": 0.0, "max_tokens": 16},
+                )
+                if response.status_code == 200:
+                    choice = response.json()["choices"][0]
+                    return choice["message"]["content"] if choice["finish_reason"] == "stop" else None
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            if attempt < 3:
+                time.sleep(5.0)
+        return None
+
+    started = time.monotonic()
+    answers: list = []
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        for start in range(0, len(rows), 10):
+            answers.extend(pool.map(call, rows[start : start + 10]))
+    seconds = time.monotonic() - started
+    kept = [index for index, answer in enumerate(answers) if answer is not None]
+    wrong = sum(answers[index] != expected_answer(index) for index in kept)
+    return {
+        "seconds": round(seconds, 2), "answered": len(kept), "lost": records - len(kept), "duplicated": 0,
+        "wrong_answers": wrong, "records_per_s": round(len(kept) / seconds, 2),
+        "fraction_of_limit": round(len(kept) / seconds / LIMIT_PER_S, 3),
+    }
+
+
+def memory_child(url: str, records: int, folder: Path) -> None:
+    """Runs in a fresh process: the stage on `records` records; prints its peak RSS (MiB) and the checks."""
+    from azdistill.stages.synthesize import synthesize
+    from azdistill.teacher import hosted_teacher_factory
+
+    data = write_data(folder / "data", records)
+    config = our_config(url, data, folder / "work", max_concurrency=16)
+    config.synthesis.preflight = False
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.monotonic()
+    out = synthesize(config, hosted_teacher_factory(config))
+    seconds = time.monotonic() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"records": records, "peak_rss_mib": round(peak, 1), "rss_before_stage_mib": round(baseline, 1),
+                      "seconds": round(seconds, 1), **check_outputs(out, records)}))
+
+
+def measure_memory(sizes: list[int], folder: Path) -> list[dict]:
+    server, url = start_server()
+    try:
+        results = []
+        for size in sizes:
+            child = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(size), "--url", url, "--folder", str(folder / f"memory-{size}")],
+                capture_output=True, text=True, check=True,
+            )
+            results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"  memory, {size:,} records: peak RSS {results[-1]['peak_rss_mib']} MiB "
+                  f"({results[-1]['seconds']} s, lost {results[-1]['lost']}, duplicated {results[-1]['duplicated']})", flush=True)
+        return results
+    finally:
+        stop_server(server)
+
+
+def machine() -> str:
+    import psutil
+
+    return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--azure-records", type=int, default=1000)
+    parser.add_argument("--memory", default="1000,100000", help="Record counts for the memory runs ('' to skip).")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.memory_child:
+        memory_child(args.url, args.memory_child, args.folder)
+        return
+
+    figures: dict = {"machine": machine(), "limit_per_s": LIMIT_PER_S, "latency_s": LATENCY_S}
+    print(f"machine: {figures['machine']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="azdistill-bench-") as tmp:
+        folder = Path(tmp)
+        limited = ["--latency", str(LATENCY_S), "--rate-limit", str(LIMIT_PER_S)]
+        for name, faults in (("ours_no_faults", "0"), ("ours_10pct_faults", "0.1")):
+            server, url = start_server(*limited, "--fault-rate", faults, "--hang", str(HANG_S))
+            try:
+                figures[name] = run_ours(url, args.records, folder / name)
+            finally:
+                counts = stop_server(server)
+            figures[name]["server"] = counts
+            result = figures[name]
+            print(f"  {name}: {result['records_per_s']} records/s = {result['fraction_of_limit']:.0%} of the {LIMIT_PER_S}/s limit "
+                  f"({result['seconds']} s; lost {result['lost']}, duplicated {result['duplicated']}, wrong {result['wrong_answers']}, "
+                  f"{result['endpoint']['throttled']} throttled, {result['endpoint']['retries']} retries)", flush=True)
+        server, url = start_server(*limited, "--fault-rate", "0.1", "--hang", str(HANG_S))
+        try:
+            figures["azure_shaped_10pct_faults"] = azure = run_azure_shaped(url, args.azure_records, folder)
+        finally:
+            counts = stop_server(server)
+        azure["server"] = counts
+        print(f"  azure_shaped_10pct_faults: {azure['records_per_s']} records/s = {azure['fraction_of_limit']:.0%} of the limit "
+              f"({azure['seconds']} s; lost {azure['lost']} of {args.azure_records})", flush=True)
+        figures["ratio_ours_to_azure_shaped_with_faults"] = round(figures["ours_10pct_faults"]["records_per_s"] / max(azure["records_per_s"], 1e-9), 2)
+        print(f"  ours / azure-shaped, 10% faults: {figures['ratio_ours_to_azure_shaped_with_faults']}x", flush=True)
+        sizes = [int(size) for size in args.memory.split(",") if size.strip()]
+        if sizes:
+            figures["memory"] = measure_memory(sizes, folder)
+            peaks = [row["peak_rss_mib"] for row in figures["memory"]]
+            figures["memory_growth"] = round(max(peaks) / min(peaks) - 1, 3)
+            print(f"  peak memory growth from {sizes[0]:,} to {sizes[-1]:,} records: {figures['memory_growth']:+.1%}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,6 +115,8 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
     if result.tracking_uri:
         version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
         click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")
+        if result.promotion is not None:
+            click.echo(f"Registry: {result.promotion.summary()}")
         uri = redact_uri(result.tracking_uri)
         if uri.startswith("sqlite:///"):
             hint = "make ui" if config is None and not overrides else " ".join(
@@ -230,9 +232,18 @@ def ui(config: Optional[Path], overrides: tuple[str, ...], port: int) -> None:
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow is None:
         raise UserError("the mlflow command is not installed in this environment")
-    click.echo(f"MLflow UI on {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    from azdistill.runs import ui_links
+
+    address = f"http://127.0.0.1:{port}"
+    click.echo(f"MLflow UI on {redact_uri(uri)}: {address}  (Ctrl-C to stop)")
+    for line in ui_links(uri, settings.experiment_name, settings.registered_model_name, address):
+        click.echo(f"  {line}")
+    # azdistill runs no MLflow server jobs (GenAI judges); without them the server starts no huey worker processes.
+    # One worker: a local UI has one user, and each worker is a full MLflow process on a small machine.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     try:
-        subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)], check=False)
+        subprocess.run(command, check=False, env=env)
     except KeyboardInterrupt:
         pass
 
@@ -297,3 +308,8 @@ def import_logs_command(logs, out_dir, task_type, system_prompt, model, metadata
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="azdistill")
+
+
+from azdistill.runs_commands import runs as _runs  # noqa: E402  (below: it reuses this module's options)
+
+cli.add_command(_runs)

@@ -438,6 +438,12 @@ class PromotionConfig(Section):
         default=0.5, gt=0.0, description="Most student p50 latency as a share of the teacher's."
     )
     beat_baseline: bool = Field(default=True, description="The student must beat the un-distilled baseline.")
+    champion_metric: str = Field(
+        default="agreement",
+        min_length=1,
+        description="Student quality metric (higher is better: agreement, accuracy, rouge_l, ...) a retrain must "
+        "beat the registered 'champion' on, besides passing the checks above, to become the new champion.",
+    )
 
 
 class EvaluationConfig(Section):

@@ -19,7 +19,7 @@ from azdistill.config import DistillConfig
 from azdistill.data import read_records, write_json
 from azdistill.errors import UserError
 from azdistill.report import Report
-from azdistill.tracking import NullTracker, make_tracker
+from azdistill.tracking import NullTracker, make_tracker, pipeline_run_name, pipeline_tags
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class RunResult:
     registered_version: Optional[str] = None
     tracking_uri: Optional[str] = None
     run_id: Optional[str] = None
+    promotion: Optional[object] = None  # registry.PromotionDecision: champion or challenger, and why
 
 
 @dataclass
@@ -135,15 +136,7 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
         read_records(getattr(config.data, split), config.task.type, config.data.max_records)
     tracker = tracker or make_tracker(config)
     seconds: dict[str, float] = {}
-    tags = {
-        "azdistill.pipeline": config.name,
-        "azdistill.task": config.task.type,
-        "azdistill.teacher": config.teacher.model,
-        "azdistill.student": config.student.model,
-        "azdistill.data_version": config.data.version,
-        "azdistill.mode": "local",
-    }
-    with tracker.pipeline(run_name=f"{config.name}@data-v{config.data.version}", tags=tags):
+    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config, mode="local")):
         with _timed(seconds, "prepare"):
             models = prepare_models(config)
         with _timed(seconds, "synthesize"):
@@ -158,11 +151,13 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
                 evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
         with _timed(seconds, "evaluate"):
             report = evaluate(config, models.teacher, evaluated, tracker, force)
-        version = None
+        version = promotion = None
         if config.tracking.enabled:
             with _timed(seconds, "register"):
                 version = register_student(config, tracker, student, report)
+                if version is not None:
+                    promotion = tracker.promote_student(version, report)
         tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
         run_id = tracker.run_id
     write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})
-    return RunResult(report, config.stage_dir("evaluate"), seconds, version, config.tracking_uri if config.tracking.enabled else None, run_id)
+    return RunResult(report, config.stage_dir("evaluate"), seconds, version, config.tracking_uri if config.tracking.enabled else None, run_id, promotion)

@@ -2,12 +2,23 @@
 
 Stages talk to a `Tracker`; `NullTracker` has the same methods and does nothing, for runs with tracking off
 and for unit tests that do not look at MLflow.
+
+Names are fixed so MLflow's compare view lines retrains up side by side:
+
+- the parent run is `<name>@data-v<version>` (`pipeline_run_name`), tagged `azdistill.*` (`pipeline_tags`);
+- each stage is a nested run named after the stage and tagged `azdistill.stage`;
+- evaluation metrics are `<role>_<metric>` (`student_agreement`, `teacher_latency_p50_s`, ...), and the
+  training loss is the `train_loss` history of the finetune run;
+- what the evaluate stage logs (metrics without a step, tags, the report files) is also logged on the parent
+  run, so comparing parent runs compares retrains, and a parent run shows its report without opening a child.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,6 +29,58 @@ log = logging.getLogger(__name__)
 
 # MLflow caps a param value at 6000 characters; longer values (system prompts) are cut rather than failing the run.
 MAX_PARAM_LENGTH = 6000
+# Stages whose results describe the whole pipeline; see the module docstring.
+SUMMARY_STAGES = ("evaluate",)
+STAGE_TAG = "azdistill.stage"
+
+
+def pipeline_run_name(config: DistillConfig) -> str:
+    """Name of a pipeline's parent run: the retrains of one config differ by their data version."""
+    return f"{config.name}@data-v{config.data.version}"
+
+
+def pipeline_tags(config: DistillConfig, mode: str = "local") -> dict[str, str]:
+    """Tags of a pipeline's parent run: what was distilled into what, on which data, where."""
+    return {
+        "azdistill.pipeline": config.name,
+        "azdistill.task": config.task.type,
+        "azdistill.teacher": config.teacher.model,
+        "azdistill.student": config.student.model,
+        "azdistill.data_version": config.data.version,
+        "azdistill.mode": mode,
+    }
+
+
+def evaluation_metrics(report: Any) -> dict[str, float]:
+    """What an evaluation logs: `<role>_<metric>` for each model's quality metrics and its cost figures
+    (latency p50/p95, throughput, peak memory, parameters), and `promote` (1 if every check passed)."""
+    metrics: dict[str, float] = {}
+    for model in report.models:
+        metrics.update({f"{model.role}_{name}": value for name, value in model.metrics.items()})
+        metrics.update(
+            {
+                f"{model.role}_latency_p50_s": model.latency_p50_s,
+                f"{model.role}_latency_p95_s": model.latency_p95_s,
+                f"{model.role}_throughput_tokens_per_s": model.throughput_tokens_per_s,
+                f"{model.role}_peak_memory_mb": model.peak_memory_mb,
+                f"{model.role}_parameters": model.parameters,
+            }
+        )
+    metrics["promote"] = float(report.promote)
+    return metrics
+
+
+def log_evaluation(tracker: "NullTracker", report: Any, paths: dict[str, Path]) -> None:
+    """Log an evaluation report to the active (evaluate) run: its metrics, the promote tag and the report
+    files (`report.md`, `report.json`, and `report.png`, which the MLflow UI shows as an image)."""
+    tracker.log_metrics({key: value for key, value in evaluation_metrics(report).items() if _finite(value)})
+    tracker.set_tags({"azdistill.promote": str(report.promote).lower()})
+    for path in paths.values():
+        tracker.log_artifact(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class NullTracker:
@@ -44,6 +107,10 @@ class NullTracker:
     def log_student(self, model_dir: Path, tags: dict[str, str]) -> Optional[str]:
         return None
 
+    def promote_student(self, version: str, report: Any) -> Any:
+        """Apply the champion/challenger rule to a registered version (see `azdistill.registry`)."""
+        return None
+
 
 class Tracker(NullTracker):
     """Logs to MLflow at the config's tracking URI (a local SQLite store by default)."""
@@ -53,6 +120,9 @@ class Tracker(NullTracker):
 
         self.config = config
         self.mlflow = mlflow
+        # Run id of the pipeline run while a summary stage (see SUMMARY_STAGES) is active under it, else None.
+        self._summary_parent: Optional[str] = None
+        self._client = None
         # MLflow sets up its own loggers on import; keep only errors (e.g. no model card offline, an expected miss).
         for name in ("mlflow", "mlflow.transformers", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -66,7 +136,10 @@ class Tracker(NullTracker):
             location = None
             if uri.startswith("sqlite:///"):
                 location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
-            mlflow.create_experiment(config.experiment_name, artifact_location=location)
+            # The kind tells MLflow 3's UI this is model training, not a GenAI app (its default view).
+            mlflow.create_experiment(
+                config.experiment_name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+            )
         mlflow.set_experiment(config.experiment_name)
 
     @property
@@ -82,31 +155,99 @@ class Tracker(NullTracker):
 
     @contextmanager
     def stage(self, name: str) -> Iterator["Tracker"]:
-        nested = self.mlflow.active_run() is not None
-        with self.mlflow.start_run(run_name=name, nested=nested, tags={"azdistill.stage": name}):
-            if not nested:  # a stage run on its own carries the config itself
+        parent = self.mlflow.active_run()
+        with self.mlflow.start_run(run_name=name, nested=parent is not None, tags={STAGE_TAG: name}):
+            if parent is None:  # a stage run on its own carries the config itself
                 self.log_params(config_to_params(self.config))
-            yield self
+            self._summary_parent = parent.info.run_id if parent is not None and name in SUMMARY_STAGES else None
+            try:
+                yield self
+            finally:
+                self._summary_parent = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         clean = {key: float(value) for key, value in metrics.items() if value is not None}
-        if clean:
-            self.mlflow.log_metrics(clean, step=step)
+        if not clean:
+            return
+        self.mlflow.log_metrics(clean, step=step)
+        if self._summary_parent and step is None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self._summary_parent, metrics=[Metric(key, value, now, 0) for key, value in clean.items()])
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if Path(path).is_dir():
             self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
             self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            if self._summary_parent:  # the report files, not the folders of raw predictions
+                self.client.log_artifact(self._summary_parent, str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.mlflow.set_tags(tags)
+        if self._summary_parent:
+            for key, value in tags.items():
+                self.client.set_tag(self._summary_parent, key, value)
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self.mlflow.MlflowClient(tracking_uri=self.config.tracking_uri)
+        return self._client
 
     def log_student(self, model_dir: Path, tags: dict[str, str]) -> Optional[str]:
-        """Log the student as an MLflow transformers model and register it; returns the registry version."""
+        """Log the student as an MLflow model under the active run and register it; returns the registry version.
+
+        Besides `tags`, the version records its lineage (run id and name, pipeline, task, student; the data
+        version comes with `tags`) and a description a person reads in the registry.
+        """
+        version = self._log_model(Path(model_dir))
+        if version is None:
+            return None
+        client = self.client
+        name = self.config.registered_model_name
+        run = self.mlflow.active_run()
+        lineage = {
+            "run_id": run.info.run_id if run else "",
+            "run_name": run.info.run_name if run else "",
+            "pipeline": self.config.name,
+            "task": self.config.task.type,
+            "student": self.config.student.model,
+        }
+        for key, value in {**lineage, **tags}.items():
+            client.set_model_version_tag(name, version, key, str(value))
+        data_version = tags.get("data_version", self.config.data.version)
+        client.update_model_version(
+            name,
+            version,
+            description=f"Student distilled from {tags.get('teacher', self.config.teacher.model)} on data version "
+            f"{data_version} by run {lineage['run_name']} ({lineage['run_id']}).",
+        )
+        return version
+
+    def promote_student(self, version: str, report: Any) -> Any:
+        """Make `version` the champion if it passed the report's checks and beats the current champion.
+
+        Returns the `registry.PromotionDecision`; the decision and its reason are also tags of the pipeline run.
+        """
+        from azdistill.registry import apply_promotion, failed_check_descriptions
+
+        decision = apply_promotion(
+            self.client,
+            self.config.registered_model_name,
+            version,
+            self.config.evaluation.promotion.champion_metric,
+            failed_check_descriptions(report.checks),
+        )
+        self.mlflow.set_tags(decision.run_tags())
+        return decision
+
+    def _log_model(self, model_dir: Path) -> Optional[str]:
+        """Log the student with MLflow's transformers flavour, registered under the config's model name."""
         from transformers import AutoModelForCausalLM
 
         from azdistill.models import load_tokenizer
@@ -126,10 +267,6 @@ class Tracker(NullTracker):
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
         )
         version = getattr(info, "registered_model_version", None)
-        if version is not None:
-            client = self.mlflow.MlflowClient()
-            for key, value in tags.items():
-                client.set_model_version_tag(self.config.registered_model_name, str(version), key, str(value))
         return str(version) if version is not None else None
 
 

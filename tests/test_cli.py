@@ -25,6 +25,7 @@ from conftest import line_of
 
 COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui")
 TOOLS = ("import-logs",)  # commands that take no config (tested in tests/test_logs_import.py)
+GROUPS = ("runs",)  # command groups; their subcommands are tested in tests/test_runs.py
 TOP_LEVEL_KEYS = "data, evaluation, name, student, synthesis, task, teacher, tracking, training, workdir"
 GOOD_ROW = {
     "messages": [
@@ -90,7 +91,7 @@ def test_help_lists_every_command_and_returns_quickly(runner):
     assert result.stderr == ""
     commands_section = result.stdout.split("Commands:", 1)[1]
     listed = [line.split()[0] for line in commands_section.splitlines() if line.strip()]
-    assert sorted(listed) == sorted(COMMANDS + TOOLS)
+    assert sorted(listed) == sorted(COMMANDS + GROUPS + TOOLS)
     assert elapsed < 2.0
 
 

@@ -119,7 +119,7 @@ def test_unknown_key_two_levels_deep(write_config):
     path = write_config(BASE + "evaluation:\n  promotion:\n    min_agrement: 0.5\n")
     assert user_error(path) == (
         f"{path}:16: unknown key 'evaluation.promotion.min_agrement'; "
-        "allowed keys here: beat_baseline, max_latency_ratio, min_agreement, min_quality_retained"
+        "allowed keys here: beat_baseline, champion_metric, max_latency_ratio, min_agreement, min_quality_retained"
     )
 
 

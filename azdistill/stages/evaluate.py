@@ -22,7 +22,7 @@ from azdistill.data import Message, read_records, write_json
 from azdistill.metrics import TASK_METRICS, percentile, score_predictions
 from azdistill.report import ModelResult, PromotionCheck, Report, headline_lines, write_report
 from azdistill.stages import state
-from azdistill.tracking import NullTracker
+from azdistill.tracking import NullTracker, log_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -258,21 +258,7 @@ def evaluate(
             samples=samples,
         )
         paths = write_report(report, out_dir)
-        for role, result in results.items():
-            tracker.log_metrics({f"{role}_{name}": value for name, value in result.metrics.items()})
-            tracker.log_metrics(
-                {
-                    f"{role}_latency_p50_s": result.latency_p50_s,
-                    f"{role}_latency_p95_s": result.latency_p95_s,
-                    f"{role}_throughput_tokens_per_s": result.throughput_tokens_per_s,
-                    f"{role}_peak_memory_mb": result.peak_memory_mb,
-                    f"{role}_parameters": result.parameters,
-                }
-            )
-        tracker.log_metrics({"promote": float(report.promote)})
-        tracker.set_tags({"azdistill.promote": str(report.promote).lower()})
-        for path in paths.values():
-            tracker.log_artifact(path)
+        log_evaluation(tracker, report, paths)  # metric names shared by every retrain: see tracking.py
         tracker.log_artifact(predictions_dir, "predictions")
         state.finish(out_dir, stage_fingerprint, OUTPUTS, {"promote": report.promote})
     for line in headline_lines(report):

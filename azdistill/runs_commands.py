@@ -1,0 +1,92 @@
+"""`azdistill runs list` and `azdistill runs compare`: the retrains of a config, in the terminal.
+
+Commands only parse and dispatch to `azdistill.runs`; MLflow loads inside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from azdistill.cli import _load, config_argument, redact_uri, set_option
+from azdistill.errors import UserError
+
+
+def _console():
+    import os
+
+    from rich.console import Console
+
+    # Piped into a file or a CI log there is no terminal width to fit: use a wide one rather than rich's 80
+    # columns, so each run stays on one line. COLUMNS still decides when set.
+    wide = None if os.environ.get("COLUMNS") or os.isatty(1) else 180
+    return Console(highlight=False, width=wide)
+
+
+@click.group()
+def runs() -> None:
+    """Review tracked runs: list a config's retrains, compare two of them."""
+
+
+@runs.command("list")
+@config_argument
+@set_option
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Show at most this many runs.")
+def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int) -> None:
+    """List a config's pipeline runs (retrains), newest first.
+
+    One row per run: its data version, the student's metrics, whether the checks passed, the registered
+    version and whether it is the champion, and why.
+    """
+    from rich.markup import escape
+
+    from azdistill.runs import decision_lines, list_runs, open_client, runs_table, ui_experiment_url
+
+    settings = _load(config, overrides)
+    client = open_client(settings.tracking_uri)
+    rows = list_runs(client, settings.experiment_name, settings.registered_model_name)
+    console = _console()
+    if not rows:
+        console.print(f"No pipeline runs in experiment '{settings.experiment_name}' yet; start one with `azdistill run`.")
+        return
+    shown = rows[:limit]
+    console.print(runs_table(shown, settings.experiment_name, settings.evaluation.promotion.champion_metric))
+    if len(rows) > limit:
+        console.print(f"({len(rows) - limit} older runs not shown; --limit {len(rows)} shows all)")
+    decisions = decision_lines(shown)
+    if decisions:
+        console.print("Why (champion/challenger rule, docs/reviewing-runs.md):")
+        for line in decisions:
+            console.print(f"  {escape(line)}")
+    console.print(f"Store: {redact_uri(settings.tracking_uri)}; registered model: '{settings.registered_model_name}'")
+    if settings.tracking_uri.startswith("sqlite:///"):
+        console.print(f"In the MLflow UI (azdistill ui): {ui_experiment_url(rows[0].experiment_id)}", soft_wrap=True)
+
+
+@runs.command("compare")
+@click.argument("run_a", metavar="RUN")
+@click.argument("run_b", metavar="RUN")
+@click.option("-c", "--config", "config", type=click.Path(path_type=Path), help="Config whose runs to look in (default: the demo config).")
+@set_option
+def compare_command(run_a: str, run_b: str, config: Optional[Path], overrides: tuple[str, ...]) -> None:
+    """Compare two pipeline runs: every metric (B against A) and the settings that differ.
+
+    RUN is a run id or a unique prefix of one, a run name (NAME@data-vN; the newest run of that name), a
+    registered version (v3) or @champion.
+    """
+    from azdistill.runs import compare_tables, list_runs, open_client, resolve_run, ui_compare_url
+
+    settings = _load(config, overrides)
+    client = open_client(settings.tracking_uri)
+    rows = list_runs(client, settings.experiment_name, settings.registered_model_name)
+    first = resolve_run(rows, run_a, settings.registered_model_name)
+    second = resolve_run(rows, run_b, settings.registered_model_name)
+    if first.run_id == second.run_id:
+        raise UserError(f"{run_a} and {run_b} are the same run ({first.name}, {first.run_id}); name two different runs")
+    console = _console()
+    for table in compare_tables(first, second, settings.evaluation.promotion.champion_metric):
+        console.print(table)
+    if settings.tracking_uri.startswith("sqlite:///"):
+        console.print(f"Same comparison in the MLflow UI (azdistill ui): {ui_compare_url([first, second])}", soft_wrap=True)

@@ -1,0 +1,96 @@
+"""A local MLflow store holding retrains of one config, logged through azdistill's own Tracker without training.
+
+Used by tests/test_registry.py, tests/test_runs.py and tests/test_mlflow_ui.py. `record_retrain` logs what
+`run_local` logs (parent run, nested stage runs, a train_loss history, the evaluation report and its metrics,
+the registered student and the champion decision) with made-up numbers, in about a second.
+`QuickTracker` registers the student with `create_model_version` instead of logging a transformers model;
+tests/test_tracking.py covers the real model logging once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from azdistill.config import DistillConfig
+from azdistill.report import ModelResult, Report, write_report
+from azdistill.stages.evaluate import promotion_checks
+from azdistill.tracking import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
+
+NAME = "sentiment"
+
+
+def retrain_config(workdir: Path, data_version: str, name: str = NAME, **promotion) -> DistillConfig:
+    """A config for retrain `data_version`, tracking to `<workdir>/mlflow.db` (data files need not exist)."""
+    return DistillConfig.model_validate(
+        {
+            "name": name,
+            "workdir": str(workdir),
+            "task": {"type": "nli", "labels": ["positive", "negative"]},
+            "data": {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl", "version": data_version},
+            "evaluation": {"promotion": {"min_agreement": 0.6, "max_latency_ratio": 0.8, **promotion}},
+            "tracking": {"uri": f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"},
+        }
+    )
+
+
+class QuickTracker(Tracker):
+    """Registers a stand-in student (a small artifact folder) instead of a transformers model."""
+
+    def _log_model(self, model_dir: Path) -> Optional[str]:
+        from mlflow.exceptions import MlflowException
+
+        run = self.mlflow.active_run()
+        self.mlflow.log_text("stand-in for the student's weights\n", "student/README.txt")
+        try:
+            self.client.create_registered_model(self.config.registered_model_name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            self.config.registered_model_name, f"{run.info.artifact_uri}/student", run_id=run.info.run_id
+        )
+        return str(version.version)
+
+
+def make_report(config: DistillConfig, agreement: float, accuracy: float, student_latency: float = 0.05) -> Report:
+    """A report for teacher, student and baseline; the checks come from the evaluate stage's own rule."""
+
+    def model(role: str, parameters: int, latency: float, metrics: dict) -> ModelResult:
+        return ModelResult(role, f"{role} model", f"/models/{role}", parameters, parameters * 4 / 2**20,
+                           parameters * 4 / 2**20, parameters * 5 / 2**20, latency, latency * 1.3, 200 / latency, 40, metrics)
+
+    models = {
+        "teacher": model("teacher", 134_515_008, 0.2, {"accuracy": 0.9, "parse_rate": 1.0}),
+        "student": model("student", 63_700_000, student_latency, {"accuracy": accuracy, "agreement": agreement, "parse_rate": 0.95}),
+        "baseline": model("baseline", 63_700_000, 0.05, {"accuracy": 0.3, "agreement": 0.35, "parse_rate": 0.5}),
+    }
+    checks = promotion_checks(config, models, "accuracy")
+    return Report(
+        pipeline=config.name, task="nli", data_version=config.data.version, created="2026-11-22T10:00:00+00:00",
+        primary_metric="accuracy", models=list(models.values()), promote=all(check.passed for check in checks),
+        checks=checks, device="cpu (2 cores)",
+    )
+
+
+def record_retrain(workdir: Path, data_version: str, agreement: float, accuracy: float, **promotion):
+    """Log one retrain the way `run_local` does; returns (run id, PromotionDecision, report)."""
+    config = retrain_config(workdir, data_version, **promotion)
+    tracker = QuickTracker(config)
+    report = make_report(config, agreement, accuracy)
+    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+        with tracker.stage("synthesize"):
+            tracker.log_metrics({"synthetic_train_kept": 150.0, "synthetic_success_ratio": 0.62})
+        with tracker.stage("finetune"):
+            for step, loss in enumerate([2.4, 1.7, 1.2, 0.9 - agreement / 10]):
+                tracker.log_metrics({"train_loss": loss}, step=step * 5)
+        with tracker.stage("evaluate"):
+            out_dir = Path(workdir) / "runs" / f"{config.name}-v{data_version}" / "evaluate"
+            log_evaluation(tracker, report, write_report(report, out_dir))
+        version = tracker.log_student(Path(workdir), {"teacher": "builtin", "data_version": data_version,
+                                                      "promote": str(report.promote).lower(),
+                                                      **{f"metric.{k}": f"{v:.4f}" for k, v in report.models[1].metrics.items()}})
+        decision = tracker.promote_student(version, report)
+        run_id = tracker.run_id
+    tracker.mlflow.set_tracking_uri(None)
+    return run_id, decision, report

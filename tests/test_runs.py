@@ -1,0 +1,191 @@
+"""`azdistill runs list` and `runs compare` on a local store holding three retrains."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from azdistill.cli import cli
+from azdistill.errors import UserError
+from azdistill.runs import direction, list_runs, resolve_run, runs_table, ui_compare_url, ui_experiment_url
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """v1 becomes champion, v2 beats it, v3 loses to v2."""
+    from mlflow import MlflowClient
+
+    from retrains import record_retrain
+
+    workdir = tmp_path_factory.mktemp("runs")
+    run_ids = [record_retrain(workdir, str(index), agreement, accuracy)[0]
+               for index, (agreement, accuracy) in enumerate([(0.70, 0.84), (0.85, 0.86), (0.78, 0.88)], start=1)]
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db"), run_ids, workdir
+
+
+def overrides(workdir) -> list[str]:
+    """`--set` options that point the (embedded demo) config at the test store."""
+    return ["--set", "name=sentiment", "--set", f"tracking.uri=sqlite:///{workdir}/mlflow.db"]
+
+
+def invoke(*args):
+    # A wide terminal, so rich keeps each table row on one line and the assertions can read it.
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(cli, [str(arg) for arg in args], catch_exceptions=False)
+    return result
+
+
+def row_of(output: str, text: str) -> str:
+    (line,) = [line for line in output.splitlines() if text in line]
+    return line
+
+
+def test_list_runs_gives_every_retrain_newest_first_with_metrics_and_registry_state(store):
+    client, run_ids, _ = store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    assert [row.run_id for row in rows] == run_ids[::-1]
+    assert [row.data_version for row in rows] == ["3", "2", "1"]
+    assert [(row.version, row.registry_state) for row in rows] == [("3", "challenger"), ("2", "champion"), ("1", "former champion")]
+    assert rows[0].registry_reason == "agreement 0.78 does not beat champion version 2 (0.85)"
+    assert rows[2].registry_reason == "replaced by version 2"
+    assert rows[1].metrics["student_agreement"] == 0.85
+    assert rows[1].params["data.version"] == "2"
+
+
+def test_runs_logged_before_metrics_were_copied_to_the_parent_get_them_from_their_evaluate_run(store):
+    client, run_ids, _ = store
+    # A pipeline run as older versions left it: evaluation metrics on the nested evaluate run only.
+    experiment_id = client.get_experiment_by_name("sentiment").experiment_id
+    parent = client.create_run(experiment_id, run_name="sentiment@data-v0", tags={"azdistill.pipeline": "sentiment", "azdistill.data_version": "0"})
+    child = client.create_run(experiment_id, run_name="evaluate", tags={"mlflow.parentRunId": parent.info.run_id, "azdistill.stage": "evaluate"})
+    client.log_metric(child.info.run_id, "student_agreement", 0.5)
+    client.set_terminated(child.info.run_id)
+    client.set_terminated(parent.info.run_id)
+    try:
+        rows = list_runs(client, "sentiment", "sentiment-student")
+        old = next(row for row in rows if row.run_id == parent.info.run_id)
+        assert old.metrics == {"student_agreement": 0.5} and old.version is None
+        assert len(rows) == 4  # stage runs are never listed as runs of their own
+    finally:
+        client.delete_run(child.info.run_id)
+        client.delete_run(parent.info.run_id)
+
+
+@pytest.mark.parametrize("ref, data_version", [
+    ("sentiment@data-v2", "2"), ("v1", "1"), ("@champion", "2"), ("V3", "3"),
+])
+def test_a_run_is_found_by_name_version_or_alias(store, ref, data_version):
+    client, _, _ = store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    assert resolve_run(rows, ref, "sentiment-student").data_version == data_version
+
+
+def test_a_run_is_found_by_id_or_a_unique_prefix(store):
+    client, run_ids, _ = store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    assert resolve_run(rows, run_ids[0]).run_id == run_ids[0]
+    assert resolve_run(rows, run_ids[1][:10]).run_id == run_ids[1]
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("nope", "nope: no pipeline run with that id or name (runs: sentiment@data-v3, sentiment@data-v2, sentiment@data-v1)"),
+    ("v9", "v9: no run in this experiment registered version 9 of 'sentiment-student' (registered: v3, v2, v1)"),
+    ("@prod", "@prod: the only alias azdistill sets is @champion"),
+])
+def test_an_unknown_run_is_a_user_error_that_lists_what_exists(store, ref, message):
+    client, _, _ = store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    with pytest.raises(UserError) as error:
+        resolve_run(rows, ref, "sentiment-student")
+    assert str(error.value) == message
+
+
+def test_runs_table_puts_the_champion_metric_first(store):
+    from rich.console import Console
+
+    client, _, _ = store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    console = Console(file=io.StringIO(), width=250)
+    console.print(runs_table(rows, "sentiment", "accuracy"))
+    header = row_of(console.file.getvalue(), "started")
+    assert re.search(r"accuracy\*\s+┃\s+agreement\s+┃\s+p50 s", header), header
+
+
+def test_runs_list_command_prints_one_row_per_retrain(store):
+    _, run_ids, workdir = store
+    result = invoke("runs", "list", *overrides(workdir))
+    assert result.exit_code == 0, result.output
+    champion = row_of(result.output, "sentiment@data-v2")
+    assert run_ids[1][:8] in champion and "0.85" in champion and "passed" in champion and "v2 ★ champion" in champion
+    assert "v3 challenger" in row_of(result.output, "sentiment@data-v3")
+    assert "v1 former champion" in row_of(result.output, "sentiment@data-v1")
+    # Below the table, why each version is where it is.
+    assert "\n  v3 challenger: agreement 0.78 does not beat champion version 2 (0.85)\n" in result.output
+    assert "\n  v2 champion: agreement 0.85 beats champion version 1 (0.7)\n" in result.output
+    assert "\n  v1 former champion: replaced by version 2\n" in result.output
+    assert "In the MLflow UI (azdistill ui): http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning" in result.output
+
+
+def test_runs_list_limit(store):
+    _, _, workdir = store
+    result = invoke("runs", "list", *overrides(workdir), "--limit", "1")
+    assert "sentiment@data-v3" in result.output and "sentiment@data-v2" not in result.output
+    assert "(2 older runs not shown; --limit 3 shows all)" in result.output
+
+
+def test_runs_compare_command_shows_every_metric_the_change_and_the_settings_that_differ(store):
+    _, run_ids, workdir = store
+    result = invoke("runs", "compare", "v2", "sentiment@data-v3", *overrides(workdir))
+    assert result.exit_code == 0, result.output
+    assert "A: sentiment@data-v2" in result.output and "B: sentiment@data-v3" in result.output
+    assert re.search(r"student_agreement \*\s+│\s+0\.85\s+│\s+0\.78\s+│\s+-0\.07 \(-8%\)", result.output)
+    assert re.search(r"student_accuracy\s+│\s+0\.86\s+│\s+0\.88\s+│\s+\+0\.02 \(\+2%\)", result.output)
+    assert re.search(r"teacher_latency_p50_s\s+│\s+0\.2\s+│\s+0\.2\s+│\s+=", result.output)
+    assert re.search(r"data\.version\s+│\s+2\s+│\s+3", result.output)
+    assert "v2 ★ champion" in row_of(result.output, "registry")
+    rows = list_runs(store[0], "sentiment", "sentiment-student")
+    url = ui_compare_url([resolve_run(rows, "v2"), resolve_run(rows, "v3")])
+    assert f"Same comparison in the MLflow UI (azdistill ui): {url}" in result.output
+    assert run_ids[1] in url and run_ids[2] in url
+
+
+def test_runs_compare_refuses_the_same_run_twice(store):
+    _, _, workdir = store
+    result = invoke("runs", "compare", "v2", "@champion", *overrides(workdir))
+    assert result.exit_code == 2
+    assert "error: v2 and @champion are the same run (sentiment@data-v2," in result.stderr
+
+
+def test_runs_commands_on_a_store_that_does_not_exist_say_what_to_run(tmp_path):
+    missing = tmp_path / "none.db"
+    for args in (["runs", "list"], ["runs", "compare", "v1", "v2"]):
+        result = invoke(*args, "--set", f"tracking.uri=sqlite:///{missing}")
+        assert result.exit_code == 2
+        assert result.stderr == f"error: no runs yet: {missing} does not exist; run `azdistill run` first\n"
+    assert not missing.exists()
+
+
+def test_runs_list_on_an_unknown_experiment_names_the_ones_there(store):
+    _, _, workdir = store
+    result = invoke("runs", "list", "--set", f"tracking.uri=sqlite:///{workdir}/mlflow.db")
+    assert result.exit_code == 2
+    assert "error: no experiment 'sentiment-demo' in the tracking store; experiments in this store: Default, sentiment" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["list", "compare"])
+def test_runs_subcommands_have_help_with_overrides(command):
+    result = invoke("runs", command, "--help")
+    assert result.exit_code == 0 and "--set KEY.PATH=VALUE" in result.output
+
+
+def test_direction_of_change():
+    assert direction("student_agreement") == 1
+    assert direction("student_latency_p50_s") == -1 and direction("teacher_peak_memory_mb") == -1
+    assert direction("stage_seconds_finetune") == -1
+    assert direction("student_parameters") == 0 and direction("promote") == 0
+
+
+def test_ui_addresses():
+    assert ui_experiment_url("4") == "http://127.0.0.1:5000/#/experiments/4?workflowType=machine_learning"

@@ -8,7 +8,7 @@ export AZDISTILL_CACHE ?= $(CURDIR)/.cache/azdistill
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test ui clean
+.PHONY: demo test ui clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/azdistill run --local
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# tests/test_mlflow_ui.py reads the MLflow UI in Debian's Chromium, driven by playwright (a dev dependency;
+# it downloads no browser). Installed here when missing, as root with apt; elsewhere that test is skipped.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the MLflow UI browser test"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else \
+		echo "chromium is not installed and this is not root with apt-get: the MLflow UI browser test will be skipped"; \
+	fi
 
 ui: $(STAMP)
 	$(BIN)/azdistill ui

@@ -50,6 +50,11 @@ set_option = click.option(
     help="Override a config key, e.g. --set training.epochs=2 (repeatable).",
 )
 force_option = click.option("--force", is_flag=True, help="Rerun even if inputs and settings are unchanged.")
+# Azure ML components pass their mounted input and output folders with these (see components/).
+output_dir_option = click.option(
+    "--output-dir", type=click.Path(path_type=Path), default=None,
+    help="Write the stage's outputs here instead of <workdir>/runs/<name>/<stage>.",
+)
 
 
 def redact_uri(uri: str) -> str:
@@ -147,7 +152,8 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
 @config_argument
 @set_option
 @force_option
-def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+@output_dir_option
+def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path]) -> None:
     """Have the teacher answer the train and validation prompts."""
     from azdistill.local_runner import local_teacher_factory, teacher_identity
     from azdistill.models import resolve_teacher
@@ -160,13 +166,15 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) 
     if settings.teacher.kind != "local":  # hosted or logged: the stage streams and checks the data itself
         from azdistill.teacher import hosted_teacher_factory
 
-        out_dir = run_stage(settings, hosted_teacher_factory(settings), make_tracker(settings), force)
+        out_dir = run_stage(settings, hosted_teacher_factory(settings), make_tracker(settings), force, out_dir=output_dir)
         click.echo(f"synthetic data: {out_dir}")
         return
     for split in ("train", "validation"):  # report bad data before spending time on the teacher
         read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
     teacher = resolve_teacher(settings.teacher.model)
-    out_dir = run_stage(settings, local_teacher_factory(settings, teacher), make_tracker(settings), force, teacher_identity=teacher_identity(teacher))
+    out_dir = run_stage(
+        settings, local_teacher_factory(settings, teacher), make_tracker(settings), force, out_dir=output_dir, teacher_identity=teacher_identity(teacher)
+    )
     click.echo(f"synthetic data: {out_dir}")
 
 
@@ -175,18 +183,24 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool) 
 @set_option
 @force_option
 @click.option("--on-references", is_flag=True, help="Train on the data's reference answers instead (the baseline).")
-def finetune(config: Optional[Path], overrides: tuple[str, ...], force: bool, on_references: bool) -> None:
+@output_dir_option
+@click.option("--synthetic-dir", type=click.Path(path_type=Path), default=None, help="A finished synthesize stage's folder (default: the config's).")
+def finetune(
+    config: Optional[Path], overrides: tuple[str, ...], force: bool, on_references: bool, output_dir: Optional[Path], synthetic_dir: Optional[Path]
+) -> None:
     """Train the student on the teacher's answers (run synthesize first)."""
     from azdistill.local_runner import prepare_models, require_stage_output
     from azdistill.stages.finetune import finetune as run_stage
     from azdistill.tracking import make_tracker
 
     settings = _load(config, overrides)
-    synthetic = settings.stage_dir("synthesize")
+    synthetic = synthetic_dir or settings.stage_dir("synthesize")
     if not on_references:
         require_stage_output(synthetic, "synthesize")
     models = prepare_models(settings)
-    out_dir = run_stage(settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, on_references=on_references)
+    out_dir = run_stage(
+        settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, out_dir=output_dir, on_references=on_references
+    )
     click.echo(f"student: {out_dir / 'model'}")
 
 
@@ -194,7 +208,15 @@ def finetune(config: Optional[Path], overrides: tuple[str, ...], force: bool, on
 @config_argument
 @set_option
 @force_option
-def evaluate(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+@output_dir_option
+@click.option("--student-dir", type=click.Path(path_type=Path), default=None, help="A finished finetune stage's folder (default: the config's).")
+@click.option(
+    "--reference-dir", type=click.Path(path_type=Path), default=None,
+    help="A finished `finetune --on-references` folder (default: the config's, when the data has references).",
+)
+def evaluate(
+    config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path], student_dir: Optional[Path], reference_dir: Optional[Path]
+) -> None:
     """Compare teacher, student and baselines on the test set (run finetune first)."""
     from azdistill.local_runner import prepare_models, require_stage_output, wants_reference_baseline
     from azdistill.report import headline_lines
@@ -202,16 +224,16 @@ def evaluate(config: Optional[Path], overrides: tuple[str, ...], force: bool) ->
     from azdistill.tracking import make_tracker
 
     settings = _load(config, overrides)
-    student = require_stage_output(settings.stage_dir("finetune"), "finetune") / "model"
+    student = require_stage_output(student_dir or settings.stage_dir("finetune"), "finetune") / "model"
     reference = None
-    if wants_reference_baseline(settings):
-        reference = require_stage_output(settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
+    if reference_dir is not None or wants_reference_baseline(settings):
+        reference = require_stage_output(reference_dir or settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
     models = prepare_models(settings)
     evaluated = {"student": student, "baseline": models.student_init}
     if reference is not None:
         evaluated["reference_sft"] = reference
-    report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force)
-    click.echo(f"Report: {settings.stage_dir('evaluate') / 'report.md'}")
+    report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force, out_dir=output_dir)
+    click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'}")
     for line in headline_lines(report):
         click.echo(f"  {line}")
 
@@ -313,3 +335,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 from azdistill.runs_commands import runs as _runs  # noqa: E402  (below: it reuses this module's options)
 
 cli.add_command(_runs)
+
+from azdistill.azure.commands import job as _job, logs as _logs, schedule as _schedule, status as _status, submit as _submit  # noqa: E402
+
+for _command in (_submit, _schedule, _status, _logs, _job):
+    cli.add_command(_command)

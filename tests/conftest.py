@@ -197,3 +197,49 @@ def line_of(path: Path, text: str) -> int:
 @pytest.fixture(name="line_of")
 def line_of_fixture() -> Callable[[Path, str], int]:
     return line_of
+
+
+# ---------------------------------------------------------------------------------------------------
+# No test reaches the network: a socket connection to anything but loopback (or a local Unix socket) fails the
+# test at once, instead of hanging on DNS or reaching a real service. Azure ML tests fake HTTP with `responses`,
+# which never opens a socket.
+
+import ipaddress
+import socket
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+class NetworkBlocked(AssertionError):
+    pass
+
+
+def _check_address(sock: socket.socket, address) -> None:
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        return
+    host = address[0] if isinstance(address, tuple) else address
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        if host == "localhost":
+            return
+    raise NetworkBlocked(f"a test tried to reach the network ({host}); fake it (responses) or use loopback")
+
+
+def _guarded_connect(self, address):
+    _check_address(self, address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    _check_address(self, address)
+    return _real_connect_ex(self, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a non-loopback connection."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)

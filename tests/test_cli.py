@@ -25,8 +25,9 @@ from conftest import line_of
 
 COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui")
 TOOLS = ("import-logs",)  # commands that take no config (tested in tests/test_logs_import.py)
+AZURE = ("submit", "schedule", "status", "logs", "job")  # Azure ML commands (tested in tests/test_azure_*.py)
 GROUPS = ("runs",)  # command groups; their subcommands are tested in tests/test_runs.py
-TOP_LEVEL_KEYS = "data, evaluation, name, student, synthesis, task, teacher, tracking, training, workdir"
+TOP_LEVEL_KEYS = "azure, data, evaluation, name, student, synthesis, task, teacher, tracking, training, workdir"
 GOOD_ROW = {
     "messages": [
         {"role": "system", "content": "Classify the review as positive or negative."},
@@ -91,7 +92,7 @@ def test_help_lists_every_command_and_returns_quickly(runner):
     assert result.stderr == ""
     commands_section = result.stdout.split("Commands:", 1)[1]
     listed = [line.split()[0] for line in commands_section.splitlines() if line.strip()]
-    assert sorted(listed) == sorted(COMMANDS + GROUPS + TOOLS)
+    assert sorted(listed) == sorted(COMMANDS + GROUPS + TOOLS + AZURE)
     assert elapsed < 2.0
 
 
@@ -116,7 +117,7 @@ def test_help_does_not_import_heavy_libraries():
         "from azdistill.cli import cli\n"
         "result = CliRunner().invoke(cli, ['--help'])\n"
         "assert result.exit_code == 0\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'matplotlib') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'matplotlib', 'azure.ai.ml', 'azure.identity') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ export AZDISTILL_CACHE ?= $(CURDIR)/.cache/azdistill
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test ui clean browser
+.PHONY: demo test ui clean browser check-infra
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,18 @@ browser:
 
 ui: $(STAMP)
 	$(BIN)/azdistill ui
+
+# Static analysis of infra/*.bicep with checkov, in its own virtual environment (its dependencies would clash
+# with the project's). --skip-download: offline, with the checks checkov ships. Component YAMLs and environments
+# are checked by the test suite (tests/test_azure_assets.py).
+CHECKOV_VENV := .cache/checkov-venv
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
+	touch $@
+
+check-infra: $(CHECKOV_VENV)/.installed
+	$(CHECKOV_VENV)/bin/checkov -d infra --framework bicep --compact --quiet --skip-download
 
 clean:
 	rm -rf $(VENV) .cache .azdistill

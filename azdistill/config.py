@@ -498,14 +498,14 @@ class ComputeTarget(Section):
 class AzureComputeConfig(Section):
     cpu: ComputeTarget = Field(
         default_factory=lambda: ComputeTarget(cluster="cpu-cluster"),
-        description="Default for the CPU steps (validate, synthesize, evaluate, register).",
+        description="Default for the CPU steps (validate, synthesize, merge_shards, register).",
     )
     gpu: ComputeTarget = Field(
-        default_factory=lambda: ComputeTarget(cluster="gpu-cluster"), description="Default for finetune."
+        default_factory=lambda: ComputeTarget(cluster="gpu-cluster"), description="Default for finetune and evaluate."
     )
     synthesize: Optional[ComputeTarget] = Field(default=None, description="Overrides cpu for synthesis.")
     finetune: Optional[ComputeTarget] = Field(default=None, description="Overrides gpu for fine-tuning.")
-    evaluate: Optional[ComputeTarget] = Field(default=None, description="Overrides cpu for evaluation.")
+    evaluate: Optional[ComputeTarget] = Field(default=None, description="Overrides gpu for evaluation (e.g. a CPU cluster).")
 
 
 class AzureDataConfig(Section):

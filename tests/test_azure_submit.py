@@ -287,3 +287,25 @@ def test_a_key_vault_reference_must_not_be_a_key(make_config):
     assert result.exit_code == 2
     assert "never the key itself" in result.stderr
     assert TEACHER_KEY not in result.output
+
+
+@pytest.mark.parametrize("pipeline", ["distill", "retrain"])
+def test_the_example_config_dry_runs_each_pipeline_in_a_fresh_process(tmp_path, pipeline):
+    """As a user on a clean clone would: the real CLI in its own process, no workspace, no credentials."""
+    import os
+    import subprocess
+    import sys
+
+    from azure.ai.ml import load_job
+
+    from azdistill.config import PROJECT_ROOT
+
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("AZURE", "AZUREML"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "azdistill", "submit", str(PROJECT_ROOT / "pipelines" / "sentiment.azure.yaml"), "--dry-run",
+         "--pipeline", pipeline, "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, env=environment, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = load_job(source=tmp_path / f"{pipeline}.pipeline.yaml")
+    assert "synthesize_shards" in job.jobs and job.experiment_name == "sentiment-distill"

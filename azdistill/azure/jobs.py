@@ -52,6 +52,7 @@ def fetch_logs(client: Any, name: str, step: Optional[str] = None, download: Opt
                 raise UserError(f"job {name} has no step '{step}'; `azdistill status {name}` lists them")
     found = []
     for run in runs:
+        # The SDK has no public call for a run's log files; `jobs.stream` reads the same run-history details.
         details = client.jobs._runs_operations.get_run_details(run.name)
         files = details.log_files or {}
         chosen = next((files[log_name] for log_name in STD_LOG_NAMES if log_name in files), None)

@@ -750,9 +750,9 @@ def train_student(
         if last_checkpoint:
             log.info("finetune: resuming from %s", last_checkpoint)
     trainable = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
-    seconds = time.monotonic() - started
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
     changed = sum(not torch.equal(trainable[name], parameter.detach()) for name, parameter in model.named_parameters() if name in trainable)
 
     history = trainer.state.log_history
@@ -766,6 +766,7 @@ def train_student(
         "epochs": settings.epochs,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "cpu_seconds": round(cpu_seconds, 2),  # this process's CPU time: the work done, whatever else shares the machine
         "first_loss": losses_logged[0] if losses_logged else None,
         "final_loss": losses_logged[-1] if losses_logged else None,
         "train_loss": result.training_loss,

@@ -35,7 +35,8 @@ def test_run_prints_report_location_headline_and_how_to_open_mlflow(finished_run
     workdir, _, result, _ = finished_run
     assert result.exit_code == 0, result.output
     assert f"Report: {workdir}/runs/sentiment-demo/evaluate/report.md" in result.output
-    assert "faster per response" in result.output and "agreement with teacher" in result.output
+    # Faster or slower: a dozen records and three timed answers on a busy machine decide that, not the code.
+    assert "per response (p50" in result.output and "agreement with teacher" in result.output
     # The hint repeats the overrides, so it opens this run's store, not the default one.
     assert f"Open the MLflow UI with: azdistill ui --set workdir={workdir} --set data.max_records=12" in result.output
 

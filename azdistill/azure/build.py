@@ -91,7 +91,7 @@ def stage_code(folder: Path) -> Path:
 def load_components(code: Optional[Path] = None) -> Components:
     """Every component under components/, loaded afresh, with its code folder replaced by `code` if given.
 
-    Components name their environment by reference (`azureml:azdistill-gpu:1.0.0`), so each spec stays valid
+    Components name their environment by reference (`azureml:azdistill-gpu:1.1.0`), so each spec stays valid
     on its own; `register_environments` creates those versions from environments/ before a submission.
     """
     from azure.ai.ml import load_component

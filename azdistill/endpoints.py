@@ -134,10 +134,12 @@ class AdaptiveRateLimiter:
         increase: float = 0.04,
         min_rate: float = 0.05,
         clock=time.monotonic,
+        sleep=time.sleep,
     ):
         self._lock = threading.Lock()
         self._gate = threading.Lock()  # requests waiting for their turn queue here
-        self._clock = clock
+        # Injectable together, so tests drive the pacing on a fake clock instead of the wall clock.
+        self._clock, self._sleep = clock, sleep
         self.max_rate = requests_per_minute / 60.0 if requests_per_minute else math.inf
         # A configured budget is the deployment's quota: pace at it from the start; otherwise find the limit.
         self.rate = self.max_rate if requests_per_minute else initial_rate
@@ -185,7 +187,7 @@ class AdaptiveRateLimiter:
                     if stop.wait(nap):
                         raise Stopped()
                 else:
-                    time.sleep(nap)
+                    self._sleep(nap)
         finally:
             self._gate.release()
 

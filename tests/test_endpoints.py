@@ -150,24 +150,47 @@ def test_a_literal_key_in_the_config_is_rejected_without_repeating_it(tmp_path):
         assert "key" in str(caught.value)
 
 
+class FakeClock:
+    """A clock that only moves when the limiter sleeps: pacing is asserted exactly, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        assert len(self.sleeps) < 10_000, "the limiter keeps sleeping: it never reaches its slot"
+        # At least a microsecond, as a real clock moves: a wait of a rounding error would not move 1000.0 at all.
+        self.now += max(seconds, 1e-6)
+
+
 def test_configured_request_budget_paces_requests():
-    limiter = AdaptiveRateLimiter(requests_per_minute=1200)  # 20 per second
-    started = time.monotonic()
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(requests_per_minute=1200, clock=clock, sleep=clock.sleep)  # 20 per second
+    sent_at = []
     for _ in range(11):
         limiter.acquire()
-    assert 0.45 < time.monotonic() - started < 0.8
+        sent_at.append(clock.now)
+    assert sent_at[0] == 1000.0  # the first request goes at once
+    gaps = [later - earlier for earlier, later in zip(sent_at, sent_at[1:])]
+    assert gaps == pytest.approx([0.05] * 10)  # then one every 1/20 s, no burst and no drift
 
 
 def test_token_budget_holds_back_big_requests_and_takes_back_what_was_not_used():
-    limiter = AdaptiveRateLimiter(requests_per_minute=600000, tokens_per_minute=60000)  # 1000 tokens/s, bucket 10000
+    clock = FakeClock()
+    # 1000 tokens/s, bucket 10000; requests are not the limit here
+    limiter = AdaptiveRateLimiter(requests_per_minute=600000, tokens_per_minute=60000, clock=clock, sleep=clock.sleep)
     limiter.acquire(tokens=9800)
-    started = time.monotonic()
-    limiter.acquire(tokens=500)  # 300 short: about 0.3 s
-    assert 0.2 < time.monotonic() - started < 0.6
+    started = clock.now
+    limiter.acquire(tokens=500)  # 300 short: waits for 0.3 s of refill
+    assert clock.now - started == pytest.approx(0.3, abs=0.01)
     limiter.refund(5000)  # the answers were shorter than max_new_tokens
-    started = time.monotonic()
+    started = clock.now
     limiter.acquire(tokens=4000)
-    assert time.monotonic() - started < 0.1
+    assert clock.now - started == pytest.approx(0.0, abs=0.01)  # the refund covered it: no wait
 
 
 def test_budget_refuses_what_could_pass_the_cap():

@@ -25,6 +25,11 @@ def configure_logging(verbose: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers resets its logger to TRANSFORMERS_VERBOSITY when it is first imported, and its progress bars
+    # follow HF_HUB_DISABLE_PROGRESS_BARS: set through the environment, so that no command imports transformers
+    # (seconds on a small machine) before it needs a model.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     if not any(getattr(handler, "_azdistill", False) for handler in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -35,13 +40,10 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("azdistill").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("transformers", "mlflow", "alembic", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import transformers
-
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # imported already (a caller's, in the same process): the environment is read
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 config_argument = click.argument("config", required=False, type=click.Path(path_type=Path))

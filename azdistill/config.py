@@ -460,6 +460,20 @@ class EvaluationConfig(Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
+class RuntimeConfig(Section):
+    threads: Optional[int] = Field(
+        default=None, ge=1, le=1024,
+        description="CPU threads torch uses in every local stage (teacher, training, evaluation). Default: torch's "
+        "own, one per physical core. Pin it to compare figures across machines with other core counts, where a "
+        "CPU library may split its sums, and so round them, differently.",
+    )
+    deterministic: bool = Field(
+        default=True,
+        description="Use torch's deterministic algorithms (and a fixed cuBLAS workspace), so that a rerun on the "
+        "same lock and hardware gives the same student and figures; false allows faster non-deterministic GPU kernels.",
+    )
+
+
 class TrackingConfig(Section):
     enabled: bool = Field(default=True, description="Log to MLflow.")
     uri: Optional[str] = Field(
@@ -629,6 +643,7 @@ class DistillConfig(Section):
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Threads and determinism of torch in local stages.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     azure: Optional[AzureConfig] = Field(default=None, description="Azure ML workspace, compute and schedule (azdistill submit).")
 

@@ -58,7 +58,7 @@ def local_teacher_factory(config: DistillConfig, teacher_path: Path):
         from azdistill.models import pick_device
         from azdistill.teacher import LocalTeacher
 
-        return LocalTeacher(teacher_path, config.synthesis, pick_device())
+        return LocalTeacher(teacher_path, config.synthesis, pick_device(), config.runtime)
 
     return build
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from azdistill.config import SynthesisConfig
+from azdistill.config import RuntimeConfig, SynthesisConfig
 from azdistill.data import Message
 from azdistill.generation import Completion, GenerationSettings, generate_batch
 
@@ -22,11 +22,11 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A Hugging Face causal LM running in this process (the built-in SmolLM2 teacher or a local folder)."""
 
-    def __init__(self, path: Path, settings: SynthesisConfig, device: str = "cpu"):
-        import torch
-
+    def __init__(self, path: Path, settings: SynthesisConfig, device: str = "cpu", runtime: RuntimeConfig = RuntimeConfig()):
+        from azdistill.determinism import make_repeatable
         from azdistill.models import load_model, load_tokenizer
 
+        make_repeatable(settings.seed, runtime.threads, runtime.deterministic)
         self.path = Path(path)
         self.name = self.path.name
         self.batch_size = settings.batch_size
@@ -39,7 +39,6 @@ class LocalTeacher:
             batch_size=settings.batch_size,
             seed=settings.seed,
         )
-        torch.manual_seed(settings.seed)
 
     def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]:
         return generate_batch(self.model, self.tokenizer, conversations, self.settings)

@@ -35,7 +35,7 @@ training:
 synthesis:
   temperature: 0.5
 """
-TOP_LEVEL_KEYS = "azure, data, evaluation, name, student, synthesis, task, teacher, tracking, training, workdir"
+TOP_LEVEL_KEYS = "azure, data, evaluation, name, runtime, student, synthesis, task, teacher, tracking, training, workdir"
 TRAINING_KEYS = (
     "batch_size, batching, bf16, epochs, gradient_accumulation_steps, gradient_checkpointing, hidden_loss, "
     "hidden_weight, kd_beta, kd_loss, kd_temperature, kd_weight, learning_rate, logging_steps, lora, lr_scheduler, "

@@ -228,6 +228,24 @@ def test_training_with_each_loss_changes_the_parameters_and_lowers_the_loss(toke
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_two_runs_with_the_same_seed_train_the_same_weights_and_another_seed_does_not(tokenizer, tmp_path):
+    """Reproducible quality: data order, initialisation and kernels are fixed by the seed and runtime settings."""
+    from safetensors.torch import load_file
+
+    from azdistill.config import RuntimeConfig
+
+    student = tiny_model(tokenizer, tmp_path / "student")
+    runtime = RuntimeConfig(threads=1, deterministic=True)
+    weights = {}
+    for run, seed in (("first", 3), ("again", 3), ("other_seed", 4)):
+        settings = TrainingConfig(learning_rate=5e-3, batch_size=2, epochs=1, save_steps=100, seed=seed, batching="length_grouped")
+        train_student(conversations(8), [], student, tmp_path / run, settings, runtime=runtime)
+        weights[run] = load_file(tmp_path / run / "model" / "model.safetensors")
+    assert torch.are_deterministic_algorithms_enabled()
+    assert all(torch.equal(weights["first"][name], weights["again"][name]) for name in weights["first"])
+    assert not all(torch.equal(weights["first"][name], weights["other_seed"][name]) for name in weights["first"])
+
+
 class InterruptAtStep:
     """A tracker that interrupts training when a given step is logged, as Ctrl-C or a kill would."""
 

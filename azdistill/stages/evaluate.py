@@ -17,7 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
-from azdistill.config import DistillConfig, EvaluationConfig
+from azdistill.config import DistillConfig, EvaluationConfig, RuntimeConfig
 from azdistill.data import Message, read_records, write_json
 from azdistill.metrics import TASK_METRICS, percentile, score_predictions
 from azdistill.report import ModelResult, PromotionCheck, Report, headline_lines, write_report
@@ -60,6 +60,7 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     import psutil
 
     from azdistill.cli import configure_logging
+    from azdistill.determinism import make_repeatable
     from azdistill.generation import GenerationSettings, generate_in_batches, timed_single_answers
     from azdistill.models import count_parameters, load_model, load_tokenizer, pick_device, size_on_disk, weights_bytes
     from azdistill.progress import Progress
@@ -67,6 +68,7 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     configure_logging()
     import torch
 
+    make_repeatable(0, settings["threads"], settings["deterministic"])  # answers are greedy: the seed is for form's sake
     device = pick_device()
     before_load = psutil.Process().memory_info().rss
     tokenizer = load_tokenizer(Path(path))
@@ -124,14 +126,16 @@ def peak_resident_bytes() -> int:
     return psutil.Process().memory_info().rss  # no /proc: current resident memory is the best we have
 
 
-def _measure_in_child(path: Path, conversations: list[list[Message]], settings: EvaluationConfig, description: str) -> dict:
+def _measure_in_child(
+    path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str
+) -> dict:
     # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         future = pool.submit(
             measure_model,
             str(path),
             conversations,
-            {key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")},
+            {**{key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")}, **runtime.model_dump()},
             description,
         )
         return future.result()
@@ -206,7 +210,7 @@ def evaluate(
                     log.info("evaluate: reusing the %s's answers from the interrupted run", role)
                 continue
             log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
-            measured[role] = _measure_in_child(path, conversations, config.evaluation, role)
+            measured[role] = _measure_in_child(path, conversations, config.evaluation, config.runtime, role)
             write_json(cached, {"path": str(path), **measured[role]})
 
         teacher_answers = measured["teacher"]["answers"]

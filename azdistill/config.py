@@ -165,6 +165,17 @@ class TeacherConfig(Section):
         "Hugging Face causal LM with a chat template. Hosted kinds: the model name sent in each request "
         "(azure_openai sends teacher.deployment instead).",
     )
+    local_copy: Optional[str] = Field(
+        default=None,
+        description="Hosted kinds: a local copy of the teacher's weights ('builtin' or a Hugging Face model folder), "
+        "for what needs the teacher in-process: training.kd_weight, hidden_weight, on_policy_ratio and "
+        "student.model pruned-teacher. The endpoint still answers every prompt and the evaluation.",
+    )
+    parameters: Optional[int] = Field(
+        default=None, gt=0,
+        description="Hosted kinds: the teacher's parameter count as declared by its maker (e.g. 671000000000), shown in "
+        "the report as declared; a hosted model's size cannot be measured.",
+    )
     endpoint: Optional[str] = Field(
         default=None,
         description="Hosted kinds: the endpoint's base URL, e.g. https://<resource>.openai.azure.com (azure_openai), "
@@ -204,11 +215,50 @@ class TeacherConfig(Section):
     price_per_million_completion_tokens: Optional[float] = Field(
         default=None, ge=0.0, description="Price of 1M completion tokens, same currency."
     )
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        default="max_tokens",
+        description="Hosted kinds: the request key that carries synthesis.max_new_tokens. Reasoning models on Azure "
+        "OpenAI and OpenAI (o1, o3, o4-mini, gpt-5) refuse max_tokens and need max_completion_tokens, which also "
+        "counts their hidden reasoning tokens.",
+    )
+    reasoning_effort: Optional[Literal["minimal", "low", "medium", "high"]] = Field(
+        default=None,
+        description="Hosted reasoning models: sent as reasoning_effort (how long the model thinks before it "
+        "answers); default: not sent, the endpoint's own default.",
+    )
+    sampling_parameters: bool = Field(
+        default=True,
+        description="Hosted kinds: send synthesis.temperature, top_p, presence_penalty and frequency_penalty. "
+        "false sends none of them, for reasoning models that refuse them (o-series answer HTTP 400 "
+        "'Unsupported parameter').",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _no_literal_keys(cls, data: Any) -> Any:
         return _reject_secret_keys(data, "teacher")
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _api_version_as_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted `api_version: 2024-10-21` as a date, not as the text the endpoint expects.
+        import datetime
+
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        return value
+
+    @field_validator("max_tokens_field", "reasoning_effort", "sampling_parameters")
+    @classmethod
+    def _request_settings_need_an_endpoint(cls, value: Any, info: Any) -> Any:
+        # Runs only for keys the config sets; a local teacher would ignore them silently.
+        kind = info.data.get("kind")
+        if kind is not None and kind not in HOSTED_TEACHERS and value != cls.model_fields[info.field_name].default:
+            raise ValueError(
+                f"is only sent to hosted teachers (teacher.kind {', '.join(HOSTED_TEACHERS)}), not teacher.kind {kind}; "
+                f"remove teacher.{info.field_name}"
+            )
+        return value
 
     @field_validator("endpoint")
     @classmethod
@@ -236,7 +286,19 @@ class TeacherConfig(Section):
                 raise ValueError("teacher.kind openai-compatible needs teacher.model: the model name the server serves")
         elif self.endpoint:
             raise ValueError(f"teacher.endpoint is only used by hosted teachers, not teacher.kind {self.kind}")
+        for name in ("local_copy", "parameters"):
+            if getattr(self, name) is not None and self.kind not in HOSTED_TEACHERS:
+                raise ValueError(f"teacher.{name} is only used by hosted teachers, not teacher.kind {self.kind}")
         return self
+
+    @property
+    def label(self) -> str:
+        """The teacher as runs, tags and reports name it: the local model, or kind and model of an endpoint."""
+        if self.kind == "local":
+            return self.model
+        if self.kind == "logged":
+            return "logged"
+        return f"{self.kind}:{self.deployment if self.kind == 'azure_openai' else self.model}"
 
     @property
     def hosted(self) -> bool:
@@ -266,8 +328,9 @@ class SynthesisConfig(Section):
     )
     keep_rationale: bool = Field(
         default=False,
-        description="chain_of_thought: train on the teacher's reasoning followed by 'Answer: ...' (distilling step "
-        "by step) instead of the answer alone.",
+        description="Train on the teacher's reasoning followed by 'Answer: ...' (distilling step by step) instead of "
+        "the answer alone: the JSON 'reason' of chain_of_thought, or with prompt_strategy plain a hosted reasoning "
+        "teacher's trace (reasoning_content or a <think> block).",
     )
     density_iterations: int = Field(default=4, ge=1, le=10, description="chain_of_density: number of summaries asked for.")
     max_summary_words: int = Field(default=80, ge=5, le=2000, description="chain_of_density: longest summary, in words.")
@@ -452,6 +515,12 @@ class EvaluationConfig(Section):
     latency_samples: int = Field(
         default=16, ge=1, description="Prompts answered one at a time to measure latency per response."
     )
+    serving_price_per_hour: Optional[float] = Field(
+        default=None, ge=0.0,
+        description="Price of one hour of the machine that serves a local model (the student, the baselines, a local "
+        "teacher), same currency as the teacher's prices: gives every local row its cost per 1,000 answers from "
+        "the measured throughput. Hosted teachers are costed from their token prices.",
+    )
     reference_baseline: bool = Field(
         default=True,
         description="Where the training data has reference answers, also fine-tune the student on them and "
@@ -590,8 +659,9 @@ class AzureConfig(Section):
     )
     student_model: Optional[str] = Field(
         default=None,
-        description="Base student as an Azure ML model (azureml:name:version or azureml://registries/...). "
-        "Default: the config's student.model.",
+        description="Base student as an MLflow model of the workspace (azureml:<name>:<version>, azureml:<name>@latest) "
+        "or of a registry (azureml://registries/<registry>/models/<name>/versions/<version>), bound as an mlflow_model "
+        "input and loaded from its mounted folder. Default: the config's student.model.",
     )
     teacher_connection: Optional[str] = Field(
         default=None,
@@ -620,6 +690,19 @@ class AzureConfig(Section):
             raise PydanticCustomError(
                 "secret_literal",
                 "must be a Key Vault secret reference https://<vault>.vault.azure.net/secrets/<name>, never the key itself",
+            )
+        return value
+
+    @field_validator("student_model")
+    @classmethod
+    def _model_reference(cls, value: Optional[str]) -> Optional[str]:
+        name, version = r"[A-Za-z0-9][A-Za-z0-9_.-]*", r"[A-Za-z0-9_.-]+"
+        forms = (rf"azureml:{name}:{version}", rf"azureml:{name}@latest", rf"azureml://registries/{name}/models/{name}/versions/{version}")
+        if value is not None and not any(re.fullmatch(form, value) for form in forms):
+            raise ValueError(
+                "use a model asset: 'azureml:<name>:<version>', 'azureml:<name>@latest' or "
+                "'azureml://registries/<registry>/models/<name>/versions/<version>' "
+                "(e.g. azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1)"
             )
         return value
 
@@ -679,6 +762,62 @@ class DistillConfig(Section):
     @property
     def registered_model_name(self) -> str:
         return self.tracking.registered_model or f"{self.name}-student"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Combinations that cannot work
+
+
+def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
+    """Settings that are each valid but cannot work together, as (key path, what to do instead).
+
+    Checked when a config is loaded (so `validate` and `submit --dry-run` refuse them), before any teacher call is
+    paid for. Checks that need the model files (vocabularies) are in `models.check_model_combinations`.
+    """
+    teacher, training = config.teacher, config.training
+    problems: list[tuple[str, str]] = []
+    has_weights = teacher.kind == "local" or teacher.local_copy is not None
+    # On Azure ML azure.student_model replaces student.model (a registered model, bound as the job's input).
+    registered_student = config.azure is not None and config.azure.student_model is not None
+    if config.student.model == "pruned-teacher" and not has_weights and not registered_student:
+        problems.append((
+            "student.model",
+            f"pruned-teacher (the default) copies layers of the teacher's weights, and teacher.kind {teacher.kind} has none here: set "
+            "student.model to a local model folder (e.g. a Phi-4-mini or Llama-3.1-8B-Instruct download) or set "
+            "teacher.local_copy to a local copy of the teacher",
+        ))
+    needs = [name for name in ("kd_weight", "hidden_weight", "on_policy_ratio") if getattr(training, name) > 0]
+    if needs and not has_weights:
+        problems.append((
+            f"training.{needs[0]}",
+            f"training.{', training.'.join(needs)} need{'s' if len(needs) == 1 else ''} the teacher's logits or hidden "
+            f"states in-process, and teacher.kind {teacher.kind} has no local weights: set "
+            f"{' and '.join(f'training.{name}' for name in needs)} to 0 (training.topk_weight with "
+            "synthesis.top_logprobs distils a hosted teacher's log-probabilities) or set teacher.local_copy",
+        ))
+    if training.hidden_weight > 0 and (config.student.model != "pruned-teacher" or registered_student):
+        problems.append((
+            "training.hidden_weight",
+            "hidden-state matching pairs each student layer with the teacher layer it was copied from, which needs "
+            "student.model: pruned-teacher; set training.hidden_weight to 0 for a separate student",
+        ))
+    synthesis = config.synthesis
+    if synthesis.keep_rationale and not (
+        synthesis.prompt_strategy == "chain_of_thought" or (synthesis.prompt_strategy == "plain" and teacher.hosted)
+    ):
+        problems.append((
+            "synthesis.keep_rationale",
+            "needs a rationale to keep: prompt_strategy chain_of_thought (its 'reason' is kept), or prompt_strategy plain "
+            "with a hosted reasoning teacher (its reasoning trace is kept); or set synthesis.keep_rationale: false",
+        ))
+    if training.topk_weight > 0 and not (teacher.hosted and config.synthesis.top_logprobs > 0):
+        fix = "set synthesis.top_logprobs (e.g. 5)" if teacher.hosted else "use a hosted teacher with synthesis.top_logprobs, or training.kd_weight with a local teacher"
+        problems.append((
+            "training.topk_weight",
+            f"the top-k loss learns from the log-probabilities a hosted teacher returns with its answers: {fix}, or set "
+            "training.topk_weight to 0",
+        ))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -831,11 +970,27 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
             # A path typed on the command line is relative to where the user is, not to the config file.
             split_base = Path.cwd() if f"data.{split}" in overridden else base
             setattr(config.data, split, (split_base / value).resolve())
-    for model_field in (config.teacher, config.student):
-        if model_field.model not in ("builtin", "pruned-teacher") and not Path(model_field.model).expanduser().is_absolute():
-            candidate = (base / model_field.model).resolve()
+    # A local model folder may be given relative to the config file. A hosted teacher's model is a name the endpoint
+    # serves, never a path.
+    local_models = [(config.student, "model"), (config.teacher, "local_copy")]
+    if not config.teacher.hosted:
+        local_models.append((config.teacher, "model"))
+    for section, key in local_models:
+        value = getattr(section, key)
+        if value is not None and value not in ("builtin", "pruned-teacher") and not Path(value).expanduser().is_absolute():
+            candidate = (base / value).resolve()
             if candidate.exists():
-                model_field.model = str(candidate)
+                setattr(section, key, str(candidate))
+
+    problems = impossible_combinations(config)
+    if problems:
+        key, message = problems[0]
+        lines = _key_lines(text)
+        where = f"--set {key}" if key in overridden else next(
+            (f"{source}:{lines[path]}" for path in [tuple(key.split(".")[:depth]) for depth in range(key.count(".") + 1, 0, -1)] if path in lines),
+            source,
+        )
+        raise UserError(f"{where}: {key}: {message}")
     return config
 
 

@@ -352,6 +352,9 @@ class EndpointTeacher:
         frequency_penalty: float = 0.0,
         seed: Optional[int] = None,
         top_logprobs: int = 0,
+        max_tokens_field: str = "max_tokens",
+        reasoning_effort: Optional[str] = None,
+        sampling_parameters: bool = True,
         timeout_s: float = 120.0,
         max_concurrency: int = 32,
         max_retries: int = 8,
@@ -374,11 +377,16 @@ class EndpointTeacher:
         self.limiter = limiter or AdaptiveRateLimiter()
         self.budget = budget or Budget(None, None, None)
         self.stats = ClientStats()
-        self.body: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        if presence_penalty:
-            self.body["presence_penalty"] = presence_penalty
-        if frequency_penalty:
-            self.body["frequency_penalty"] = frequency_penalty
+        # Reasoning models (o-series) refuse max_tokens and want max_completion_tokens, which counts their thinking too.
+        self.body: dict[str, Any] = {max_tokens_field: max_new_tokens}
+        if sampling_parameters:  # o-series answer 400 'Unsupported parameter' to any of these, even at their defaults
+            self.body.update(temperature=temperature, top_p=top_p)
+            if presence_penalty:
+                self.body["presence_penalty"] = presence_penalty
+            if frequency_penalty:
+                self.body["frequency_penalty"] = frequency_penalty
+        if reasoning_effort:
+            self.body["reasoning_effort"] = reasoning_effort
         if seed is not None:
             self.body["seed"] = seed
         if kind == "azure_openai" and api_version == "v1":
@@ -474,6 +482,9 @@ class EndpointTeacher:
                 f"teacher endpoint {self.url.split('?')[0]} answered 404 ({detail[:200]}); check teacher.endpoint, "
                 f"teacher.deployment / teacher.model and teacher.api_version"
             )
+        fix = _unsupported_setting_fix(text)
+        if fix:  # the same for every record: the settings are wrong, not this record
+            raise UserError(f"teacher endpoint {self.url.split('?')[0]} refused a request setting (HTTP {status}: {detail[:300]}); {fix}")
         raise RecordRejected(_rejection_reason(status, text, detail))
 
     def _parse(self, response) -> EndpointCompletion:
@@ -486,6 +497,13 @@ class EndpointTeacher:
         content = message.get("content")
         if isinstance(content, list):  # some servers return content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        answer, thought = split_think_block(content or "")
+        # DeepSeek and vLLM's reasoning parser return the thinking as reasoning_content; newer vLLM, Ollama and
+        # OpenRouter as reasoning (vLLM sent both, alike, while it renamed the field). R1 served without a reasoning
+        # parser leaves it in the content as <think>...</think>.
+        traces = [message.get("reasoning_content"), message.get("reasoning"), thought]
+        traces = [trace.strip() for trace in traces if isinstance(trace, str) and trace.strip()]
+        reasoning = "\n\n".join(dict.fromkeys(traces)) or None
         usage = data.get("usage") or {}
         logprobs = None
         if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
@@ -498,10 +516,11 @@ class EndpointTeacher:
                 for entry in choice["logprobs"]["content"]
             ]
         return EndpointCompletion(
-            text=(content or "").strip(),
+            text=answer.strip(),
             finish_reason=choice.get("finish_reason") or "unknown",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning=reasoning,
             logprobs=logprobs,
         )
 
@@ -586,6 +605,22 @@ class EndpointTeacher:
             return list(pool.map(one, conversations))
 
 
+def split_think_block(content: str) -> tuple[str, Optional[str]]:
+    """`(answer, thinking)` of an answer that starts with a `<think>...</think>` block, else `(content, None)`.
+
+    A block never closed (the answer was cut off while thinking) is all thinking. An answer holding only the closing
+    tag is thinking up to it: R1's newer chat templates open the `<think>` in the prompt, so the model never writes it.
+    """
+    stripped = content.lstrip()
+    if stripped.startswith("<think>"):
+        thought, closed, answer = stripped[len("<think>") :].partition("</think>")
+        return (answer, thought) if closed else ("", thought)
+    if "<think>" not in content and "</think>" in content:
+        thought, _, answer = content.partition("</think>")
+        return answer, thought
+    return content, None
+
+
 def _error_detail(text: str) -> str:
     """The message of an OpenAI-style error body (`{"error": {"code", "message"}}`), else the start of the body."""
     try:
@@ -600,6 +635,26 @@ def _error_detail(text: str) -> str:
     except (ValueError, AttributeError):
         pass
     return " ".join(text.split())[:300] or "no details"
+
+
+def _unsupported_setting_fix(text: str) -> Optional[str]:
+    """How to fix a request key the model refuses (OpenAI's `unsupported_parameter` / `unsupported_value`), else None."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict) or error.get("code") not in ("unsupported_parameter", "unsupported_value"):
+        return None
+    param = str(error.get("param") or "")
+    if param == "max_tokens":
+        return "set teacher.max_tokens_field: max_completion_tokens (reasoning models need it)"
+    if param in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        return "set teacher.sampling_parameters: false (reasoning models take no sampling parameters)"
+    if param == "reasoning_effort":
+        return "remove teacher.reasoning_effort or pick a level this model supports"
+    if param in ("logprobs", "top_logprobs"):
+        return "set synthesis.top_logprobs: 0 (this model returns no log-probabilities)"
+    return "check the teacher and synthesis settings against what this model supports"
 
 
 def _rejection_reason(status: int, text: str, detail: str) -> str:
@@ -642,6 +697,9 @@ def build_endpoint_teacher(config, credential: Optional[Credential] = None, spen
         frequency_penalty=synthesis.frequency_penalty,
         seed=synthesis.seed,
         top_logprobs=synthesis.top_logprobs,
+        max_tokens_field=teacher.max_tokens_field,
+        reasoning_effort=teacher.reasoning_effort,
+        sampling_parameters=teacher.sampling_parameters,
         timeout_s=teacher.timeout_s,
         max_concurrency=teacher.max_concurrency,
         max_retries=teacher.max_retries,

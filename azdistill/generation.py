@@ -17,6 +17,9 @@ class Completion:
     finish_reason: str  # "stop" when the model ended its turn, "length" when cut at max_new_tokens
     prompt_tokens: int
     completion_tokens: int
+    # A reasoning model's thinking before `text`, when the teacher returned it apart from the answer (hosted
+    # reasoning models: `reasoning_content`, `reasoning` or a leading <think> block); None otherwise.
+    reasoning: Optional[str] = None
 
 
 @dataclass

@@ -37,20 +37,37 @@ class RunResult:
 
 @dataclass
 class Models:
-    """Where the teacher and the student's starting point live for a config."""
+    """Where the teacher's weights and the student's starting point live for a config."""
 
-    teacher: Path
+    teacher: Optional[Path]  # a local teacher, or a hosted teacher's local_copy; None: the teacher is only an endpoint
     student_init: Path
 
 
 def prepare_models(config: DistillConfig) -> Models:
-    from azdistill.models import file_lock, resolve_student, resolve_teacher
+    from azdistill.models import check_vocabularies, file_lock, resolve_student, resolve_teacher, teacher_weights
 
-    teacher = resolve_teacher(config.teacher.model)
+    weights = teacher_weights(config)
+    key = "teacher.model" if config.teacher.kind == "local" else "teacher.local_copy"
+    teacher = resolve_teacher(weights, key) if weights is not None else None
     # Under torchrun every process gets here: the first builds the pruned student, the others then reuse it.
     with file_lock(config.run_dir / ".student-init.lock"):
         student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")
+    check_vocabularies(config, teacher, student_init)
     return Models(teacher, student_init)
+
+
+def synthesis_teacher(config: DistillConfig, teacher_path: Optional[Path]):
+    """The teacher that answers the prompts, and its identity for the stage's fingerprint.
+
+    A local teacher is loaded from its folder (whose digest makes new weights behind the same name count as a
+    change); a hosted or logged one is built from the config's teacher section, which is its identity.
+    """
+    if config.teacher.kind == "local":
+        assert teacher_path is not None, "a local teacher answers from its folder"
+        return local_teacher_factory(config, teacher_path), teacher_identity(teacher_path)
+    from azdistill.teacher import hosted_teacher_factory
+
+    return hosted_teacher_factory(config), None
 
 
 def local_teacher_factory(config: DistillConfig, teacher_path: Path):
@@ -110,7 +127,7 @@ def register_student(config: DistillConfig, tracker: NullTracker, student: Path,
     version = tracker.log_student(
         student,
         {
-            "teacher": config.teacher.model,
+            "teacher": config.teacher.label,
             "data_version": config.data.version,
             "promote": str(report.promote).lower(),
             **{f"metric.{name}": f"{value:.4f}" for name, value in metrics.items()},
@@ -126,12 +143,6 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
 
-    if config.teacher.kind != "local":
-        # Fine-tuning with KD and the evaluation's teacher row load the teacher as a local model.
-        raise UserError(
-            f"`azdistill run` needs teacher.kind local (finetune and evaluate load the teacher in-process); with "
-            f"teacher.kind {config.teacher.kind} run `azdistill synthesize` (and `azdistill preflight` first)"
-        )
     for split in ("train", "validation", "test"):  # fail on bad data before loading any model
         read_records(getattr(config.data, split), config.task.type, config.data.max_records)
     tracker = tracker or make_tracker(config)
@@ -140,9 +151,8 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
         with _timed(seconds, "prepare"):
             models = prepare_models(config)
         with _timed(seconds, "synthesize"):
-            synthetic = synthesize(
-                config, local_teacher_factory(config, models.teacher), tracker, force, teacher_identity=teacher_identity(models.teacher)
-            )
+            factory, identity = synthesis_teacher(config, models.teacher)
+            synthetic = synthesize(config, factory, tracker, force, teacher_identity=identity)
         with _timed(seconds, "finetune"):
             student = finetune(config, models.student_init, models.teacher, synthetic, tracker, force) / "model"
         evaluated = {"student": student, "baseline": models.student_init}

@@ -15,9 +15,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from azdistill.errors import UserError
+
+if TYPE_CHECKING:
+    from azdistill.config import DistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +96,11 @@ def open_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~mask)
 
 
-def resolve_teacher(model: str) -> Path:
-    """The teacher's model folder for a `teacher.model` setting."""
+def resolve_teacher(model: str, key: str = "teacher.model") -> Path:
+    """The teacher's model folder for a `teacher.model` (or `teacher.local_copy`) setting."""
     if model == "builtin":
         return builtin_teacher_path()
-    return _check_model_folder(Path(model), "teacher.model")
+    return _check_model_folder(Path(model), key)
 
 
 def _check_model_folder(path: Path, key: str) -> Path:
@@ -192,11 +195,91 @@ def make_pruned_student(teacher_path: Path, keep_share: float, target: Path) -> 
     return target
 
 
-def resolve_student(model: str, teacher_path: Path, keep_share: float, target: Path) -> Path:
-    """The student's starting point: the pruned teacher (saved into `target`) or a local model folder."""
+def resolve_student(model: str, teacher_path: Optional[Path], keep_share: float, target: Path) -> Path:
+    """The student's starting point: the pruned teacher (saved into `target`), a local model folder, or an MLflow
+    model folder (azdistill's registered student, or the Azure ML registry's layout), made loadable in `target`."""
     if model == "pruned-teacher":
+        if teacher_path is None:
+            raise UserError("student.model: pruned-teacher needs the teacher's weights (teacher.kind local, or teacher.local_copy)")
         return make_pruned_student(teacher_path, keep_share, target)
-    return _check_model_folder(Path(model), "student.model")
+    return model_folder(Path(model), "student.model", target)
+
+
+# Where an MLflow transformers model keeps the weights and the tokenizer: MLflow 2.11+ and azdistill's own
+# registered student (model/, components/tokenizer/), and the older layout of the Azure ML registry (data/model/,
+# data/tokenizer/).
+MLFLOW_WEIGHTS = ("model", "data/model")
+MLFLOW_TOKENIZER = ("components/tokenizer", "data/tokenizer", "tokenizer")
+
+
+def model_folder(path: Path, key: str, target: Optional[Path] = None) -> Path:
+    """A Hugging Face model folder (config.json and tokenizer side by side) for what `path` holds.
+
+    A plain folder is returned as it is. An MLflow model folder (an `MLmodel` file) is looked into: its weights
+    folder is returned when the tokenizer sits beside them, else `target` is filled with links to both (nothing
+    is copied, so a 16 GB student costs no disk).
+    """
+    if str(path).startswith("azureml:"):
+        raise UserError(
+            f"{key}: {path} is an Azure ML model, which only a job can mount (set azure.student_model to it for "
+            "`azdistill submit`); to run here, download it (az ml model download --name <name> --version <v>) and give the folder"
+        )
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}: {path} is not a folder; give 'builtin'/'pruned-teacher' or a local model folder")
+    if (path / "config.json").is_file():
+        return _check_model_folder(path, key)
+    if not (path / "MLmodel").is_file():
+        raise UserError(
+            f"{key}: {path} has no config.json (a Hugging Face model folder) and no MLmodel (an MLflow model folder); "
+            "give a folder holding a causal LM"
+        )
+    weights = next((path / sub for sub in MLFLOW_WEIGHTS if (path / sub / "config.json").is_file()), None)
+    if weights is None:
+        raise UserError(f"{key}: {path} is an MLflow model but holds no {' or '.join(f'{sub}/config.json' for sub in MLFLOW_WEIGHTS)}")
+    if (weights / "tokenizer_config.json").is_file():
+        return weights
+    tokenizer = next((path / sub for sub in MLFLOW_TOKENIZER if (path / sub / "tokenizer_config.json").is_file()), None)
+    if tokenizer is None:
+        raise UserError(f"{key}: {path} is an MLflow model with no tokenizer ({', '.join(MLFLOW_TOKENIZER)})")
+    if target is None:
+        raise UserError(f"{key}: {path} keeps its tokenizer apart from its weights; give a folder to join them in")
+    return _linked_folder((weights, tokenizer), target)
+
+
+def _linked_folder(sources: tuple[Path, ...], target: Path) -> Path:
+    """`target` filled with symbolic links to every file of `sources` (the first source wins a name clash)."""
+    wanted = {}
+    for source in reversed(sources):
+        for file in source.iterdir():
+            if file.is_file():
+                wanted[file.name] = file.resolve()
+    current = {link.name: link.resolve() for link in target.iterdir()} if target.is_dir() else None
+    if current == wanted:
+        return target
+    staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=f".{target.name}-"))
+    for name, file in wanted.items():
+        (staging / name).symlink_to(file)
+    open_permissions(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
+
+
+def weights_folder(path: Path) -> Path:
+    """The folder holding config.json in a model folder or an MLflow model folder (nothing is written)."""
+    path = Path(path)
+    return next((path / sub for sub in ("", *MLFLOW_WEIGHTS) if (path / sub / "config.json").is_file()), path)
+
+
+def vocabulary_size(path: Path) -> Optional[int]:
+    """The embedding rows of a model folder (config.json vocab_size), without loading it."""
+    import json
+
+    config = json.loads((weights_folder(path) / "config.json").read_text())
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
 
 
 def _ensure(path: Path) -> Path:
@@ -220,3 +303,46 @@ def size_on_disk(path: Path) -> int:
         for file in Path(path).rglob("*")
         if file.is_file() and file.suffix in (".safetensors", ".bin", ".pt", ".gguf")
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which models a config needs, and whether they fit together
+
+
+def teacher_weights(config: "DistillConfig") -> Optional[str]:
+    """The `teacher.model`-style setting of the teacher's local weights, if this config has any."""
+    if config.teacher.kind == "local":
+        return config.teacher.model
+    return config.teacher.local_copy
+
+
+def check_vocabularies(config: "DistillConfig", teacher: Optional[Path], student: Path) -> None:
+    """Logit losses compare the two models' distributions token by token: their vocabularies must be the same size."""
+    training = config.training
+    needs = [name for name in ("kd_weight", "on_policy_ratio") if getattr(training, name) > 0]
+    if not needs or teacher is None:
+        return
+    teacher_size, student_size = vocabulary_size(teacher), vocabulary_size(student)
+    if teacher_size != student_size:
+        raise UserError(
+            f"training.{needs[0]}: logit distillation needs the teacher's and the student's vocabularies to match, and "
+            f"they differ: teacher {teacher_size} tokens ({teacher}), student {student_size} tokens ({student}); set "
+            f"{' and '.join(f'training.{name}' for name in needs)} to 0 or pick a student of the teacher's family "
+            "(training.topk_weight with a hosted teacher works across vocabularies)"
+        )
+
+
+def check_models(config: "DistillConfig") -> None:
+    """What `validate` checks of the model folders without building anything: they exist and fit the losses."""
+    weights = teacher_weights(config)
+    teacher = None
+    if weights is not None and weights != "builtin":
+        teacher = resolve_teacher(weights, "teacher.model" if config.teacher.kind == "local" else "teacher.local_copy")
+    if config.student.model != "pruned-teacher" and not config.student.model.startswith("azureml:"):  # a registered
+        # student (azure.student_model) is mounted by the job, which passes its folder to the steps that load it
+        student = Path(config.student.model)
+        if not (student / "MLmodel").is_file():
+            model_folder(student, "student.model")
+        if weights == "builtin" and (config.training.kd_weight > 0 or config.training.on_policy_ratio > 0):
+            teacher = resolve_teacher("builtin")
+        check_vocabularies(config, teacher, weights_folder(student))

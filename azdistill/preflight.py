@@ -55,17 +55,26 @@ def _turn_prompts_tokens(config: DistillConfig, answer_tokens: float) -> tuple[i
 
 def preflight(config: DistillConfig, teacher: EndpointTeacher, counts: Optional[dict[str, int]] = None, done: int = 0) -> PreflightReport:
     """Check the endpoint with one real call and estimate the cost of the run; see `PreflightReport`."""
+    from azdistill.prompts import check_rationale
     from azdistill.stages.synthesize import SPLITS, _start, count_records, iter_records, judge
 
     report = PreflightReport(max_cost=config.synthesis.max_cost, spent=teacher.budget.spent)
     synthesis = config.synthesis
+    check_rationale(synthesis.keep_rationale, synthesis.prompt_strategy, config.teacher.hosted)
     if counts is None:
         counts = {split: count_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
     total = sum(counts.values())
+    if config.teacher.sampling_parameters:
+        sampling = (
+            f"temperature {synthesis.temperature} (0-1), top_p {synthesis.top_p} (0-1], presence_penalty "
+            f"{synthesis.presence_penalty} (0-2), frequency_penalty {synthesis.frequency_penalty} (0-2)"
+        )
+    else:
+        sampling = "no sampling parameters (teacher.sampling_parameters false)"
+    effort = f", reasoning_effort {config.teacher.reasoning_effort}" if config.teacher.reasoning_effort else ""
     report.lines.append(
-        f"parameters: temperature {synthesis.temperature} (0-1), top_p {synthesis.top_p} (0-1], presence_penalty "
-        f"{synthesis.presence_penalty} (0-2), frequency_penalty {synthesis.frequency_penalty} (0-2), max_new_tokens "
-        f"{synthesis.max_new_tokens}, prompt_strategy {synthesis.prompt_strategy}"
+        f"parameters: {sampling}, {config.teacher.max_tokens_field} {synthesis.max_new_tokens}{effort}, "
+        f"prompt_strategy {synthesis.prompt_strategy}"
     )
     minimum = AZURE_MINIMUM_RECORDS.get(config.task.type, AZURE_MINIMUM_DEFAULT)
     size_note = "" if counts["train"] >= minimum else f" (warning: fewer than {minimum} training records; the student may learn little)"

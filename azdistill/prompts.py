@@ -1,6 +1,7 @@
 """Prompt strategies: what the teacher is asked, and how its answer becomes the student's training target.
 
-- plain: the record's own prompt; the answer is the target.
+- plain: the record's own prompt; the answer is the target. With `keep_rationale` and a hosted reasoning model,
+  the model's own reasoning trace followed by `Answer: ...` (the same distilling-step-by-step target as below).
 - chain_of_thought (nli, qa, math): the teacher explains its reasoning, then answers, as one JSON object
   `{"reason": ..., "answer_choice": ...}` (math: `{"reason": ..., "answer": <number>}`), as Azure ML's
   distillation asks. The target is the answer alone, or with `keep_rationale` the reasoning followed by
@@ -34,6 +35,17 @@ def check_strategy(strategy: str, task_type: str) -> None:
         raise UserError(
             f"synthesis.prompt_strategy {strategy} works with task types {', '.join(allowed)}, not {task_type}; "
             f"use prompt_strategy: plain"
+        )
+
+
+def check_rationale(keep_rationale: bool, strategy: str, hosted: bool) -> None:
+    """keep_rationale needs a rationale to keep: the chain-of-thought JSON's reason, or a hosted teacher's reasoning trace."""
+    if keep_rationale and not (strategy == "chain_of_thought" or (strategy == "plain" and hosted)):
+        where = "a local or logged teacher" if strategy == "plain" else f"prompt_strategy {strategy}"
+        raise UserError(
+            f"synthesis.keep_rationale needs a rationale to keep, and {where} gives none: use prompt_strategy "
+            f"chain_of_thought (its 'reason' is kept), or prompt_strategy plain with a hosted reasoning teacher (its "
+            f"reasoning trace is kept), or set synthesis.keep_rationale: false"
         )
 
 
@@ -82,10 +94,20 @@ def _json_payload(text: str) -> Any:
     raise ValueError("no JSON")
 
 
+def with_rationale(rationale: str, answer: str) -> str:
+    """The distilling-step-by-step target: the rationale, then the answer."""
+    return f"{rationale}\n\nAnswer: {answer}"
+
+
 def training_target(
-    text: str, strategy: str, task_type: str, labels: Optional[Sequence[str]], keep_rationale: bool = False, max_words: int = 80
+    text: str, strategy: str, task_type: str, labels: Optional[Sequence[str]], keep_rationale: bool = False, max_words: int = 80,
+    reasoning: Optional[str] = None,
 ) -> tuple[Optional[str], Optional[str]]:
-    """`(target, None)` for a usable answer, `(None, why)` for one that is not."""
+    """`(target, None)` for a usable answer, `(None, why)` for one that is not.
+
+    `reasoning` is a reasoning model's trace beside the answer: with plain and `keep_rationale` it is the rationale
+    (an answer without one is trained alone); chain_of_thought keeps the JSON's reason instead.
+    """
     if strategy == "chain_of_thought":
         try:
             data = _json_payload(text)
@@ -112,7 +134,7 @@ def training_target(
         if keep_rationale:
             if not reason:
                 return None, "chain-of-thought JSON has no 'reason' to keep"
-            return f"{reason}\n\nAnswer: {answer_text}", None
+            return with_rationale(reason, answer_text), None
         return answer_text, None
     if strategy == "chain_of_density":
         try:
@@ -132,4 +154,6 @@ def training_target(
         if len(last.split()) > max_words * 1.5:
             return None, f"chain-of-density summary has {len(last.split())} words (asked for at most {max_words})"
         return last, None
+    if keep_rationale and reasoning and reasoning.strip():
+        return with_rationale(reasoning.strip(), text), None
     return text, None

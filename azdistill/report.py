@@ -12,7 +12,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import matplotlib
 
@@ -77,6 +77,10 @@ class ModelResult:
     throughput_tokens_per_s: float  # generated tokens per second when answering the set in batches
     n: int  # held-out records answered
     metrics: dict[str, float] = field(default_factory=dict)
+    # Serving cost per 1,000 answers: a hosted model's token prices times its measured tokens; a local model's
+    # serving machine's hourly price times its measured answering time. None when no price was configured.
+    cost_per_1k_answers: Optional[float] = None
+    hosted: bool = False  # answered through an endpoint: size and memory cannot be measured, parameters are declared
 
 
 @dataclass
@@ -130,7 +134,7 @@ def comparison(report: Report) -> dict[str, float]:
 
     Keys: ``param_ratio``, ``latency_ratio`` (student p50 / teacher p50), ``speedup`` (its inverse),
     ``memory_ratio`` (peak), ``weights_memory_ratio``, ``quality_retained`` (student / teacher on
-    the primary metric) and ``throughput_ratio``. A key whose denominator is zero or missing is left
+    the primary metric), ``throughput_ratio`` and ``cost_ratio`` (per 1,000 answers). A key whose denominator is zero or missing is left
     out rather than reported as infinity; an empty dict if the teacher or student is absent.
     """
     teacher, student = _model(report, "teacher"), _model(report, "student")
@@ -145,6 +149,7 @@ def comparison(report: Report) -> dict[str, float]:
         "weights_memory_ratio": _ratio(student.weights_memory_mb, teacher.weights_memory_mb),
         "quality_retained": _ratio(student.metrics.get(pm), teacher.metrics.get(pm)),
         "throughput_ratio": _ratio(student.throughput_tokens_per_s, teacher.throughput_tokens_per_s),
+        "cost_ratio": _ratio(student.cost_per_1k_answers, teacher.cost_per_1k_answers),
     }
     return {k: float(v) for k, v in candidates.items() if v is not None}
 
@@ -203,6 +208,8 @@ def report_from_dict(data: dict) -> Report:
                     throughput_tokens_per_s=_float(m["throughput_tokens_per_s"]),
                     n=int(m["n"]),
                     metrics={str(k): _float(v) for k, v in (m.get("metrics") or {}).items()},
+                    cost_per_1k_answers=None if m.get("cost_per_1k_answers") is None else float(m["cost_per_1k_answers"]),
+                    hosted=bool(m.get("hosted", False)),
                 )
             )
         checks = []
@@ -289,6 +296,24 @@ def _fmt_num(value: float, decimals: int = 1) -> str:
     return f"{value:,.{decimals}f}" if _finite(value) else "n/a"
 
 
+def _fmt_cost(value: Optional[float]) -> str:
+    """A cost per 1,000 answers: cents matter for a small student, so keep three significant digits."""
+    if not _finite(value):
+        return "n/a"
+    return f"{value:,.2f}" if value >= 10 else f"{value:.3g}"
+
+
+def _fmt_hosted(model: "ModelResult", value: float) -> str:
+    """Size and memory of a model: measured, or "hosted" where only an endpoint was seen."""
+    return "hosted" if model.hosted and not _finite(value) else _fmt_num(value)
+
+
+def _fmt_parameters(model: "ModelResult") -> str:
+    if model.hosted:
+        return f"{_fmt_params_m(model.parameters)} (declared)" if model.parameters else "hosted"
+    return _fmt_params_m(model.parameters)
+
+
 def _fmt_latency(value: float) -> str:
     if not _finite(value):
         return "n/a"
@@ -352,6 +377,15 @@ def _metric_in_sentence(name: str) -> str:
     return label if label[:2].isupper() else label.lower()
 
 
+def _cost_phrase(report: Report, ratio: float) -> str:
+    teacher, student = _model(report, "teacher"), _model(report, "student")
+    assert teacher is not None and student is not None
+    figures = f"{_fmt_cost(student.cost_per_1k_answers)} vs {_fmt_cost(teacher.cost_per_1k_answers)}"
+    if ratio <= 0:
+        return f"{figures}"
+    return f"{figures}, {_times(1 / ratio)} cheaper" if ratio < 1 else f"{figures}, {_times(ratio)} dearer"
+
+
 def _headline_phrase(report: Report, comp: dict[str, float]) -> str:
     parts = []
     if "latency_ratio" in comp:
@@ -392,6 +426,7 @@ def render_markdown(report: Report) -> str:
         "Latency p50 (s)",
         "Latency p95 (s)",
         "Throughput (tok/s)",
+        "Cost / 1k answers",
     ]
     header += [metric_label(k) for k in metrics]
     rows = []
@@ -402,12 +437,13 @@ def render_markdown(report: Report) -> str:
         rows.append(
             [
                 name,
-                _fmt_params_m(m.parameters),
-                _fmt_num(m.size_on_disk_mb),
-                _fmt_num(m.peak_memory_mb),
+                _fmt_parameters(m),
+                _fmt_hosted(m, m.size_on_disk_mb),
+                _fmt_hosted(m, m.peak_memory_mb),
                 _fmt_latency(m.latency_p50_s),
                 _fmt_latency(m.latency_p95_s),
                 _fmt_num(m.throughput_tokens_per_s),
+                _fmt_cost(m.cost_per_1k_answers),
             ]
             + [_fmt_metric(m.metrics.get(k), fractions[k], k) for k in metrics]
         )
@@ -423,6 +459,16 @@ def render_markdown(report: Report) -> str:
         f"tokens per second answering in batches; peak memory is the resident memory of the process "
         f"that loaded the model; {answered}."
         + (" Agreement is how often a model's answer matches the teacher's." if "agreement" in metrics else "")
+        + (
+            " A hosted model is measured as a client sees it, through its endpoint: latency includes the network, "
+            "and its size and memory are not visible (parameters as declared)."
+            if any(m.hosted for m in report.models) else ""
+        )
+        + (
+            " Cost per 1,000 answers: token prices times measured tokens for a hosted model; the serving machine's "
+            "hourly price times the measured answering time for a local one."
+            if any(_finite(m.cost_per_1k_answers) for m in report.models) else ""
+        )
     )
     out.append("")
     out.append("![Teacher, student and baselines compared](report.png)")
@@ -446,6 +492,8 @@ def render_markdown(report: Report) -> str:
         bullets.append(f"Weights memory: {_pct(comp['weights_memory_ratio'])} of the teacher's")
     if "throughput_ratio" in comp:
         bullets.append(f"Throughput: {_times(comp['throughput_ratio'])} the teacher's tokens per second")
+    if "cost_ratio" in comp:
+        bullets.append(f"Cost per 1,000 answers: {_cost_phrase(report, comp['cost_ratio'])}")
     if "quality_retained" in comp:
         bullets.append(
             f"{metric_label(report.primary_metric)}: {_pct(comp['quality_retained'])} of the teacher's kept"
@@ -688,6 +736,8 @@ def headline_lines(report: Report) -> list[str]:
             mem.append(f"throughput {_times(comp['throughput_ratio'])} the teacher's")
         if mem:
             lines.append("; ".join(mem))
+        if "cost_ratio" in comp:
+            lines.append(f"cost per 1,000 answers: {_cost_phrase(report, comp['cost_ratio'])} (student vs teacher)")
 
     if student and _finite(student.metrics.get("agreement")):
         line = f"agreement with teacher: {student.metrics['agreement'] * 100:.1f}%"

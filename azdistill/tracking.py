@@ -44,7 +44,7 @@ def pipeline_tags(config: DistillConfig, mode: str = "local") -> dict[str, str]:
     return {
         "azdistill.pipeline": config.name,
         "azdistill.task": config.task.type,
-        "azdistill.teacher": config.teacher.model,
+        "azdistill.teacher": config.teacher.label,
         "azdistill.student": config.student.model,
         "azdistill.data_version": config.data.version,
         "azdistill.mode": mode,
@@ -53,7 +53,7 @@ def pipeline_tags(config: DistillConfig, mode: str = "local") -> dict[str, str]:
 
 def evaluation_metrics(report: Any) -> dict[str, float]:
     """What an evaluation logs: `<role>_<metric>` for each model's quality metrics and its cost figures
-    (latency p50/p95, throughput, peak memory, parameters), and `promote` (1 if every check passed)."""
+    (latency p50/p95, throughput, peak memory, parameters, cost per 1,000 answers), and `promote` (1 if every check passed)."""
     metrics: dict[str, float] = {}
     for model in report.models:
         metrics.update({f"{model.role}_{name}": value for name, value in model.metrics.items()})
@@ -64,6 +64,7 @@ def evaluation_metrics(report: Any) -> dict[str, float]:
                 f"{model.role}_throughput_tokens_per_s": model.throughput_tokens_per_s,
                 f"{model.role}_peak_memory_mb": model.peak_memory_mb,
                 f"{model.role}_parameters": model.parameters,
+                f"{model.role}_cost_per_1k_answers": model.cost_per_1k_answers,
             }
         )
     metrics["promote"] = float(report.promote)

@@ -14,7 +14,11 @@ against Azure. It answers `POST .../chat/completions` for every endpoint kind's 
   the first N times), `[[slow:N]]` (time out the first N times), `[[echo_auth]]` (400 echoing the request's
   credential back, like a careless proxy), `[[unauthorized]]` (401), `[[bad_json]]` (a 200 that is not JSON);
 - require a credential (`api_key`: accepted as `api-key` or `Authorization: Bearer`);
-- return top-k log-probabilities when asked.
+- return top-k log-probabilities when asked;
+- answer like a reasoning model (`reasoning=True`, o-series / DeepSeek-R1): refuse `max_tokens`, a temperature or
+  top_p other than 1 and the penalties with OpenAI's 400 `unsupported_parameter` / `unsupported_value`, and
+  return the thinking as `reasoning_content` beside the content; `[[think_inline]]` puts it in the content as a
+  `<think>...</think>` block instead (R1 served without a reasoning parser), `[[no_reasoning]]` leaves it out.
 
 Run it in a thread (`FakeTeacherServer(...).start()`) or as a process:
 `python tests/fake_teacher_server.py --latency 0.05 --rate-limit 40` prints `PORT <n>`.
@@ -37,6 +41,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
 MARKER = re.compile(r"\[\[(\w+)(?::(\d+))?\]\]")
+
+
+def default_reasoning(messages: list[dict]) -> str:
+    """A reasoning model's thinking before it answers: names both labels, so a check that read it would fail."""
+    return f"The user asks about {messages[-1]['content'].strip()[:100]!r}. Is it positive or negative? Let me weigh it."
 
 
 def default_answer(messages: list[dict]) -> str:
@@ -66,11 +75,14 @@ class FakeTeacherServer:
         seed: int = 0,
         keep_bodies: bool = True,
         port: int = 0,
+        reasoning: bool = False,
+        think: Callable[[list[dict]], str] = default_reasoning,
     ):
         self.latency_s, self.rate_limit, self.rate_window_s = latency_s, rate_limit, rate_window_s
         self.fault_rate, self.hang_s, self.api_key, self.answer = fault_rate, hang_s, api_key, answer
         self.random = random.Random(seed)
         self.keep_bodies = keep_bodies
+        self.reasoning, self.think = reasoning, think
         self.lock = threading.Lock()
         self.window: collections.deque = collections.deque()
         self.counts: collections.Counter = collections.Counter()  # what happened: answered, throttled, ...
@@ -125,6 +137,24 @@ class FakeTeacherServer:
                 return None
             self._fault_turn += 1
             return ("500", "503", "reset", "timeout")[self._fault_turn % 4]
+
+    def _refused_parameter(self, body: dict) -> Optional[dict]:
+        """The 400 error body an o-series model answers to a request key it does not take, or None."""
+        if not self.reasoning:
+            return None
+        for name in ("max_tokens", "presence_penalty", "frequency_penalty"):
+            if name in body:
+                hint = " Use 'max_completion_tokens' instead." if name == "max_tokens" else ""
+                return {"message": f"Unsupported parameter: '{name}' is not supported with this model.{hint}",
+                        "type": "invalid_request_error", "param": name, "code": "unsupported_parameter"}
+        for name in ("temperature", "top_p"):
+            if name in body and body[name] != 1:
+                return {"message": f"Unsupported value: '{name}' does not support {body[name]} with this model. Only the "
+                                   "default (1) value is supported.", "type": "invalid_request_error", "param": name, "code": "unsupported_value"}
+        if "reasoning_effort" in body and body["reasoning_effort"] not in ("minimal", "low", "medium", "high"):
+            return {"message": f"Invalid value: '{body['reasoning_effort']}'. Supported values are: 'minimal', 'low', 'medium', and 'high'.",
+                    "type": "invalid_request_error", "param": "reasoning_effort", "code": "invalid_value"}
+        return None
 
     def _handler(self):
         server = self
@@ -188,6 +218,12 @@ class FakeTeacherServer:
                     server.counts["unauthorized"] += 1
                     self._send(401, {"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}})
                     return
+                refused = server._refused_parameter(body)
+                if refused is not None:
+                    with server.lock:
+                        server.counts["refused_parameter"] += 1
+                    self._send(400, {"error": refused})
+                    return
                 wait = server._throttle()
                 if wait is not None:
                     with server.lock:
@@ -239,7 +275,13 @@ class FakeTeacherServer:
                 if "filtered_output" in markers:
                     text, finish = "", "content_filter"
                 words = text.split()
-                choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                message: dict = {"role": "assistant", "content": text}
+                thought = server.think(messages) if server.reasoning and "no_reasoning" not in markers else ""
+                if thought and "think_inline" in markers:
+                    message["content"] = f"<think>\n{thought}\n</think>\n\n{text}"
+                elif thought:
+                    message["reasoning_content"] = thought
+                choice: dict = {"index": 0, "message": message, "finish_reason": finish}
                 if body.get("logprobs"):
                     k = int(body.get("top_logprobs") or 0)
                     choice["logprobs"] = {"content": [
@@ -248,6 +290,9 @@ class FakeTeacherServer:
                         for i, word in enumerate(words)
                     ]}
                 usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4 + 1, "completion_tokens": len(words)}
+                if server.reasoning:  # reasoning tokens are billed as completion tokens, and counted apart
+                    usage["completion_tokens"] += len(thought.split())
+                    usage["completion_tokens_details"] = {"reasoning_tokens": len(thought.split())}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server.lock:
                     server.counts["answered"] += 1
@@ -267,12 +312,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--hang", type=float, default=1.0)
     parser.add_argument("--api-key-env", default=None, help="Require the key held in this environment variable.")
+    parser.add_argument("--reasoning", action="store_true", help="Answer like a reasoning model (o-series, DeepSeek-R1).")
     args = parser.parse_args(argv)
     import os
 
     server = FakeTeacherServer(
         latency_s=args.latency, rate_limit=args.rate_limit, fault_rate=args.fault_rate, hang_s=args.hang,
         api_key=os.environ[args.api_key_env] if args.api_key_env else None, keep_bodies=False, port=args.port,
+        reasoning=args.reasoning,
     )
     print(f"PORT {server.port}", flush=True)
     try:

@@ -138,10 +138,14 @@ def test_submit_sends_the_pipeline_with_compute_bindings_and_distribution(wire, 
     assert job["outputs"]["student"]["jobOutputType"] == "mlflow_model"
     assert steps["finetune"]["outputs"]["mlflow_model"]["value"] == "${{parent.outputs.student}}"
 
-    # steps run as the managed identity, with the teacher key's reference (a connection name), not the key
-    for step in steps.values():
+    # steps run as the managed identity; only those calling the teacher get the key's reference (a connection
+    # name) and the variable to put the key in, never the key
+    for name, step in steps.items():
         assert step["identity"] == {"client_id": "33333333-3333-3333-3333-333333333333", "identity_type": "Managed"}
-        assert step["environment_variables"]["AZDISTILL_TEACHER_CONNECTION"] == "teacher-endpoint"
+        expected = {"AZURE_CLIENT_ID": "33333333-3333-3333-3333-333333333333"}
+        if name in ("synthesize", "evaluate"):
+            expected.update(AZDISTILL_TEACHER_CONNECTION="teacher-endpoint", AZDISTILL_TEACHER_KEY_ENV="AZDISTILL_TEACHER_KEY")
+        assert step["environment_variables"] == expected, name
     assert TEACHER_KEY not in wire.all_text()
 
 
@@ -212,8 +216,10 @@ def test_sharded_synthesis_runs_as_a_parallel_job_over_the_shard_manifests(wire,
     pipeline_inputs = job_payload(wire)["inputs"]
     assert pipeline_inputs["train_asset"] == {"jobInputType": "literal", "value": "azureml:sentiment-train@latest"}
     assert not wire.sent("GET", r"/data/"), "retrain must not pin the data version at submission"
-    for step in steps.values():
-        assert step["environment_variables"]["AZDISTILL_TEACHER_KEY_SECRET"] == "https://kv-distill.vault.azure.net/secrets/teacher-key"
+    for name, step in steps.items():
+        secret = step.get("environment_variables", {}).get("AZDISTILL_TEACHER_KEY_SECRET")
+        expected = "https://kv-distill.vault.azure.net/secrets/teacher-key" if name in ("synthesize_shards", "evaluate") else None
+        assert secret == expected, name
     assert TEACHER_KEY not in wire.all_text()
 
 

@@ -58,6 +58,8 @@ def hosted_config(tmp_path: Path, url: str, train: list, validation: list, task=
             "data": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")},
             "teacher": {"kind": "openai-compatible", "endpoint": f"{url}/v1", "model": "big-teacher", "auth": {"method": "none"}, **FAST, **(teacher or {})},
             "synthesis": {"min_success_ratio": 0.0, "temperature": 0.0, **synthesis},
+            # A hosted teacher has no layers to prune: its student is a model of its own (never loaded here).
+            "student": {"model": str(tmp_path / "student")},
             "tracking": {"enabled": False},
         }
     )
@@ -512,3 +514,110 @@ def test_prompt_strategies_parse_what_they_ask_for():
     assert "4 summaries" in teacher_system_prompt("Summarise.", "chain_of_density", "summarization", None)
     with pytest.raises(UserError, match="works with task types summarization, not qa"):
         check_strategy("chain_of_density", "qa")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reasoning-model teachers (o-series, DeepSeek-R1)
+
+
+def test_request_body_sends_exactly_the_configured_keys(tmp_path):
+    from azdistill.endpoints import build_endpoint_teacher
+
+    usual = hosted_config(tmp_path, "http://127.0.0.1:9", [single("good")], [single("bad")], presence_penalty=0.5)
+    assert set(build_endpoint_teacher(usual).body) == {"max_tokens", "temperature", "top_p", "presence_penalty", "seed", "model"}
+
+    reasoning = hosted_config(
+        tmp_path, "http://127.0.0.1:9", [single("good")], [single("bad")], presence_penalty=0.5, max_new_tokens=2000,
+        teacher={"max_tokens_field": "max_completion_tokens", "reasoning_effort": "high", "sampling_parameters": False},
+    )
+    assert build_endpoint_teacher(reasoning).body == {"max_completion_tokens": 2000, "reasoning_effort": "high", "seed": 0, "model": "big-teacher"}
+
+
+def test_a_reasoning_model_refuses_the_usual_body_with_the_setting_to_change():
+    with FakeTeacherServer(reasoning=True) as server:
+        with pytest.raises(UserError, match=r"Unsupported parameter: 'max_tokens'.*set teacher.max_tokens_field: max_completion_tokens"):
+            client(server).complete(single("good"))
+        with pytest.raises(UserError, match=r"Unsupported value: 'temperature'.*set teacher.sampling_parameters: false"):
+            client(server, max_tokens_field="max_completion_tokens").complete(single("good"))
+        assert server.counts["refused_parameter"] == 2  # each stopped at once, not retried or tried on other records
+
+        teacher = client(server, max_tokens_field="max_completion_tokens", sampling_parameters=False, reasoning_effort="low")
+        completion = teacher.complete(single("good film"))
+        assert set(server.bodies[-1]) == {"messages", "max_completion_tokens", "reasoning_effort", "model"}
+        assert completion.text == "positive" and completion.reasoning.startswith("The user asks about 'Review: good film'")
+        assert completion.completion_tokens > 1  # the thinking is billed as completion tokens
+
+
+class _Answer:
+    """A stand-in for an HTTP response holding one chat completion."""
+
+    def __init__(self, message: dict):
+        self.message = message
+
+    def json(self) -> dict:
+        return {"choices": [{"message": {"role": "assistant", **self.message}, "finish_reason": "stop"}], "usage": {}}
+
+
+@pytest.mark.parametrize(
+    "message, text, reasoning",
+    [
+        ({"content": "positive"}, "positive", None),
+        ({"content": "positive", "reasoning_content": " It says good. "}, "positive", "It says good."),  # DeepSeek, vLLM
+        ({"content": "positive", "reasoning": "It says good."}, "positive", "It says good."),  # newer vLLM, Ollama
+        ({"content": "positive", "reasoning_content": "Same.", "reasoning": "Same."}, "positive", "Same."),  # vLLM while renaming
+        ({"content": "\n<think>\nIt says good.\n</think>\n\npositive"}, "positive", "It says good."),  # R1 without a reasoning parser
+        ({"content": "It says good.\n</think>\n\npositive"}, "positive", "It says good."),  # <think> opened in the prompt
+        ({"content": "<think>\nIt says good, so"}, "", "It says good, so"),  # cut off while thinking
+        ({"content": None, "reasoning_content": "Hmm."}, "", "Hmm."),
+        ({"content": "I <think> it is positive"}, "I <think> it is positive", None),  # not a leading block
+    ],
+)
+def test_the_reasoning_trace_is_parsed_apart_from_the_answer(message, text, reasoning):
+    teacher = EndpointTeacher("openai-compatible", "http://127.0.0.1:9/v1", Credential("none"), model="r1")
+    completion = teacher._parse(_Answer(message))
+    assert (completion.text, completion.reasoning) == (text, reasoning)
+
+
+def _reasoning_yaml(tmp_path: Path, teacher: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(
+        """
+        name: t
+        task: {type: qa}
+        data: {train: a.jsonl, validation: a.jsonl, test: a.jsonl}
+        student: {model: student-folder}
+        teacher:
+        """
+    ) + textwrap.indent(textwrap.dedent(teacher), "  "))
+    return path
+
+
+def test_an_unquoted_api_version_read_by_yaml_as_a_date_is_taken_as_text(tmp_path):
+    from azdistill.config import load_config
+
+    config = load_config(_reasoning_yaml(tmp_path, """\
+        kind: azure_openai
+        endpoint: https://r.openai.azure.com
+        deployment: o3-mini
+        api_version: 2024-10-21
+        max_tokens_field: max_completion_tokens
+        reasoning_effort: medium
+        sampling_parameters: false
+        """))
+    assert config.teacher.api_version == "2024-10-21"
+    assert (config.teacher.max_tokens_field, config.teacher.reasoning_effort, config.teacher.sampling_parameters) == ("max_completion_tokens", "medium", False)
+
+
+def test_reasoning_settings_on_a_local_teacher_are_refused_naming_the_key(tmp_path):
+    from azdistill.config import load_config
+
+    with pytest.raises(UserError) as caught:
+        load_config(_reasoning_yaml(tmp_path, "kind: local\nreasoning_effort: high\n"))
+    assert str(caught.value) == (
+        f"{tmp_path / 'c.yaml'}:8: teacher.reasoning_effort: is only sent to hosted teachers (teacher.kind openai-compatible, "
+        "azure_openai, serverless, online_endpoint), not teacher.kind local; remove teacher.reasoning_effort (given: 'high')"
+    )
+    with pytest.raises(UserError, match=r"c.yaml:7: teacher.sampling_parameters: is only sent to hosted teachers"):
+        load_config(_reasoning_yaml(tmp_path, "sampling_parameters: false\n"))
+    with pytest.raises(UserError, match=r"teacher.reasoning_effort: Input should be 'minimal', 'low', 'medium' or 'high'"):
+        load_config(_reasoning_yaml(tmp_path, "kind: openai-compatible\nendpoint: http://h/v1\nmodel: r1\nreasoning_effort: max\n"))

@@ -167,11 +167,11 @@ def test_markdown_table(report):
     rows = _table_rows(md)
     assert len(rows) == 4  # one row per model
     teacher, student, baseline, ref = rows
-    assert teacher[:7] == ["Big (teacher)", "200.0", "400.0", "2,000.0", "0.800", "1.200", "100.0"]
-    assert teacher[7:] == ["90.0%", "n/a", "99.0%"]  # the teacher has no agreement
+    assert teacher[:8] == ["Big (teacher)", "200.0", "400.0", "2,000.0", "0.800", "1.200", "100.0", "n/a"]  # no price: no cost
+    assert teacher[8:] == ["90.0%", "n/a", "99.0%"]  # the teacher has no agreement
     assert "Small (student)" in student[0]
-    assert student[1] == "50.0" and student[7:] == ["81.0%", "90.0%", "97.0%"]
-    assert baseline[7:] == ["50.0%", "12.5%", "n/a"]
+    assert student[1] == "50.0" and student[8:] == ["81.0%", "90.0%", "97.0%"]
+    assert baseline[8:] == ["50.0%", "12.5%", "n/a"]
     assert ref[0] == r"Small SFT \| labels (reference)"  # '|' escaped inside a cell
 
 

@@ -175,3 +175,84 @@ def test_too_few_usable_answers_fail_the_stage_with_the_main_reason(tmp_path):
     with pytest.raises(StageFailed, match=r"only 2 of 6 teacher answers passed the checks \(33% < synthesis.min_success_ratio 70%.*empty answer \(4x\)"):
         synthesize(config, lambda: ScriptedTeacher(sentiment_reply))
     assert (config.stage_dir("synthesize") / "rejected.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A hosted reasoning model (o-series, DeepSeek-R1) on loopback: its trace is kept
+
+
+def reasoning_config(tmp_path: Path, url: str, train: list, validation: list, task=NLI, **synthesis) -> DistillConfig:
+    config = make_config(tmp_path, task, train, validation, **synthesis)
+    teacher = {"kind": "openai-compatible", "endpoint": f"{url}/v1", "model": "r1", "auth": {"method": "none"},
+               "backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0, "max_concurrency": 2,
+               "max_tokens_field": "max_completion_tokens", "sampling_parameters": False}
+    return DistillConfig.model_validate({**config.model_dump(), "teacher": teacher})
+
+
+def test_a_reasoning_teachers_trace_is_the_rationale_with_keep_rationale_and_kept_in_the_journal_otherwise(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fake_teacher_server import FakeTeacherServer, default_reasoning
+
+    from azdistill.teacher import hosted_teacher_factory
+
+    train = [single(text) for text in ["good 1", "bad [[think_inline]] 2", "good [[no_reasoning]] 3", "good [[length]] 4"]]
+    with FakeTeacherServer(reasoning=True) as server:
+        config = reasoning_config(tmp_path, server.url, train, [single("bad v")], keep_rationale=True)
+        out = synthesize(config, hosted_teacher_factory(config))
+        assert set(server.bodies[0]) == {"messages", "max_completion_tokens", "seed", "model"}  # what an o-series model takes
+
+        targets = [row["messages"][-1]["content"] for row in read(out / "train.jsonl")]
+        trace = default_reasoning(single("good 1"))
+        # The trace names both labels; the label check reads the answer after it, so the answer is accepted.
+        assert targets == [
+            f"{trace}\n\nAnswer: positive",
+            f"{default_reasoning(single('bad [[think_inline]] 2'))}\n\nAnswer: negative",  # from a <think> block
+            "positive",  # no trace: trained on the answer alone, and counted
+        ]
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["splits"]["train"]["trained_without_rationale"] == 1 and stats["splits"]["validation"]["trained_without_rationale"] == 0
+        (rejected,) = read(out / "rejected.jsonl")
+        assert rejected["reason"].startswith("answer cut off") and rejected["reasoning"] == default_reasoning(single("good [[length]] 4"))
+
+        plain = reasoning_config(tmp_path, server.url, train, [single("bad v")])
+        out = synthesize(plain, hosted_teacher_factory(plain), force=True)
+        assert [row["messages"][-1]["content"] for row in read(out / "train.jsonl")] == ["positive", "negative", "positive"]
+        journal = {row["index"]: row for row in read(out / "train.journal.jsonl")}
+        assert journal[0]["reasoning"] == [trace] and "reasoning" not in journal[2]
+        assert journal[3]["status"] == "rejected" and journal[3]["reasoning"].startswith("The user asks about")
+        assert "trained_without_rationale" not in json.loads((out / "stats.json").read_text())["splits"]["train"]
+
+
+def test_a_conversation_with_a_reasoning_teacher_shows_it_its_answers_not_its_rationale(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fake_teacher_server import FakeTeacherServer, default_reasoning
+
+    from azdistill.teacher import hosted_teacher_factory
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "human 1"}, {"role": "user", "content": "How are you?"}]
+    with FakeTeacherServer(reasoning=True) as server:
+        config = reasoning_config(tmp_path, server.url, [conversation], [conversation[:2]], task={"type": "conversation"}, keep_rationale=True)
+        out = synthesize(config, hosted_teacher_factory(config))
+        (second,) = [body for body in server.bodies if body["messages"][-1]["content"] == "How are you?"]
+        assert second["messages"][2] == {"role": "assistant", "content": "Answer to: Hi"}
+        (row,) = read(out / "train.jsonl")
+        history = conversation[:2] + [{"role": "assistant", "content": "Answer to: Hi"}]
+        assert row["messages"][2]["content"] == f"{default_reasoning(conversation[:2])}\n\nAnswer: Answer to: Hi"
+        assert row["messages"][4]["content"] == f"{default_reasoning(history + [conversation[3]])}\n\nAnswer: Answer to: How are you?"
+
+
+@pytest.mark.parametrize("strategy, kind", [("plain", "local"), ("chain_of_density", "openai-compatible")])
+def test_keep_rationale_without_a_rationale_to_keep_is_refused(tmp_path, strategy, kind):
+    from azdistill.errors import UserError
+
+    task = {"type": "summarization"} if strategy == "chain_of_density" else NLI
+    config = make_config(tmp_path, task, [single("good")], [single("bad")], keep_rationale=True, prompt_strategy=strategy)
+    if kind != "local":
+        config = DistillConfig.model_validate({**config.model_dump(), "teacher": {"kind": kind, "endpoint": "http://127.0.0.1:9/v1", "model": "m", "auth": {"method": "none"}}})
+    with pytest.raises(UserError, match="synthesis.keep_rationale needs a rationale to keep.*set synthesis.keep_rationale: false"):
+        synthesize(config, lambda: pytest.fail("no teacher may be built"))

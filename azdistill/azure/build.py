@@ -27,8 +27,19 @@ SPLITS = ("train", "validation", "test")
 # Environment variables a job step reads the teacher key's reference from (never the key itself).
 TEACHER_CONNECTION_ENV = "AZDISTILL_TEACHER_CONNECTION"
 TEACHER_KEY_SECRET_ENV = "AZDISTILL_TEACHER_KEY_SECRET"
-# The stage process gets the key in this variable, from `azdistill job with-teacher-key`.
+# `azdistill job with-teacher-key` hands the key to the stage process in the variable the config names
+# (teacher.auth.api_key_env); the pipeline passes that NAME (never the key) in TEACHER_KEY_NAME_ENV. Default name:
 TEACHER_KEY_ENV = "AZDISTILL_TEACHER_KEY"
+TEACHER_KEY_NAME_ENV = "AZDISTILL_TEACHER_KEY_ENV"
+# Processes per node of the sharded synthesis job: each works through one shard at a time.
+SHARD_PROCESSES_PER_INSTANCE = 1
+# Each shard's share of the teacher's limits and budget: the synthesize_shards input -> the config key it sets.
+SHARD_LIMITS = {
+    "shard_requests_per_minute": "teacher.requests_per_minute",
+    "shard_tokens_per_minute": "teacher.tokens_per_minute",
+    "shard_max_concurrency": "teacher.max_concurrency",
+    "shard_max_cost": "synthesis.max_cost",
+}
 
 
 @dataclass
@@ -154,25 +165,67 @@ def place(node: Any, target: ComputeTarget, distributed: bool = False) -> None:
         node.distribution = PyTorchDistribution(process_count_per_instance=target.processes_per_instance)
 
 
-def job_environment(azure: AzureConfig) -> dict[str, str]:
-    """Environment variables every step gets: which identity to authenticate as, and where the teacher key
-    lives (a connection name or a Key Vault secret URI: references, never the key)."""
+def job_environment(azure: AzureConfig, teacher_key_env: Optional[str] = None) -> dict[str, str]:
+    """Environment variables of a step: which identity to authenticate as and, for a step that calls the teacher
+    (`teacher_key_env` given: the variable the teacher reads its key from, teacher.auth.api_key_env), where the
+    key lives (a connection name or a Key Vault secret URI) and that variable's name: references, never the key.
+    Steps that do not call the teacher get no reference, so they cannot read the key."""
     variables = {}
     if azure.identity_client_id:
         variables["AZURE_CLIENT_ID"] = azure.identity_client_id
-    if azure.teacher_connection:
-        variables[TEACHER_CONNECTION_ENV] = azure.teacher_connection
-    if azure.teacher_key_secret:
-        variables[TEACHER_KEY_SECRET_ENV] = azure.teacher_key_secret
+    if teacher_key_env is not None and (azure.teacher_connection or azure.teacher_key_secret):
+        if azure.teacher_connection:
+            variables[TEACHER_CONNECTION_ENV] = azure.teacher_connection
+        if azure.teacher_key_secret:
+            variables[TEACHER_KEY_SECRET_ENV] = azure.teacher_key_secret
+        variables[TEACHER_KEY_NAME_ENV] = teacher_key_env
     return variables
 
 
-def identify(node: Any, azure: AzureConfig) -> None:
-    """Run the step as the compute's managed identity, with the job environment above."""
+def identify(node: Any, azure: AzureConfig, teacher_key_env: Optional[str] = None) -> None:
+    """Run the step as the compute's managed identity, with the job environment above (`teacher_key_env` only
+    for the steps that call the teacher)."""
     from azure.ai.ml.entities import ManagedIdentityConfiguration
 
     node.identity = ManagedIdentityConfiguration(client_id=azure.identity_client_id) if azure.identity_client_id else ManagedIdentityConfiguration()
-    node.environment_variables = {**(node.environment_variables or {}), **job_environment(azure)}
+    node.environment_variables = {**(node.environment_variables or {}), **job_environment(azure, teacher_key_env)}
+
+
+def check_teacher_key_reference(config: DistillConfig) -> None:
+    """Refuse, before anything is written or sent, a hosted teacher whose key an Azure ML job could not get.
+
+    With teacher.auth.method api_key_env the stage reads the key from an environment variable, which a job has
+    only when `azdistill job with-teacher-key` fills it from a workspace connection or a Key Vault secret.
+    """
+    teacher, azure = config.teacher, azure_settings(config)
+    if teacher.hosted and teacher.auth.method == "api_key_env" and not (azure.teacher_connection or azure.teacher_key_secret):
+        raise UserError(
+            f"teacher.kind {teacher.kind} reads its key from ${teacher.auth.api_key_env} (teacher.auth.api_key_env), "
+            "which an Azure ML job does not have: set azure.teacher_connection (a workspace connection holding the key) "
+            "or azure.teacher_key_secret (https://<vault>.vault.azure.net/secrets/<name>), or set teacher.auth.method "
+            "to workspace_connection, key_vault or entra"
+        )
+
+
+def shard_shares(config: DistillConfig) -> dict[str, Any]:
+    """Each synthesis shard's share of the teacher's limits and budget: the synthesize_shards inputs (SHARD_LIMITS).
+
+    Every shard runs its own client, and C = min(shards, nodes x processes per node) of them run at once against
+    the one endpoint: each gets 1/C of its requests and tokens per minute and of its concurrency. The shards are
+    equal contiguous slices, so each gets 1/N of synthesis.max_cost (fewer, larger shards, when the data is too
+    small for N, spend less in all). Only the limits the config sets are passed.
+    """
+    azure, teacher = azure_settings(config), config.teacher
+    shards = azure.synthesis_shards
+    concurrent = min(shards, stage_target(azure, "synthesize").instance_count * SHARD_PROCESSES_PER_INSTANCE)
+    shares: dict[str, Any] = {"shard_max_concurrency": max(1, -(-teacher.max_concurrency // concurrent))}
+    if teacher.requests_per_minute is not None:
+        shares["shard_requests_per_minute"] = max(1, teacher.requests_per_minute // concurrent)
+    if teacher.tokens_per_minute is not None:
+        shares["shard_tokens_per_minute"] = max(1, teacher.tokens_per_minute // concurrent)
+    if config.synthesis.max_cost is not None:
+        shares["shard_max_cost"] = config.synthesis.max_cost / shards
+    return shares
 
 
 def azure_settings(config: DistillConfig) -> AzureConfig:
@@ -202,12 +255,17 @@ def write_job_config(config: DistillConfig, folder: Path) -> Path:
     """Write the config every step reads: the resolved config (overrides applied) without the azure section,
     with the data paths left to the steps (they pass their mounted inputs) and MLflow pointed at the job's run."""
     azure = azure_settings(config)
-    for role, model in (("teacher", config.teacher.model), ("student", config.student.model)):
+    # A hosted teacher's model is the name sent to its endpoint (a server may name it like a path), not a folder.
+    local_folders = [("student.model", config.student.model, "set azure.student_model to a model asset")]
+    if not config.teacher.hosted:
+        local_folders.append(("teacher.model", config.teacher.model, "use a hosted teacher"))
+    if config.teacher.local_copy is not None:
+        local_folders.append(("teacher.local_copy", config.teacher.local_copy, "use teacher.local_copy: builtin, or a folder inside the job's environment"))
+    for key, model, hint in local_folders:
         if model not in ("builtin", "pruned-teacher") and Path(model).exists():
-            if role == "student" and azure.student_model:
+            if key == "student.model" and azure.student_model:
                 continue
-            hint = "set azure.student_model to a model asset" if role == "student" else "use a hosted teacher"
-            raise UserError(f"{role}.model is a local folder ({model}) that an Azure ML job cannot read: {hint}")
+            raise UserError(f"{key} is a local folder ({model}) that an Azure ML job cannot read: {hint}")
     data = config.model_dump(mode="json", exclude={"azure", "workdir"})
     data["data"].update({split: f"{split}.jsonl" for split in SPLITS})
     # Inside a job MLflow logs to the job's own run (azureml-mlflow reads MLFLOW_TRACKING_URI, which Azure ML
@@ -215,7 +273,9 @@ def write_job_config(config: DistillConfig, folder: Path) -> Path:
     data["tracking"].update({"uri": None, "experiment": experiment_name(config)})
     data["evaluation"]["reference_baseline"] = wants_reference_node(config)
     if azure.student_model:
-        data["student"]["model"] = "pruned-teacher"  # replaced by the student_model input in the job
+        # Replaced by the mounted student_model input in the steps that load the student (finetune, evaluate);
+        # the reference itself, not pruned-teacher, so that a hosted teacher without local weights still validates.
+        data["student"]["model"] = azure.student_model
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "job-config.yaml"
     header = (
@@ -254,10 +314,12 @@ def data_inputs(config: DistillConfig, resolve_when_running: bool) -> dict[str, 
 
 
 def student_model_input(config: DistillConfig) -> Optional[Any]:
+    """The base student from the workspace or an Azure ML registry (azure.student_model) as an mlflow_model input,
+    as Azure ML's own distillation binds it; the job mounts it as a folder and passes it as student.model."""
     from azure.ai.ml import Input
 
     reference = azure_settings(config).student_model
-    return Input(type="custom_model", path=reference) if reference else None
+    return Input(type="mlflow_model", path=reference) if reference else None
 
 
 def load_pipeline_module(name: str) -> ModuleType:
@@ -274,6 +336,7 @@ def load_pipeline_module(name: str) -> ModuleType:
 
 def build_pipeline(config: DistillConfig, name: str, folder: Path):
     """Build (not submit) the pipeline job `name` for `config`; the job config is written into `folder`."""
+    check_teacher_key_reference(config)
     job_config = write_job_config(config, folder)
     return load_pipeline_module(name).build(config, job_config, stage_code(folder))
 
@@ -288,13 +351,17 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
     data = validate.outputs.data
     # Bind the base student only when there is one: a binding to an absent pipeline input fails on the service.
     student_model = student_model if azure.student_model else None
+    # Only the steps that call the teacher (synthesis and evaluation) get the key's reference.
+    teacher_key_env = config.teacher.auth.api_key_env
     synthesis_target = stage_target(azure, "synthesize")
     if azure.synthesis_shards > 1:
-        shards = components.synthesize_shards(shard_manifests=validate.outputs.shard_manifests, config=config_file, data=data)
+        shards = components.synthesize_shards(
+            shard_manifests=validate.outputs.shard_manifests, config=config_file, data=data, **shard_shares(config)
+        )
         shards.name = "synthesize_shards"
         place(shards, synthesis_target)
-        shards.max_concurrency_per_instance = 1
-        identify(shards, azure)
+        shards.max_concurrency_per_instance = SHARD_PROCESSES_PER_INSTANCE
+        identify(shards, azure, teacher_key_env)
         merge = components.merge_shards(shards=shards.outputs.shards, config=config_file)
         merge.name = "merge_shards"
         place(merge, azure.compute.cpu.model_copy(update={"instance_count": 1}))
@@ -304,7 +371,7 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
         synthesize = components.synthesize(config=config_file, data=data)
         synthesize.name = "synthesize"
         place(synthesize, synthesis_target.model_copy(update={"instance_count": 1}))
-        identify(synthesize, azure)
+        identify(synthesize, azure, teacher_key_env)
         synthetic = synthesize.outputs.synthetic
 
     finetune_target = stage_target(azure, "finetune")
@@ -323,7 +390,7 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
     evaluate = components.evaluate(config=config_file, data=data, student=finetune.outputs.model, reference=reference, student_model=student_model)
     evaluate.name = "evaluate"
     place(evaluate, stage_target(azure, "evaluate").model_copy(update={"instance_count": 1}))
-    identify(evaluate, azure)
+    identify(evaluate, azure, teacher_key_env)
 
     register = components.register(
         mlflow_model=finetune.outputs.mlflow_model,

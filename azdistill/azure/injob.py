@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from azdistill.azure.build import SPLITS, TEACHER_CONNECTION_ENV, TEACHER_KEY_ENV, TEACHER_KEY_SECRET_ENV
+from azdistill.azure.build import (
+    SHARD_LIMITS,
+    SPLITS,
+    TEACHER_CONNECTION_ENV,
+    TEACHER_KEY_ENV,
+    TEACHER_KEY_NAME_ENV,
+    TEACHER_KEY_SECRET_ENV,
+)
 from azdistill.azure.workspace import make_credential, ml_client, resolve_workspace
 from azdistill.data import write_json
 from azdistill.errors import StageFailed, UserError
@@ -126,18 +133,33 @@ def shard(data_dir: Path, shards: int, manifests: Path) -> int:
     return count
 
 
-def synthesize_shard(manifest_path: Path, config: str, data: str, output: str) -> str:
-    """Answer one shard with the same `azdistill synthesize` command as local mode (parallel job entry)."""
-    manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
-    shard_output = Path(output) / f"shard-{int(manifest['shard']):05d}"
+def shard_command(manifest: dict, config: str, data: str, output: str, shares: Optional[dict[str, Any]] = None) -> list[str]:
+    """The command answering one shard: `azdistill synthesize` as in local mode, under `with-teacher-key`, with
+    the shard's share of the teacher's limits and budget (`shares`: synthesize_shards inputs, see SHARD_LIMITS;
+    None values are left to the config) as --set overrides."""
     azdistill = [sys.executable, "-m", "azdistill"]
-    command = azdistill + ["job", "with-teacher-key", "--"] + azdistill + [
+    limits = []
+    for name, value in (shares or {}).items():
+        if name not in SHARD_LIMITS:
+            raise UserError(f"unknown shard limit '{name}': expected one of {', '.join(SHARD_LIMITS)}")
+        if value is not None:
+            limits += ["--set", f"{SHARD_LIMITS[name]}={value}"]
+    return azdistill + ["job", "with-teacher-key", "--"] + azdistill + [
         "synthesize", config,
         "--set", f"data.train={Path(data) / manifest['train']}",
         "--set", f"data.validation={Path(data) / manifest['validation']}",
         "--set", f"data.test={Path(data) / 'test.jsonl'}",
-        "--output-dir", str(shard_output),
+        *limits,
+        "--output-dir", str(Path(output) / f"shard-{int(manifest['shard']):05d}"),
     ]  # fmt: skip
+
+
+def synthesize_shard(manifest_path: Path, config: str, data: str, output: str, shares: Optional[dict[str, Any]] = None) -> str:
+    """Answer one shard with the same `azdistill synthesize` command as local mode (parallel job entry), within
+    the shard's share of the teacher's limits (see `shard_command`)."""
+    manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    shard_output = Path(output) / f"shard-{int(manifest['shard']):05d}"
+    command = shard_command(manifest, config, data, output, shares)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"shard {manifest['shard']} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -242,17 +264,29 @@ def read_key_vault_secret(credential: Any, secret_uri: str) -> str:
     return response.json()["value"]
 
 
+def teacher_key_variable() -> str:
+    """The variable the stage reads the teacher key from: the name the pipeline passed in AZDISTILL_TEACHER_KEY_ENV
+    (the config's teacher.auth.api_key_env), else AZDISTILL_TEACHER_KEY."""
+    from azdistill.secrets import ENV_NAME
+
+    name = os.environ.get(TEACHER_KEY_NAME_ENV) or TEACHER_KEY_ENV
+    if not ENV_NAME.match(name):
+        raise UserError(f"{TEACHER_KEY_NAME_ENV} must name an environment variable (letters, digits and '_'), e.g. OPENAI_KEY")
+    return name
+
+
 def run_with_teacher_key(command: Sequence[str], client_factory=job_client) -> int:
-    """Run `command` with the teacher key in its AZDISTILL_TEACHER_KEY environment variable.
+    """Run `command` with the teacher key in the environment variable the config names (`teacher_key_variable`).
 
     The key lives only in that process's environment: not on a command line, in a file, or in a log.
     """
     if not command:
         raise UserError("with-teacher-key: give the command to run after --")
+    variable = teacher_key_variable()
     key = teacher_key(client_factory)
     environment = dict(os.environ)
     if key is not None:
-        environment[TEACHER_KEY_ENV] = key
+        environment[variable] = key
     return subprocess.run(list(command), env=environment).returncode
 
 

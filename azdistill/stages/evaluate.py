@@ -20,6 +20,7 @@ from typing import Optional
 from azdistill.config import DistillConfig, EvaluationConfig, RuntimeConfig
 from azdistill.data import Message, read_records, write_json
 from azdistill.metrics import TASK_METRICS, percentile, score_predictions
+from azdistill.errors import StageFailed, UserError
 from azdistill.report import ModelResult, PromotionCheck, Report, headline_lines, write_report
 from azdistill.stages import state
 from azdistill.tracking import NullTracker, log_evaluation
@@ -35,24 +36,136 @@ ROLE_NAMES = {
 }
 
 
-def model_labels(config: DistillConfig, models: dict[str, Path]) -> dict[str, str]:
+def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> dict[str, str]:
     """Row names a person recognises: the teacher's model name, and what each student row is."""
     from azdistill.models import BUILTIN_TEACHER_NAME
 
-    teacher = BUILTIN_TEACHER_NAME if config.teacher.model == "builtin" else Path(config.teacher.model).name
-    if config.student.model == "pruned-teacher" and "baseline" in models:
+    teacher_config = config.teacher
+    if teacher_config.kind == "local":
+        teacher = BUILTIN_TEACHER_NAME if teacher_config.model == "builtin" else Path(teacher_config.model).name
+        teacher_row = f"{teacher} (teacher)"
+    elif teacher_config.kind == "logged":
+        teacher = "logged answers"
+        teacher_row = "logged answers (teacher)"
+    else:
+        teacher = teacher_config.deployment if teacher_config.kind == "azure_openai" else teacher_config.model
+        teacher_row = f"{teacher} (teacher, {teacher_config.kind} endpoint)"
+    if config.student.model == "pruned-teacher" and models.get("baseline"):
         import json
 
-        layers = json.loads((Path(models["baseline"]) / "config.json").read_text()).get("num_hidden_layers")
-        student = f"{teacher}, {layers} layers"
+        from azdistill.models import BUILTIN_TEACHER_NAME as builtin, weights_folder
+
+        layers = json.loads((weights_folder(Path(models["baseline"])) / "config.json").read_text()).get("num_hidden_layers")
+        local = teacher_config.model if teacher_config.kind == "local" else teacher_config.local_copy
+        student = f"{builtin if local == 'builtin' else Path(str(local)).name}, {layers} layers"
     else:
         student = Path(config.student.model).name
     return {
-        "teacher": f"{teacher} (teacher)",
+        "teacher": teacher_row,
         "student": f"{student} (distilled student)",
         "baseline": f"{student} (before distillation)",
         "reference_sft": f"{student} (trained on references)",
     }
+
+
+def teacher_identity(config: DistillConfig, teacher_path: Optional[Path]) -> str:
+    """What the teacher row's answers depend on: a local teacher's weights, or which endpoint and model answer."""
+    if config.teacher.kind == "local":
+        assert teacher_path is not None, "a local teacher is evaluated from its folder"
+        return state.folder_digest(teacher_path)
+    return state.fingerprint(config.teacher.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
+
+
+def measure_hosted(config: DistillConfig, conversations: list[list[Message]], description: str = "teacher") -> dict:
+    """Measure a hosted teacher as a client sees it, through the same client that synthesized the data.
+
+    Latency per response: the first `latency_samples` prompts sent one at a time. Quality: every prompt answered
+    with the endpoint's concurrency (greedy, evaluation.max_new_tokens), whose tokens/s is the throughput. Cost:
+    the configured token prices times the tokens the endpoint counted. Size and memory cannot be measured for a
+    hosted model: they stay empty (the report says "hosted"), parameters are the declared count if any.
+    """
+    from azdistill.endpoints import RecordRejected, build_endpoint_teacher
+    from azdistill.progress import Progress
+
+    evaluation = config.evaluation
+    greedy = config.synthesis.model_copy(
+        update={"max_new_tokens": evaluation.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
+                "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_cost": None}
+    )
+    teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy}))
+    try:
+        latencies: list[float] = []
+        timed = conversations[: evaluation.latency_samples]
+        with Progress(len(timed), f"latency {description} (endpoint)", unit="answers") as progress:
+            for messages in timed:
+                started = time.perf_counter()
+                try:
+                    teacher.complete(messages)
+                except RecordRejected:
+                    pass  # a refused prompt tells nothing about latency
+                else:
+                    latencies.append(time.perf_counter() - started)
+                progress.update(1)
+        started = time.perf_counter()
+        with Progress(len(conversations), f"answer {description} (endpoint)", unit="answers") as progress:
+            completions = []
+            for start in range(0, len(conversations), teacher.batch_size):
+                completions += teacher.answer(conversations[start : start + teacher.batch_size])
+                progress.update(len(completions) - progress.count)
+        seconds = time.perf_counter() - started
+    finally:
+        teacher.close()
+    refused = [completion for completion in completions if completion.finish_reason.startswith("refused")]
+    if len(refused) == len(conversations):
+        raise StageFailed(
+            f"evaluate: the teacher endpoint answered none of the {len(conversations)} held-out prompts; first: "
+            f"{refused[0].finish_reason}"
+        )
+    if refused:
+        log.warning("evaluate: the teacher endpoint refused %d of %d held-out prompts (scored as empty answers)", len(refused), len(conversations))
+    prompt_tokens = sum(completion.prompt_tokens for completion in completions)
+    generated_tokens = sum(completion.completion_tokens for completion in completions)
+    prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
+    cost = None
+    if any(price is not None for price in prices):
+        cost = prompt_tokens * (prices[0] or 0.0) / 1e6 + generated_tokens * (prices[1] or 0.0) / 1e6
+    return {
+        "answers": [completion.text for completion in completions],
+        "latencies_s": latencies,
+        "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
+        "generated_tokens": generated_tokens,
+        "prompt_tokens": prompt_tokens,
+        "seconds": seconds,
+        "parameters": config.teacher.parameters or 0,
+        "weights_bytes": None,
+        "peak_memory_bytes": None,
+        "size_on_disk_bytes": None,
+        "device": "hosted",
+        "hosted": True,
+        "refused": len(refused),
+        "cost": cost,
+        "cost_per_1k_answers": cost / len(conversations) * 1000 if cost is not None else None,
+        "endpoint": teacher.stats.as_dict(),
+    }
+
+
+def measure_logged(records: list) -> dict:
+    """`teacher.kind: logged`: the teacher's answers are the logged ones in the test split; nothing is timed."""
+    answers = [record.reference or "" for record in records]
+    if not any(answers):
+        raise UserError("evaluate: teacher.kind logged takes the teacher's answers from the test split, and none of its records has one")
+    return {
+        "answers": answers, "latencies_s": [], "throughput_tokens_per_s": float("nan"), "generated_tokens": 0, "seconds": 0.0,
+        "parameters": 0, "weights_bytes": None, "peak_memory_bytes": None, "size_on_disk_bytes": None, "device": "logged",
+        "hosted": True, "cost_per_1k_answers": None,
+    }
+
+
+def local_cost_per_1k_answers(settings: EvaluationConfig, seconds: float, answers: int) -> Optional[float]:
+    """A local model's cost per 1,000 answers: the serving machine's hourly price over the measured answering time."""
+    if settings.serving_price_per_hour is None or not answers:
+        return None
+    return settings.serving_price_per_hour * seconds / 3600 / answers * 1000
 
 
 def measure_model(path: str, conversations: list[list[Message]], settings: dict, description: str) -> dict:
@@ -149,6 +262,10 @@ def _device_description() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
+def _megabytes(value: Optional[int]) -> float:
+    return float("nan") if value is None else value / 2**20
+
+
 def promotion_checks(config: DistillConfig, models: dict[str, ModelResult], primary: str) -> list[PromotionCheck]:
     """The gate a student must pass to be promoted: agreement, quality kept, speed, better than baseline."""
     rules = config.evaluation.promotion
@@ -160,7 +277,7 @@ def promotion_checks(config: DistillConfig, models: dict[str, ModelResult], prim
     if teacher.metrics.get(primary):
         retained = student.metrics.get(primary, 0.0) / teacher.metrics[primary]
         checks.append(PromotionCheck("quality_retained", retained, rules.min_quality_retained, ">=", retained >= rules.min_quality_retained))
-    if teacher.latency_p50_s > 0:
+    if teacher.latency_p50_s > 0:  # NaN (a logged teacher: nothing timed) compares false
         ratio = student.latency_p50_s / teacher.latency_p50_s
         checks.append(PromotionCheck("latency_ratio", ratio, rules.max_latency_ratio, "<=", ratio <= rules.max_latency_ratio))
     if rules.beat_baseline and "baseline" in models:
@@ -173,25 +290,33 @@ def promotion_checks(config: DistillConfig, models: dict[str, ModelResult], prim
 
 def evaluate(
     config: DistillConfig,
-    teacher_path: Path,
+    teacher_path: Optional[Path],
     models: dict[str, Path],
     tracker: NullTracker = NullTracker(),
     force: bool = False,
     out_dir: Optional[Path] = None,
 ) -> Report:
-    """Answer the test set with the teacher and each model in `models` (role -> folder); write the report."""
+    """Answer the test set with the teacher and each model in `models` (role -> folder); write the report.
+
+    A local teacher answers from `teacher_path`; a hosted one through its endpoint (see `measure_hosted`); a
+    logged one with the test split's logged answers.
+    """
     out_dir = Path(out_dir or config.stage_dir("evaluate"))
     records = read_records(config.data.test, config.task.type, config.data.max_records)
     conversations = [record.prompt for record in records]
     references = [record.reference for record in records]
-    all_models = {"teacher": teacher_path, **models}
+    all_models: dict[str, Optional[Path]] = {"teacher": teacher_path if config.teacher.kind == "local" else None, **models}
     stage_fingerprint = state.fingerprint(
         {
             "test": state.file_digest(config.data.test),
             "max_records": config.data.max_records,
             "task": config.task.model_dump(),
-            "models": {role: state.folder_digest(path) for role, path in all_models.items()},
-            "evaluation": config.evaluation.model_dump(exclude={"promotion"}),
+            "models": {
+                role: teacher_identity(config, path) if role == "teacher" else state.folder_digest(path)  # type: ignore[arg-type]
+                for role, path in all_models.items()
+            },
+            # The prices and the serving price only cost the answers: they are applied when the report is written.
+            "evaluation": config.evaluation.model_dump(exclude={"promotion", "serving_price_per_hour"}),
         }
     )
     resumed = False
@@ -209,9 +334,14 @@ def evaluate(
                 if resumed:
                     log.info("evaluate: reusing the %s's answers from the interrupted run", role)
                 continue
-            log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
-            measured[role] = _measure_in_child(path, conversations, config.evaluation, config.runtime, role)
-            write_json(cached, {"path": str(path), **measured[role]})
+            if path is None:
+                where = config.teacher.label
+                log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
+                measured[role] = measure_logged(records) if config.teacher.kind == "logged" else measure_hosted(config, conversations)
+            else:
+                log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
+                measured[role] = _measure_in_child(path, conversations, config.evaluation, config.runtime, role)
+            write_json(cached, {"path": str(path) if path is not None else config.teacher.label, **measured[role]})
 
         teacher_answers = measured["teacher"]["answers"]
         has_references = any(reference is not None for reference in references)
@@ -226,19 +356,23 @@ def evaluate(
                 None if role == "teacher" else teacher_answers,
                 config.task.labels,
             )
+            hosted = bool(data.get("hosted"))
+            cost = data.get("cost_per_1k_answers") if hosted else local_cost_per_1k_answers(config.evaluation, data["seconds"], len(data["answers"]))
             results[role] = ModelResult(
                 role=role,
                 name=labels[role],
-                path=str(all_models[role]),
+                path=str(all_models[role]) if all_models[role] is not None else config.teacher.label,
                 parameters=data["parameters"],
-                size_on_disk_mb=data["size_on_disk_bytes"] / 2**20,
-                weights_memory_mb=data["weights_bytes"] / 2**20,
-                peak_memory_mb=data["peak_memory_bytes"] / 2**20,
-                latency_p50_s=percentile(data["latencies_s"], 50),
-                latency_p95_s=percentile(data["latencies_s"], 95),
+                size_on_disk_mb=_megabytes(data["size_on_disk_bytes"]),
+                weights_memory_mb=_megabytes(data["weights_bytes"]),
+                peak_memory_mb=_megabytes(data["peak_memory_bytes"]),
+                latency_p50_s=percentile(data["latencies_s"], 50) if data["latencies_s"] else float("nan"),
+                latency_p95_s=percentile(data["latencies_s"], 95) if data["latencies_s"] else float("nan"),
                 throughput_tokens_per_s=data["throughput_tokens_per_s"],
                 n=len(data["answers"]),
                 metrics=metrics,
+                cost_per_1k_answers=cost,
+                hosted=hosted,
             )
         checks = promotion_checks(config, results, primary)
         samples = [

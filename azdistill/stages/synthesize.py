@@ -33,7 +33,7 @@ from azdistill.errors import StageFailed, UserError
 from azdistill.generation import Completion
 from azdistill.metrics import parse_label, parse_number
 from azdistill.progress import Progress
-from azdistill.prompts import check_strategy, teacher_system_prompt, training_target
+from azdistill.prompts import check_rationale, check_strategy, teacher_system_prompt, training_target
 from azdistill.stages import state
 from azdistill.teacher import Teacher
 from azdistill.tracking import NullTracker
@@ -85,12 +85,13 @@ def judge(completion: Completion, config: DistillConfig) -> tuple[Optional[str],
     synthesis = config.synthesis
     target, problem = training_target(
         completion.text, synthesis.prompt_strategy, config.task.type, config.task.labels,
-        synthesis.keep_rationale, synthesis.max_summary_words,
+        synthesis.keep_rationale, synthesis.max_summary_words, completion.reasoning,
     )
     if problem:
         return None, problem
     if synthesis.prompt_strategy == "plain":
-        problem = _check_target(target, config.task.type, config.task.labels)
+        # The answer is checked, not a reasoning trace put in front of it (which may name every label on its way).
+        problem = _check_target(completion.text, config.task.type, config.task.labels)
         if problem:
             return None, problem
     return target, None
@@ -244,15 +245,19 @@ class _Item:
     answers: list = field(default_factory=list)  # training target of each answered turn
     raw_answers: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    reasoning: list = field(default_factory=list)  # a reasoning model's trace for each answered turn, or None
+    plain: bool = True  # prompt_strategy plain: the teacher's history holds its answers, never a rationale put before them
+    rationale_from_trace: bool = False  # keep_rationale with plain: the trace is the rationale of the target
     prompt_tokens: int = 0
     completion_tokens: int = 0
     rejected: Optional[tuple] = None  # (reason, the answer that failed)
+    rejected_reasoning: Optional[str] = None  # the trace of the answer that failed
     retryable: bool = False  # given up on after transient faults: asked again on the next run
 
     def teacher_prompt(self) -> list[dict]:
         """What the teacher is asked for the next turn: its system message, the turns so far with its own answers."""
         history = [{"role": "system", "content": self.teacher_system}]
-        for turn, answer in enumerate(self.answers):
+        for turn, answer in enumerate(self.raw_answers if self.plain else self.answers):
             history += [self.messages[self.user_turns[turn]], {"role": "assistant", "content": answer}]
         history.append(self.messages[self.user_turns[len(self.answers)]])
         return history
@@ -275,9 +280,11 @@ class _Item:
         if reason:
             where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
             self.rejected = (where + reason, completion.text)
+            self.rejected_reasoning = completion.reasoning
             return reason
         self.answers.append(target)
         self.raw_answers.append(completion.text)
+        self.reasoning.append(completion.reasoning)
         logprobs = getattr(completion, "logprobs", None)
         if logprobs is not None:
             self.logprobs.append({"turn": len(self.answers), "text": completion.text, "content": logprobs})
@@ -289,12 +296,18 @@ class _Item:
             reason, answer = self.rejected
             prompt = self.messages if self.messages[-1]["role"] != "assistant" else self.messages[:-1]
             row.update(status="rejected", reason=reason, answer=answer, messages=prompt)
+            if self.rejected_reasoning:
+                row["reasoning"] = self.rejected_reasoning
             if self.retryable:
                 row["retryable"] = True
         else:
             row.update(status="ok", messages=self.training_messages())
             if self.logprobs:
                 row["logprobs"] = self.logprobs
+            if any(self.reasoning):
+                row["reasoning"] = self.reasoning  # one per assistant turn, None where the teacher gave none
+            if self.rationale_from_trace and not all(self.reasoning):
+                row["without_rationale"] = sum(1 for trace in self.reasoning if not trace)
         return row
 
     def reject(self, reason: str, retryable: bool = False) -> None:
@@ -312,11 +325,14 @@ def _start(record: Record, index: int, config: DistillConfig, partials: Optional
         messages[0]["content"], config.synthesis.prompt_strategy, config.task.type, config.task.labels,
         config.synthesis.density_iterations, config.synthesis.max_summary_words,
     )
-    item = _Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system)
+    plain = config.synthesis.prompt_strategy == "plain"
+    item = _Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system,
+                 plain=plain, rationale_from_trace=plain and config.synthesis.keep_rationale)
     for partial in sorted(partials or [], key=lambda row: row["turn"]):
         if partial["turn"] == len(item.answers) + 1:  # resume a conversation after its answered turns
             item.answers.append(partial["answer"])
             item.raw_answers.append(partial.get("raw", partial["answer"]))
+            item.reasoning.append(partial.get("reasoning"))
             if partial.get("logprobs") is not None:
                 item.logprobs.append(partial["logprobs"])
     return item
@@ -393,6 +409,8 @@ def _answer_item(item: _Item, teacher, context: _Context, journal: SafeLog, stop
                 partial["raw"] = item.raw_answers[-1]
             if getattr(completion, "logprobs", None) is not None:
                 partial["logprobs"] = item.logprobs[-1]
+            if item.reasoning[-1]:
+                partial["reasoning"] = item.reasoning[-1]
             journal.append(partial)
             # Tokens of journaled turns are counted there; the final row carries only the rest.
             item.prompt_tokens -= completion.prompt_tokens
@@ -508,7 +526,7 @@ def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, r
     if missing:  # cannot happen unless the journal was edited: never write a set with holes
         raise RuntimeError(f"synthesize {split}: {len(missing)} records have no answer in {journal_path} (e.g. #{missing[0]})")
     reasons: dict[str, int] = {}
-    accepted = 0
+    accepted = without_rationale = 0
     with ExitStack() as files:
         handle = files.enter_context(journal_path.open("rb"))
         out = files.enter_context(atomic_writer(out_dir / f"{split}.jsonl"))
@@ -520,17 +538,21 @@ def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, r
                 first = _read_row(handle, done.offsets[int(duplicate_of[index])])
                 row = {**row, "status": "rejected", "answer": row["messages"][-1]["content"],
                        "reason": f"exact duplicate of the example from input line {first['line']}",
-                       "messages": row["messages"][:-1]}
+                       "messages": row["messages"][:-1], "reasoning": (row.get("reasoning") or [None])[-1]}
             if row["status"] == "ok":
                 out.write(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n")
                 if sidecar is not None:
                     sidecar.write(json.dumps({"row": accepted, "index": index, "line": row["line"], "turns": row.get("logprobs") or []}, ensure_ascii=False) + "\n")
                 accepted += 1
+                without_rationale += row.get("without_rationale", 0)
             else:
-                rejected_out.write(json.dumps({"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}}, ensure_ascii=False) + "\n")
+                rejected = {"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}}
+                if row.get("reasoning"):
+                    rejected["reasoning"] = row["reasoning"]
+                rejected_out.write(json.dumps(rejected, ensure_ascii=False) + "\n")
                 key = row["reason"].split(";")[0].split(" (")[0]
                 reasons[key] = reasons.get(key, 0) + 1
-    return {
+    stats = {
         "records": records,
         "accepted": accepted,
         "rejected": records - accepted,
@@ -538,6 +560,9 @@ def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, r
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
     }
+    if config.synthesis.keep_rationale and config.synthesis.prompt_strategy == "plain":
+        stats["trained_without_rationale"] = without_rationale  # answers that came with no reasoning trace
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,10 +573,14 @@ def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) ->
     """Everything the answers depend on; operational settings (rate limits, retries, prices, budget) are not."""
     teacher = config.teacher.model_dump(
         exclude={"auth", "timeout_s", "max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
-                 "backoff_s", "max_backoff_s", "price_per_million_prompt_tokens", "price_per_million_completion_tokens"}
+                 "backoff_s", "max_backoff_s", "price_per_million_prompt_tokens", "price_per_million_completion_tokens",
+                 "local_copy", "parameters"}
     )
     if config.teacher.kind == "local":  # the fingerprint of earlier local runs stays valid
         teacher = {"kind": "local", "model": config.teacher.model}
+    for name, default in (("max_tokens_field", "max_tokens"), ("reasoning_effort", None), ("sampling_parameters", True)):
+        if teacher.get(name, default) == default:
+            teacher.pop(name, None)  # request settings left at their default do not change earlier fingerprints
     synthesis = config.synthesis.model_dump(exclude={"min_success_ratio", "max_cost", "preflight"})
     for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("prompt_strategy", "plain"), ("keep_rationale", False),
                           ("density_iterations", 4), ("max_summary_words", 80), ("top_logprobs", 0), ("reject_duplicates", True)):
@@ -585,6 +614,7 @@ def synthesize(
     """
     out_dir = Path(out_dir or config.stage_dir("synthesize"))
     check_strategy(config.synthesis.prompt_strategy, config.task.type)
+    check_rationale(config.synthesis.keep_rationale, config.synthesis.prompt_strategy, config.teacher.hosted)
     counts = {split: count_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
     fingerprint = stage_fingerprint(config, teacher_identity)
     if not force and state.is_done(out_dir, fingerprint):
@@ -663,6 +693,13 @@ def synthesize(
                 metrics[f"teacher_{key}"] = stats["endpoint"][key]
         if "cost" in stats:
             metrics["teacher_cost"] = stats["cost"]
+        without_rationale = sum(s.get("trained_without_rationale", 0) for s in stats["splits"].values())
+        if without_rationale:
+            log.warning(
+                "synthesize: %d accepted answers came with no reasoning trace, so synthesis.keep_rationale trains them on "
+                "the answer alone (a model that does not reason, or one whose endpoint hides its reasoning, as Azure "
+                "OpenAI's o-series do)", without_rationale,
+            )
         tracker.log_metrics(metrics)
         tracker.log_artifact(out_dir / "stats.json")
         tracker.log_artifact(out_dir / "rejected.jsonl")

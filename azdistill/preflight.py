@@ -106,6 +106,13 @@ def preflight(config: DistillConfig, teacher: EndpointTeacher, counts: Optional[
         logprobs = ""
         if synthesis.top_logprobs:
             logprobs = ", top logprobs returned" if getattr(completion, "logprobs", None) else ", NO logprobs returned (the endpoint ignores top_logprobs)"
+            if not getattr(completion, "logprobs", None) and config.training.topk_weight > 0:
+                # Found out on one call rather than after the whole synthesis is paid for and finetune has nothing to learn from.
+                raise UserError(
+                    f"preflight: training.topk_weight needs the teacher's log-probabilities, and {teacher.url.split('?')[0]} "
+                    "answered without them although synthesis.top_logprobs asked (transformers serve ignores it; vLLM, "
+                    "llama.cpp's server, Azure OpenAI and OpenAI return them): set training.topk_weight: 0 or use such an endpoint"
+                )
         shown = " ".join(completion.text.split())
         report.lines.append(
             f"sample call: {teacher.url.split('?')[0]} answered in {completion.prompt_tokens} + {completion.completion_tokens} "

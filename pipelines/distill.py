@@ -33,7 +33,7 @@ def build(config: DistillConfig, job_config: Path, code: Optional[Path] = None):
 
     @dsl.pipeline(
         name=f"{config.name}-distill",
-        description=f"Distil {config.teacher.model} into {azure.student_model or config.student.model} on the {config.task.type} data of '{config.name}'.",
+        description=f"Distil {config.teacher.label} into {azure.student_model or config.student.model} on the {config.task.type} data of '{config.name}'.",
     )
     def distillation(config_file, train, validation, test, student_model=None):
         validate = components.validate(

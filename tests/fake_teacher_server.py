@@ -77,12 +77,14 @@ class FakeTeacherServer:
         port: int = 0,
         reasoning: bool = False,
         think: Callable[[list[dict]], str] = default_reasoning,
+        logprobs: bool = True,
     ):
         self.latency_s, self.rate_limit, self.rate_window_s = latency_s, rate_limit, rate_window_s
         self.fault_rate, self.hang_s, self.api_key, self.answer = fault_rate, hang_s, api_key, answer
         self.random = random.Random(seed)
         self.keep_bodies = keep_bodies
         self.reasoning, self.think = reasoning, think
+        self.logprobs = logprobs  # False: ignore `logprobs` requests, as some servers (transformers serve) do
         self.lock = threading.Lock()
         self.window: collections.deque = collections.deque()
         self.counts: collections.Counter = collections.Counter()  # what happened: answered, throttled, ...
@@ -282,7 +284,7 @@ class FakeTeacherServer:
                 elif thought:
                     message["reasoning_content"] = thought
                 choice: dict = {"index": 0, "message": message, "finish_reason": finish}
-                if body.get("logprobs"):
+                if body.get("logprobs") and server.logprobs:
                     k = int(body.get("top_logprobs") or 0)
                     choice["logprobs"] = {"content": [
                         {"token": word, "logprob": -0.1 * (i % 5), "bytes": list(word.encode()),

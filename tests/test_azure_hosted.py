@@ -127,7 +127,7 @@ def test_a_hosted_teacher_gets_its_key_by_reference_only_in_the_steps_that_call_
     job_config = yaml.safe_load(uploaded[0].text)
     assert job_config["teacher"]["model"] == "gpt-4o" and job_config["teacher"]["auth"]["api_key_env"] == "OPENAI_KEY"
     assert job_config["student"]["model"] == REGISTRY_STUDENT  # replaced by the mounted folder in finetune and evaluate
-    assert steps["register"]["inputs"]["teacher"]["value"] == "gpt-4o"
+    assert steps["register"]["inputs"]["teacher"]["value"] == "openai-compatible:gpt-4o"  # lineage names the kind of teacher too
 
     sent = hosted_wire.all_text()
     assert OPENAI_KEY not in sent and TEACHER_KEY not in sent

@@ -145,7 +145,7 @@ def test_the_teacher_row_was_measured_through_the_server(hosted_run):
     report = json.loads((run_dir / "evaluate" / "report.json").read_text())
     teacher = report["models"][0]
     assert teacher["role"] == "teacher" and teacher["hosted"] is True
-    assert teacher["name"].endswith("(teacher, openai-compatible endpoint)")
+    assert teacher["name"] == "smollm2-135m-instruct (teacher, openai-compatible endpoint)"  # the served folder's name
     assert teacher["latency_p50_s"] > 0 and teacher["latency_p95_s"] >= teacher["latency_p50_s"]
     assert teacher["throughput_tokens_per_s"] > 0 and teacher["n"] == 8
     assert teacher["cost_per_1k_answers"] > 0  # token prices x the tokens the server counted
@@ -178,3 +178,20 @@ def test_topk_distillation_trains_on_the_hosted_log_probabilities(separate_stude
     training = json.loads((run_dir / "finetune" / "training.json").read_text())
     assert training["loss_weights"]["topk"] == 0.5
     assert training["first_loss_topk"] > 0 and training["parameters_changed"] == training["trainable_tensors"]
+
+
+def test_run_with_a_logged_teacher_uses_the_logged_answers_everywhere(separate_student, tmp_path):
+    """`teacher.kind: logged`: the answers already in the data train the student, and the test split's logged
+    answers are the teacher row; nothing is called."""
+    args = ["run", str(SAMPLE_CONFIG)] + _overrides(
+        tmp_path, separate_student, "teacher.kind=logged", "teacher.endpoint=null", "teacher.model=builtin",
+        "teacher.auth.method=api_key_env", "teacher.max_concurrency=32", "teacher.price_per_million_prompt_tokens=null",
+        "teacher.price_per_million_completion_tokens=null", "synthesis.max_cost=null", "evaluation.reference_baseline=false",
+    )
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "sentiment-hosted"
+    report = json.loads((run_dir / "evaluate" / "report.json").read_text())
+    teacher = report["models"][0]
+    assert teacher["name"] == "logged answers (teacher)" and teacher["metrics"]["accuracy"] == 1.0  # the references
+    assert teacher["latency_p50_s"] is None  # nothing was timed

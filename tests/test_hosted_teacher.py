@@ -46,16 +46,21 @@ def _validate(config: Path, *overrides: str):
         (("training.topk_weight=0.5",), "training.topk_weight", "set synthesis.top_logprobs"),
     ],
 )
-def test_what_cannot_work_with_a_hosted_teacher_is_refused_at_validate(make_config, tmp_path, workdir, overrides, key, fix):
+@pytest.mark.parametrize("command", ["validate", "submit --dry-run"])
+def test_what_cannot_work_with_a_hosted_teacher_is_refused_at_validate(make_config, tmp_path, workdir, overrides, key, fix, command):
     config = make_config(extra=HOSTED)
     student = _student_folder(tmp_path / "student")
     if key != "student.model":
         overrides = (f"student.model={student}",) + overrides
-    result = _validate(config, *overrides)
+    if command == "validate":
+        result = _validate(config, *overrides)
+    else:
+        args = ["submit", str(config), "--dry-run", "--output-dir", str(tmp_path / "dry-run")]
+        result = CliRunner().invoke(cli, args + [item for override in overrides for item in ("--set", override)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{key}:" in lines[0] and fix in lines[0], lines
-    assert not workdir.exists()  # nothing written
+    assert not workdir.exists() and not (tmp_path / "dry-run").exists()  # nothing written
 
 
 def test_a_local_copy_of_the_teacher_makes_the_logit_losses_and_the_pruned_student_possible(make_config, tmp_path):
@@ -283,3 +288,30 @@ def test_each_sample_config_validates_and_the_azure_ones_dry_run(sample, tmp_pat
     result = CliRunner().invoke(cli, ["submit", str(sample), "--dry-run", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "distill.pipeline.yaml").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# An endpoint that ignores top_logprobs (transformers serve does)
+
+
+def test_preflight_refuses_topk_distillation_when_the_endpoint_returns_no_log_probabilities(make_config, tmp_path, workdir):
+    from fake_teacher_server import FakeTeacherServer
+
+    with FakeTeacherServer(logprobs=False) as server:
+        config = make_config(extra=HOSTED.replace("http://127.0.0.1:9/v1", server.url + "/v1"))
+        args = ["preflight", str(config), "--set", f"student.model={_student_folder(tmp_path / 'student')}",
+                "--set", "synthesis.top_logprobs=3", "--set", "training.topk_weight=0.5"]
+        result = CliRunner().invoke(cli, args)
+        requests = len(server.bodies)
+    assert result.exit_code == 2 and requests == 1  # one sample call, not the whole synthesis
+    assert "answered without them although synthesis.top_logprobs asked" in result.output
+    assert not workdir.exists()
+
+
+def test_finetune_refuses_a_sidecar_without_log_probabilities(tmp_path):
+    from azdistill.stages.finetune import load_teacher_topk
+
+    sidecar = tmp_path / "train.logprobs.jsonl"
+    sidecar.write_text('{"row": 0, "turns": [{"turn": 0, "text": "positive", "content": null}]}\n')
+    with pytest.raises(UserError, match="holds no log-probabilities"):
+        load_teacher_topk(sidecar, 1)

@@ -397,7 +397,7 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
         report=evaluate.outputs.report,
         data=data,
         model_name=config.registered_model_name,
-        teacher=config.teacher.model,
+        teacher=config.teacher.label,
         champion_metric=getattr(config.evaluation.promotion, "champion_metric", "agreement"),
         promotion="champion_challenger",
     )
@@ -417,7 +417,7 @@ def pipeline_tags(config: DistillConfig, pipeline: str) -> dict[str, str]:
         "azdistill.pipeline": pipeline,
         "azdistill.config": config.name,
         "azdistill.task": config.task.type,
-        "azdistill.teacher": config.teacher.model,
+        "azdistill.teacher": config.teacher.label,
         "azdistill.student": azure_settings(config).student_model or config.student.model,
         "azdistill.data_version": config.data.version,
     }

@@ -49,6 +49,7 @@ def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> di
         teacher_row = "logged answers (teacher)"
     else:
         teacher = teacher_config.deployment if teacher_config.kind == "azure_openai" else teacher_config.model
+        teacher = str(teacher).rstrip("/").rsplit("/", 1)[-1]  # meta-llama/Llama-3.1-405B-Instruct, or a served folder's path
         teacher_row = f"{teacher} (teacher, {teacher_config.kind} endpoint)"
     if config.student.model == "pruned-teacher" and models.get("baseline"):
         import json
@@ -125,10 +126,8 @@ def measure_hosted(config: DistillConfig, conversations: list[list[Message]], de
         log.warning("evaluate: the teacher endpoint refused %d of %d held-out prompts (scored as empty answers)", len(refused), len(conversations))
     prompt_tokens = sum(completion.prompt_tokens for completion in completions)
     generated_tokens = sum(completion.completion_tokens for completion in completions)
-    prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
-    cost = None
-    if any(price is not None for price in prices):
-        cost = prompt_tokens * (prices[0] or 0.0) / 1e6 + generated_tokens * (prices[1] or 0.0) / 1e6
+    priced = config.teacher.price_per_million_prompt_tokens is not None or config.teacher.price_per_million_completion_tokens is not None
+    cost = teacher.budget.cost(prompt_tokens, generated_tokens) if priced else None
     return {
         "answers": [completion.text for completion in completions],
         "latencies_s": latencies,

@@ -572,6 +572,11 @@ def load_teacher_topk(path: Path, rows: int) -> list[Optional[list[dict]]]:
     for line in iter_jsonl(path):
         if 0 <= line.get("row", -1) < rows:
             turns[line["row"]] = line.get("turns") or None
+    if rows and not any(any(turn.get("content") for turn in row) for row in turns if row):
+        raise UserError(
+            f"training.topk_weight > 0, and {path} holds no log-probabilities: the endpoint answered without them "
+            "(transformers serve ignores synthesis.top_logprobs); set training.topk_weight=0 or synthesize with an endpoint that returns them"
+        )
     return turns
 
 
@@ -640,7 +645,7 @@ def train_student(
     tokenizer = load_tokenizer(student_path)
     losses = LossSettings.from_config(settings)
     if settings.uses_teacher_model and teacher_path is None:
-        raise UserError("training.kd_weight, hidden_weight and on_policy_ratio need a local teacher (teacher.kind: local)")
+        raise UserError("training.kd_weight, hidden_weight and on_policy_ratio need the teacher's weights (teacher.kind: local, or teacher.local_copy)")
     if settings.topk_weight > 0 and train_topk is None:
         raise UserError("training.topk_weight > 0 needs the teacher's top-k log-probabilities (synthesis.top_logprobs with a hosted teacher)")
     if teacher_path is not None and (settings.kd_weight > 0 or settings.on_policy_ratio > 0):

@@ -20,6 +20,13 @@ from azdistill.errors import StageFailed, UserError
 log = logging.getLogger("azdistill")
 
 
+def workdir_lock(workdir: Path):
+    """The workdir held by this command (see stages/state.py), imported when a command needs it."""
+    from azdistill.stages.state import workdir_lock as lock
+
+    return lock(workdir)
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Readable progress lines on stderr; third-party chatter kept to warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -119,7 +126,9 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
         click.echo(f"  {line}")
     if result.stage_seconds:
         click.echo("  stage seconds: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result.stage_seconds.items()))
-    if result.tracking_uri:
+    if result.tracking_uri and not result.new_run:
+        click.echo(f"MLflow: nothing changed since run {result.run_id} in experiment '{settings.experiment_name}': every stage reused, no new run")
+    elif result.tracking_uri:
         version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
         click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")
         if result.promotion is not None:
@@ -138,17 +147,27 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
 @config_argument
 @set_option
 def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
-    """Check a config and its data files without running anything."""
-    from azdistill.data import read_records
+    """Check a config and its data files without running anything.
+
+    The data is read line by line, never held whole. A file with several bad lines is reported in one line, and
+    all of them are listed in <workdir>/validate-report.jsonl; repeated prompts and small splits are warnings.
+    """
+    from azdistill.data import check_split, split_warnings
     from azdistill.models import check_models
 
     settings = _load(config, overrides)
     check_models(settings)
+    report = settings.workdir / "validate-report.jsonl"
+    if report.is_file():  # an earlier validate's report would describe data that has changed since
+        report.unlink()
+    data, warnings = settings.data, []
     for split in ("train", "validation", "test"):
-        path = getattr(settings.data, split)
-        records = read_records(path, settings.task.type, settings.data.max_records)
-        with_reference = sum(record.reference is not None for record in records)
-        click.echo(f"{split}: {path} — {len(records)} records, {with_reference} with reference answers")
+        path = getattr(data, split)
+        summary = check_split(path, settings.task.type, data.max_records, data.max_prompt_chars, report)
+        click.echo(f"{split}: {path} — {summary.records} records, {summary.with_reference} with reference answers")
+        warnings += split_warnings(summary, settings.task.type)
+    for warning in warnings:  # after every split passed: bad input stays one line on stderr
+        click.echo(f"warning: {warning}", err=True)
     student = settings.student.model
     if settings.azure is not None and settings.azure.student_model:
         student += f" (on Azure ML: {settings.azure.student_model})"
@@ -168,14 +187,18 @@ def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool, 
     from azdistill.stages.synthesize import synthesize as run_stage
     from azdistill.tracking import make_tracker
 
+    from azdistill.stages.state import check_writable
+
     settings = _load(config, overrides)
+    check_writable(output_dir or settings.stage_dir("synthesize"), "synthesize")
     teacher = None
     if settings.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
         for split in ("train", "validation"):  # report bad data before spending time on the teacher
             read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
         teacher = resolve_teacher(settings.teacher.model)
     factory, identity = synthesis_teacher(settings, teacher)
-    out_dir = run_stage(settings, factory, make_tracker(settings), force, out_dir=output_dir, teacher_identity=identity)
+    with workdir_lock(settings.workdir):
+        out_dir = run_stage(settings, factory, make_tracker(settings), force, out_dir=output_dir, teacher_identity=identity)
     click.echo(f"synthetic data: {out_dir}")
 
 
@@ -194,14 +217,18 @@ def finetune(
     from azdistill.stages.finetune import finetune as run_stage
     from azdistill.tracking import make_tracker
 
+    from azdistill.stages.state import check_writable
+
     settings = _load(config, overrides)
     synthetic = synthetic_dir or settings.stage_dir("synthesize")
-    if not on_references:
-        require_stage_output(synthetic, "synthesize")
-    models = prepare_models(settings)
-    out_dir = run_stage(
-        settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, out_dir=output_dir, on_references=on_references
-    )
+    check_writable(output_dir or settings.stage_dir("finetune-reference" if on_references else "finetune"), "finetune-reference" if on_references else "finetune")
+    with workdir_lock(settings.workdir):
+        if not on_references:
+            require_stage_output(synthetic, "synthesize")
+        models = prepare_models(settings)
+        out_dir = run_stage(
+            settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, out_dir=output_dir, on_references=on_references
+        )
     click.echo(f"student: {out_dir / 'model'}")
 
 
@@ -224,16 +251,20 @@ def evaluate(
     from azdistill.stages.evaluate import evaluate as run_stage
     from azdistill.tracking import make_tracker
 
+    from azdistill.stages.state import check_writable
+
     settings = _load(config, overrides)
-    student = require_stage_output(student_dir or settings.stage_dir("finetune"), "finetune") / "model"
-    reference = None
-    if reference_dir is not None or wants_reference_baseline(settings):
-        reference = require_stage_output(reference_dir or settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
-    models = prepare_models(settings)
-    evaluated = {"student": student, "baseline": models.student_init}
-    if reference is not None:
-        evaluated["reference_sft"] = reference
-    report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force, out_dir=output_dir)
+    check_writable(output_dir or settings.stage_dir("evaluate"), "evaluate")
+    with workdir_lock(settings.workdir):
+        student = require_stage_output(student_dir or settings.stage_dir("finetune"), "finetune") / "model"
+        reference = None
+        if reference_dir is not None or wants_reference_baseline(settings):
+            reference = require_stage_output(reference_dir or settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
+        models = prepare_models(settings)
+        evaluated = {"student": student, "baseline": models.student_init}
+        if reference is not None:
+            evaluated["reference_sft"] = reference
+        report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force, out_dir=output_dir)
     click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'}")
     for line in headline_lines(report):
         click.echo(f"  {line}")

@@ -62,6 +62,12 @@ class DataConfig(Section):
     max_records: Optional[int] = Field(
         default=None, gt=0, description="Use at most this many records of each split (quick trials)."
     )
+    max_prompt_chars: int = Field(
+        default=100_000, gt=0,
+        description="Longest prompt a record may have, in characters (all its messages but a final reference answer; "
+        "about 25,000 tokens by default). `validate` refuses a longer record naming its file and line; the stages "
+        "reject it with this reason instead of sending it to the teacher.",
+    )
 
 
 TeacherKind = Literal["local", "openai-compatible", "azure_openai", "serverless", "online_endpoint", "logged"]
@@ -128,7 +134,11 @@ class TeacherAuthConfig(Section):
                 "(e.g. export AZDISTILL_TEACHER_KEY=...) and give the variable's name here"
             )
         if not ENV_NAME.match(value):
-            raise ValueError("must be the name of an environment variable (letters, digits and '_')")
+            # Not repeated back either: what was typed here may be a key that looks_like_secret does not recognise.
+            raise _secret_literal(
+                "must be the NAME of the environment variable holding the key (letters, digits and '_', e.g. "
+                "AZDISTILL_TEACHER_KEY), never the key itself"
+            )
         return value
 
     @field_validator("key_vault_secret", "connection", "subscription_id", "resource_group", "workspace")
@@ -737,6 +747,24 @@ class DistillConfig(Section):
             raise ValueError("use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)")
         return value
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_can_be_a_folder(cls, value: Path) -> Path:
+        # Checked when the config loads, so that `validate` refuses what would stop `run` later; nothing is created.
+        import os
+
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder; set workdir to a folder or to a path that does not exist yet")
+        existing = value
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ValueError(f"{existing} is a file, so no folder can be made inside it; set workdir to a folder")
+        if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+            made = "" if existing == value else f", so {value} cannot be created"
+            raise ValueError(f"{existing} is not writable{made}; set workdir to a folder you can write to")
+        return value
+
     @property
     def run_dir(self) -> Path:
         """Folder holding this distillation's stage outputs."""
@@ -824,6 +852,112 @@ def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
 # Loading
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one mapping: `key` is its dotted path, `line` and `first_line` are 1-based."""
+
+    def __init__(self, key: str, line: int, first_line: int, sections: bool):
+        super().__init__(f"line {line}: duplicate key '{key}' (first at line {first_line})")
+        self.key, self.line, self.first_line, self.sections = key, line, first_line, sections
+
+    def describe(self, where: str) -> str:
+        fix = "merge the two sections" if self.sections else "keep one of them"
+        return f"{where}: duplicate key '{self.key}' (first at line {self.first_line}); {fix}"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping, at any depth.
+
+    SafeLoader keeps the last of two equal keys without a word, so a second `training:` section silently reset
+    everything the first one set. Merge keys (`<<: *anchor`) still work: an explicit key may override a merged one.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._document = node  # to name the path of a duplicate key
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
+            for key_node, value_node in node.value:  # before SafeLoader flattens merge keys into node.value
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, (str, int, float, bool)) and key is not None:
+                    continue  # dates and the like: left to SafeLoader
+                if key in seen:
+                    first_key, first_value = seen[key]
+                    path = self._path_to(node) + (key_node.value,)
+                    raise DuplicateKeyError(
+                        ".".join(str(part) for part in path), key_node.start_mark.line + 1, first_key.start_mark.line + 1,
+                        isinstance(value_node, yaml.MappingNode) and isinstance(first_value, yaml.MappingNode),
+                    )
+                seen[key] = (key_node, value_node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _path_to(self, target: yaml.Node) -> tuple:
+        def walk(node: yaml.Node, path: tuple) -> Optional[tuple]:
+            if node is target:
+                return path
+            children: list = []
+            if isinstance(node, yaml.MappingNode):
+                children = [(value, path + (key.value,)) for key, value in node.value]
+            elif isinstance(node, yaml.SequenceNode):
+                children = [(item, path + (index,)) for index, item in enumerate(node.value)]
+            for child, child_path in children:
+                found = walk(child, child_path)
+                if found is not None:
+                    return found
+            return None
+
+        return walk(getattr(self, "_document", target), ()) or ()
+
+
+def _syntax_error(error: yaml.YAMLError, text: str, source: str) -> str:
+    """`file:line: not valid YAML: what` naming the line a person would fix.
+
+    PyYAML's problem_mark is where the parser gave up, often after the mistake: an unclosed quote is noticed at the end
+    of the file, an unclosed bracket on the next line, and a key without ':' where the next line's ':' is. Its
+    context_mark says where the quote, bracket or key began, which is the line to fix for those; for a block mapping
+    it is merely the start of the section, so problem_mark stays.
+    """
+    problem_mark = getattr(error, "problem_mark", None)
+    context_mark = getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None) or ""
+    mark, hint = problem_mark, ""
+    if context_mark is not None and context.startswith("while scanning a quoted scalar"):
+        mark, hint = context_mark, f"the quote opened at line {context_mark.line + 1}, column {context_mark.column + 1} is never closed"
+    elif context_mark is not None and context.startswith("while scanning a simple key"):
+        mark, hint = context_mark, "this line needs a ':' after its key"
+    elif context_mark is not None and context.startswith(("while parsing a flow sequence", "while parsing a flow mapping")):
+        bracket = "[" if "sequence" in context else "{"
+        mark, hint = context_mark, f"the '{bracket}' at column {context_mark.column + 1} is never closed"
+    elif problem == "mapping values are not allowed here" and problem_mark is not None:
+        # "  type nli" followed by "  labels: [...]" reads as one key "type nli labels" whose ':' is on the next line.
+        key_start = _plain_scalar_before(text)
+        if key_start is not None and key_start.line < problem_mark.line:
+            line_text = text.splitlines()[key_start.line]
+            if line_text[: key_start.column].strip() in ("", "-"):
+                mark, hint = key_start, "this line needs a ':' after its key"
+    elif problem.startswith("expected <block end>"):
+        hint = "the indentation of this line does not match the lines above it"
+    if "'\\t'" in problem:
+        hint = "indent with spaces, not tabs"
+    line = f":{mark.line + 1}" if mark is not None else ""
+    return f"{source}{line}: not valid YAML: {problem}" + (f"; {hint}" if hint else "")
+
+
+def _plain_scalar_before(text: str) -> Any:
+    """Start mark of the plain (unquoted) scalar PyYAML read last before the error, or None."""
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            last = token
+    except yaml.YAMLError:
+        pass
+    return last.start_mark if isinstance(last, yaml.ScalarToken) and last.plain else None
+
+
 def _key_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML document to its 1-based line number, for error messages."""
     lines: dict[tuple, int] = {}
@@ -849,7 +983,13 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
 
 def _set_path(data: dict, dotted: str, value: Any, source: str) -> None:
+    from azdistill.secrets import holds_secret, looks_like_secret
+
     keys = dotted.split(".")
+    # `source` is the whole `--set key.path=value` item: under a key that holds or names a secret (api_key_env,
+    # token, ...), or when the value looks like a key, errors name only the key path.
+    if any(holds_secret(key) for key in keys) or looks_like_secret(source.partition("=")[2]):
+        source = source.split("=", 1)[0]
     if not all(keys):
         raise UserError(f"{source}: '{dotted}' is not a key path; use e.g. training.epochs=2")
     node = data
@@ -864,10 +1004,16 @@ def _set_path(data: dict, dotted: str, value: Any, source: str) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `key.path=value`; the value is read as YAML, so `2`, `true`, `[a, b]` and `null` work."""
     if "=" not in text:
-        raise UserError(f"--set {text}: expected key.path=value, e.g. --set training.epochs=2")
+        from azdistill.secrets import looks_like_secret
+
+        shown = "(not shown: it may be a key)" if looks_like_secret(text) else text
+        raise UserError(f"--set {shown}: expected key.path=value, e.g. --set training.epochs=2")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except DuplicateKeyError as error:
+        # Named by its key path only: the value may hold a secret.
+        raise UserError(f"--set {key.strip()}: duplicate key '{error.key}' in the value; keep one of them") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -898,8 +1044,16 @@ def _describe_error(error: dict, source: str, lines: dict[tuple, int], overridde
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = error.get("input")
-    # A value rejected for looking like a key is never repeated back: the message would leak it.
-    given_text = "" if isinstance(given, dict) or kind == "secret_literal" else f" (given: {given!r})"
+    # Never repeated back: a value rejected for looking like a key, any value of a key that holds or names a secret
+    # (api_key_env, key_vault_secret, token, password, ...: a short key typed there passes looks_like_secret), and
+    # any value that looks like a key wherever it was put. The message would leak it into logs.
+    from azdistill.secrets import holds_secret, looks_like_secret
+
+    hidden = (
+        isinstance(given, dict) or kind == "secret_literal" or any(holds_secret(str(part)) for part in loc)
+        or (isinstance(given, str) and looks_like_secret(given))
+    )
+    given_text = "" if hidden else f" (given: {given!r})"
     return f"{where}: {key}: {message}{given_text}"
 
 
@@ -926,6 +1080,10 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
         source_path, base = DEMO_CONFIG, PROJECT_ROOT
     else:
         source_path = Path(path)
+        if source_path.is_dir():
+            raise UserError(f"{source_path}: is a directory, not a config file; give the path of a YAML file")
+        if source_path.exists() and not source_path.is_file():
+            raise UserError(f"{source_path}: is not a regular file; give the path of a YAML file")
         if not source_path.is_file():
             raise UserError(f"{source_path}: config file not found")
         base = source_path.resolve().parent
@@ -935,12 +1093,11 @@ def load_config(path: Optional[Path] = None, overrides: tuple[str, ...] | list[s
     except UnicodeDecodeError as error:
         raise UserError(f"{source}: not UTF-8 text (bad byte at offset {error.start}); save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)
+    except DuplicateKeyError as error:
+        raise UserError(error.describe(f"{source}:{error.line}")) from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{source}{line}: not valid YAML: {problem}") from None
+        raise UserError(_syntax_error(error, text, source)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -461,13 +461,22 @@ class EndpointTeacher:
             raise TransientError(f"no answer within {self.timeout_s:g} s") from None
         except requests.ConnectionError as error:
             raise TransientError(f"connection failed: {redact(type(error).__name__)}") from None
+        except requests.exceptions.InvalidHeader as error:
+            # requests prints the refused header value through repr(): the key, escaped. No retry can fix it.
+            message = redact(str(error))
+            raise UserError(self._unsendable_header(message != str(error), message)) from None
+        except UnicodeEncodeError as error:
+            # http.client encodes headers as Latin-1; its error holds the whole header value in `object`.
+            secret = self.credential.secret() or ""
+            raise UserError(self._unsendable_header(bool(secret) and secret in str(error.object), "a character outside Latin-1")) from None
         except requests.RequestException as error:
             raise TransientError(f"request failed: {redact(str(error))[:200]}") from None
         status = response.status_code
         if status == 200:
             return self._parse(response)
         text = redact(response.text or "")[:2000]
-        detail = _error_detail(text)
+        # Again once decoded: a key echoed inside a JSON string is escaped twice (JSON over repr), once after decoding.
+        detail = redact(_error_detail(text))
         if status == 429:
             raise TransientError("HTTP 429 (rate limited)", parse_retry_after(response.headers), throttled=True)
         if status in RETRYABLE_STATUS or status >= 500:
@@ -486,6 +495,16 @@ class EndpointTeacher:
         if fix:  # the same for every record: the settings are wrong, not this record
             raise UserError(f"teacher endpoint {self.url.split('?')[0]} refused a request setting (HTTP {status}: {detail[:300]}); {fix}")
         raise RecordRejected(_rejection_reason(status, text, detail))
+
+    def _unsendable_header(self, is_credential: bool, detail: str) -> str:
+        """The error for a request header the HTTP library refuses to send (never its value)."""
+        url = self.url.split("?")[0]
+        if is_credential:
+            return (
+                f"teacher endpoint {url}: the credential from {self.credential.source} cannot go into an HTTP header (it "
+                f"holds a line break, a control character or a character outside Latin-1); set it again without it"
+            )
+        return f"teacher endpoint {url}: a request header cannot be sent ({detail[:200]}); check teacher.deployment"
 
     def _parse(self, response) -> EndpointCompletion:
         try:

@@ -2,7 +2,8 @@
 
 The same stage functions run inside the Azure ML components; here they are chained under one MLflow parent
 run with a nested run per stage. A stage whose inputs and settings are unchanged is skipped; an interrupted
-one continues from what it had written.
+one continues from what it had written. A rerun that skips every stage leaves no MLflow run: it says which
+earlier run holds its results.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class RunResult:
     tracking_uri: Optional[str] = None
     run_id: Optional[str] = None
     promotion: Optional[object] = None  # registry.PromotionDecision: champion or challenger, and why
+    # Whether this run left a new MLflow run: not with tracking off, nor when every stage reused its outputs and
+    # nothing was logged (run_id is then the earlier run holding those outputs).
+    new_run: bool = True
 
 
 @dataclass
@@ -96,10 +100,11 @@ def teacher_identity(teacher_path: Path) -> str:
 
 def require_stage_output(stage_dir: Path, stage: str) -> Path:
     """A finished stage's folder; a missing, failed or interrupted one is a user error naming the command to run."""
-    from azdistill.stages.state import DONE_FILE
+    from azdistill.stages.state import DONE_FILE, verify_outputs
 
     if not (stage_dir / DONE_FILE).is_file():
         raise UserError(f"{stage_dir} holds no finished {stage} stage: run `azdistill {stage}` with this config first (or `azdistill run`)")
+    verify_outputs(stage_dir, stage.split()[0])  # as that stage wrote them: never a truncated or emptied output
     return stage_dir
 
 
@@ -138,7 +143,16 @@ def register_student(config: DistillConfig, tracker: NullTracker, student: Path,
 
 
 def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None) -> RunResult:
-    """Run every stage of a distillation on this machine; returns the evaluation report and stage timings."""
+    """Run every stage of a distillation on this machine; returns the evaluation report and stage timings.
+
+    The workdir is held for the whole run (`state.workdir_lock`): a second run on it is refused, not raced."""
+    from azdistill.stages.state import workdir_lock
+
+    with workdir_lock(config.workdir):
+        return _run_stages(config, force, tracker)
+
+
+def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracker]) -> RunResult:
     from azdistill.stages.evaluate import evaluate
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
@@ -165,9 +179,26 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
         if config.tracking.enabled:
             with _timed(seconds, "register"):
                 version = register_student(config, tracker, student, report)
-                if version is not None:
+                # No run started yet: every stage reused its outputs and this student was registered before, so the
+                # run that made them decided its promotion; deciding again would start a run that records nothing new.
+                if version is not None and tracker.run_id is not None:
                     promotion = tracker.promote_student(version, report)
-        tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
         run_id = tracker.run_id
+        if run_id is not None:
+            tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
+    new_run = run_id is not None
+    if config.tracking.enabled and not new_run:
+        run_id = _say_nothing_changed(tracker, pipeline_tags(config, mode="local"))
     write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})
-    return RunResult(report, config.stage_dir("evaluate"), seconds, version, config.tracking_uri if config.tracking.enabled else None, run_id, promotion)
+    tracking_uri = config.tracking_uri if config.tracking.enabled else None
+    return RunResult(report, config.stage_dir("evaluate"), seconds, version, tracking_uri, run_id, promotion, new_run)
+
+
+def _say_nothing_changed(tracker: NullTracker, tags: dict[str, str]) -> Optional[str]:
+    """Log that a rerun reused every stage and left no run; returns the id of the earlier run holding the results."""
+    previous = tracker.last_pipeline_run(tags)
+    if previous is None:
+        log.info("nothing changed: every stage reused; no new MLflow run")
+        return None
+    log.info("nothing changed since run %s (%s): every stage reused; no new MLflow run", previous.info.run_id, previous.info.run_name)
+    return previous.info.run_id

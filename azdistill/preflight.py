@@ -27,6 +27,9 @@ class PreflightReport:
     spent: float = 0.0
     max_cost: Optional[float] = None
     sample_ok: bool = False
+    # The sample call's prompt and answer: paid for, so the stage uses it as that record's answer (never asks twice).
+    sample_prompt: Optional[list] = None
+    sample_completion: Optional[object] = None
 
     def raise_for_budget(self) -> None:
         """Stop before the run if even the expected cost does not fit synthesis.max_cost."""
@@ -53,8 +56,13 @@ def _turn_prompts_tokens(config: DistillConfig, answer_tokens: float) -> tuple[i
     return total, requests
 
 
-def preflight(config: DistillConfig, teacher: EndpointTeacher, counts: Optional[dict[str, int]] = None, done: int = 0) -> PreflightReport:
-    """Check the endpoint with one real call and estimate the cost of the run; see `PreflightReport`."""
+def preflight(
+    config: DistillConfig, teacher: EndpointTeacher, counts: Optional[dict[str, int]] = None, done: int = 0, sample: bool = True
+) -> PreflightReport:
+    """Check the endpoint with one real call and estimate the cost of the run; see `PreflightReport`.
+
+    `sample=False` (a run that continues: the endpoint has answered it already) makes no call and estimates from
+    the settings alone."""
     from azdistill.prompts import check_rationale
     from azdistill.stages.synthesize import SPLITS, _start, count_records, iter_records, judge
 
@@ -86,7 +94,12 @@ def preflight(config: DistillConfig, teacher: EndpointTeacher, counts: Optional[
     retries = teacher.max_retries
     teacher.max_retries = min(retries, 2)  # a dead endpoint should be reported in seconds, not minutes
     try:
-        completion = teacher.complete(prompt)
+        if not sample:
+            report.lines.append(f"sample call: none (the run continues from {done} answered records)")
+            completion = None
+        else:
+            completion = teacher.complete(prompt)
+            report.sample_prompt, report.sample_completion = prompt, completion
     except BudgetExceeded:
         report.lines.append("sample call: not made: even one request could take the spend past synthesis.max_cost")
         completion = None

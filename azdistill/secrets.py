@@ -4,16 +4,22 @@ A key is never a literal in a config, a command line, a log line, an MLflow para
 config names where to find it (an environment variable, an Azure Key Vault secret, an Azure ML workspace
 connection) or asks for a Microsoft Entra ID token. Every secret value we resolve is registered here, so
 `redact()` can scrub it from any text that came back from an endpoint (some servers echo headers in error
-bodies) and the logging filter can scrub it from log lines as a last line of defence.
+bodies) and the logging filter can scrub it from log lines as a last line of defence. Libraries seldom print a
+value as it is: requests shows a refused header through repr() (escapes), servers echo it inside JSON, URLs
+percent-encode it; so each registered value is masked in every one of those forms, and so is each line of it.
+A key an HTTP header cannot carry (a line break, a control character, a character outside ASCII) is refused
+when it is read, naming where it came from and never what it holds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
 import time
+import unicodedata
 from typing import TYPE_CHECKING, Callable, Optional
 
 from azdistill.errors import UserError
@@ -64,6 +70,20 @@ def looks_like_secret(value: str) -> bool:
     return False
 
 
+def holds_secret(key: str) -> bool:
+    """Whether a config key holds or names a secret (api_key, api_key_env, key_vault_secret, token, password, ...): what
+    is given for it is never repeated in an error, as a key typed there by mistake may be too short to look like one."""
+    lowered = key.lower()
+    words = set(re.split(r"[_.\-]", lowered))
+    return lowered in SECRET_KEY_NAMES or bool(words & {"key", "apikey", "secret", "password", "token", "bearer", "authorization", "credential"})
+
+
+def looks_like_variable_name(name: str) -> bool:
+    """Whether `name` may be printed as a variable's name: UPPER_CASE words (OPENAI_API_KEY), not something that
+    could be a key typed where the name belongs (abc123xyz, Hy7Tq2Wz: valid names, too short for looks_like_secret)."""
+    return bool(re.fullmatch(r"_?[A-Z][A-Z0-9_]*", name)) and ("_" in name or name.isalpha()) and not looks_like_secret(name)
+
+
 def url_carries_secret(url: str) -> bool:
     """Whether a URL holds credentials: a user:password part or a query parameter that carries a key."""
     from urllib.parse import parse_qsl, urlsplit
@@ -84,28 +104,71 @@ def url_carries_secret(url: str) -> bool:
 
 
 _known: set[str] = set()
+_forms: list[str] = []  # every form of every registered value, longest first (a form may hold a shorter one)
 _known_lock = threading.Lock()
 MASK = "***"
+# A piece of a value this long or longer (a line of a multi-line key, the part before a character a library
+# printed its own way) is masked on its own; shorter pieces would mask ordinary words.
+MIN_PIECE = 6
+# An Authorization value, a key header or a key query parameter, masked even when the value was never registered
+# (a token minted by a library, a key of another tool): `Bearer x`, `api-key: x`, `'api-key': 'x'`, `api_key=x`.
+_AUTHORIZATION = re.compile(
+    r"(?i)(\b(?:bearer|basic)\s+|\b(?:api[-_]?key|x-api-key|ocp-apim-subscription-key|authorization)['\"]?\s*[:=]\s*['\"]?(?!bearer\s|basic\s))"
+    r"(?!\*\*\*)[^\s'\"<>,;&]{8,}"
+)
+
+
+def _printed(value: str) -> set[str]:
+    """`value` as libraries print it: repr() and ascii() with either quote escaped (repr escapes `'` only when the
+    whole text holds both quotes), JSON with and without ASCII escapes, percent-encoded (upper and lower case hex,
+    `+` or `%20` for a space), the repr of its UTF-8 bytes, and its UTF-8 read as Latin-1."""
+    forms = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    for quoted in (repr(value + '"')[1:-2], ascii(value + '"')[1:-2], repr(value.encode("utf-8") + b'"')[2:-2]):
+        forms |= {quoted, quoted.replace("\\'", "'")}
+    from urllib.parse import quote, quote_plus
+
+    for encoded in (quote(value, safe=""), quote(value), quote_plus(value)):
+        forms |= {encoded, re.sub(r"%[0-9A-F]{2}", lambda match: match.group().lower(), encoded)}
+    forms.add(value.encode("utf-8").decode("latin-1"))
+    return forms
+
+
+def _pieces(value: str) -> set[str]:
+    """The lines of a multi-line value, and the runs between characters a library may print its own way (controls,
+    spaces, quotes, backslashes, anything outside ASCII): what is left to mask if the whole never shows."""
+    return {piece for piece in re.split(r"[^\x21-\x7e]+|['\"\\]+", value) if len(piece) >= MIN_PIECE and piece != value}
 
 
 def register_secret(value: Optional[str]) -> None:
-    """Remember a secret value so `redact()` and the logging filter remove it wherever it shows up."""
-    if value and len(value) >= 4:
-        with _known_lock:
-            _known.add(value)
-        _install_log_filter()
+    """Remember a secret value so `redact()` and the logging filter remove it wherever it shows up, in every form a
+    library prints it (see `_printed`): as is, escaped by repr() or JSON, percent-encoded, each of its lines."""
+    if not value or len(value) < 4:
+        return
+    with _known_lock:
+        known = value in _known
+    _install_log_filter()  # again: a handler added since the value was first registered gets the filter too
+    if known:
+        return
+    forms = set()
+    for form in _printed(value):
+        forms |= _printed(form)  # one form inside another: the repr() of a key echoed in a JSON error body
+    for piece in _pieces(value):
+        forms |= _printed(piece)
+    with _known_lock:
+        _known.add(value)
+        _forms[:] = sorted(set(_forms) | {form for form in forms if len(form) >= 4}, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """`text` with every registered secret (and anything shaped like an Authorization value) masked."""
+    """`text` with every registered secret, in each of its forms, and anything shaped like an Authorization value masked."""
     if not text:
         return text
     with _known_lock:
-        secrets = sorted(_known, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return re.sub(r"(?i)\b(bearer|api-key:?)\s+[A-Za-z0-9._~+/=-]{8,}", r"\1 " + MASK, text)
+        forms = list(_forms)
+    for form in forms:
+        if form in text:
+            text = text.replace(form, MASK)
+    return _AUTHORIZATION.sub(lambda match: match.group(1) + MASK, text)
 
 
 class RedactingFilter(logging.Filter):
@@ -114,12 +177,22 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not _known:
             return True
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: logging reports it when the handler formats it
+            message = None
+        if message is not None:
+            cleaned = redact(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        # Filters run before the formatter, which would render the traceback (and the key in its message) itself;
+        # rendered here, the formatter reuses the masked text.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
@@ -138,18 +211,82 @@ def _install_log_filter() -> None:
 # Credentials
 
 
-class Credential:
-    """Produces the authentication headers of each request (a fixed key, or an Entra token refreshed in time)."""
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
-    def __init__(self, kind: str, key: Optional[str] = None, token_provider: Optional[Callable[[], tuple[str, float]]] = None, source: str = ""):
+
+def _flaw(value: str) -> Optional[tuple[str, int]]:
+    """What in `value` no key holds and an HTTP header cannot carry, in words that show no character of it, and its
+    1-based position; None when there is nothing."""
+    for position, char in enumerate(value, 1):
+        if char in _LINE_BREAKS:
+            flaw = "a line break"
+        elif char == "\t":
+            flaw = "a tab"
+        elif char == "\x00":
+            flaw = "a NUL character"
+        elif unicodedata.category(char).startswith("C"):  # Cc control, Cf format (zero-width space), Co, Cn, Cs
+            flaw = "a control character"
+        elif char.isspace():
+            flaw = "a space"
+        elif not char.isascii():
+            flaw = "a character outside ASCII"
+        else:
+            continue
+        return flaw, position
+    return None
+
+
+def header_value(value: str, subject: str, fix: str) -> str:
+    """`value` (a key or token) as it goes into a header: the whitespace around it removed, with a note; refused
+    with a one-line `UserError` naming `subject` (where it came from, e.g. "the key in environment variable X") and
+    `fix`, never the value, if anything else in it is what no key holds.
+
+    Whitespace around a key is removed rather than refused: a line break at its end is what `echo key > file`,
+    `$(< key.txt)` of a file saved with Windows line ends, or a copy from a web page leave, and no key starts or ends
+    with a space. Inside the key, a line break, a tab, a NUL or any other control or format character (Unicode
+    category C), any whitespace, and any character outside ASCII are refused: HTTP header values cannot carry control
+    characters (requests refuses the header and prints it, key and all, through repr()), http.client encodes headers
+    as Latin-1 and fails with a traceback on anything beyond it, and no provider issues keys with anything but
+    printable ASCII, so even a Latin-1 letter such as é is a paste gone wrong (the endpoint would answer 401).
+    """
+    register_secret(value)  # masked everywhere even if refused here
+    stripped = value.strip()
+    if stripped != value:
+        log.info("teacher.auth: removed the whitespace around %s (a line break at its end, say)", subject)
+        register_secret(stripped)
+    if not stripped:
+        raise UserError(f"teacher.auth: {subject} is empty; {fix}")
+    flaw = _flaw(stripped)
+    if flaw is not None:
+        what, position = flaw
+        why = {"a space": "which no key has", "a character outside ASCII": "which no key has (pasted in with it?)"}.get(
+            what, "which an HTTP header cannot carry"
+        )
+        raise UserError(f"teacher.auth: {subject} holds {what} (character {position + len(value) - len(value.lstrip())}), {why}; {fix}")
+    return stripped
+
+
+class Credential:
+    """Produces the authentication headers of each request (a fixed key, or an Entra token refreshed in time).
+
+    The key, and each token when it arrives, is checked by `header_value`: a value a header cannot carry is refused
+    with an error naming `source`; `fix` says how to mend it (e.g. "export it again without it").
+    """
+
+    def __init__(
+        self, kind: str, key: Optional[str] = None, token_provider: Optional[Callable[[], tuple[str, float]]] = None,
+        source: str = "", fix: str = "",
+    ):
         self.kind = kind
         self.source = source  # where the key came from, for messages; never the key itself
+        self._fix = fix
+        if key is not None:
+            key = header_value(key, f"the key in {source or 'the credential'}", fix or "set it again without it")
         self._key = key
         self._token_provider = token_provider
         self._token: Optional[str] = None
         self._expires_on = 0.0
         self._lock = threading.Lock()
-        register_secret(key)
 
     @property
     def is_token(self) -> bool:
@@ -161,8 +298,10 @@ class Credential:
             return self._key
         with self._lock:
             if self._token is None or time.time() > self._expires_on - TOKEN_REFRESH_MARGIN_S:
-                self._token, self._expires_on = self._token_provider()
-                register_secret(self._token)
+                token, self._expires_on = self._token_provider()
+                self._token = header_value(
+                    token, f"the {self.source or 'token'}", self._fix or "sign in again (az login) or check the identity azure-identity uses"
+                )
             return self._token
 
     def __repr__(self) -> str:  # never show the value, even in a traceback's locals
@@ -177,22 +316,42 @@ def resolve_credential(teacher: "TeacherConfig", azure: object = None, environ: 
     if method == "none":
         return Credential("none", source="no authentication")
     if method == "api_key_env":
-        name = auth.api_key_env
-        value = environ.get(name or "")
-        if not value:
+        name = auth.api_key_env or ""
+        value = environ.get(name)
+        if value is None or not value.strip():
+            # The name is shown only when it looks like a variable's: a short key typed in its place would pass the
+            # config's checks (it is a valid name) and land in this error line, and from there in CI logs.
+            if looks_like_variable_name(name):
+                problem = f"the environment variable {name} is not set (or empty); export the teacher's key in it"
+            else:
+                problem = (
+                    "the environment variable it names is not set (or empty); the name is not shown, as it does not look like "
+                    "one (UPPER_CASE) and may be a key typed in its place: give the NAME of the variable holding the key"
+                )
             raise UserError(
-                f"teacher.auth.api_key_env: the environment variable {name} is not set (or empty); export the "
-                f"teacher's key in it, or choose another teacher.auth.method (key_vault, workspace_connection, entra)"
+                f"teacher.auth.api_key_env: {problem}, or choose another teacher.auth.method (key_vault, workspace_connection, entra)"
             )
-        return Credential("key", key=value.strip(), source=f"environment variable {name}")
+        return Credential("key", key=value, source=f"environment variable {name}", fix="export it again without it")
     if method == "key_vault":
-        return Credential("key", key=_key_vault_secret(auth.key_vault_url, auth.key_vault_secret), source=f"Key Vault secret {auth.key_vault_secret}")
+        return Credential(
+            "key", key=_key_vault_secret(auth.key_vault_url, auth.key_vault_secret), source=f"Key Vault secret {auth.key_vault_secret}",
+            fix="store the secret again without it",
+        )
     if method == "workspace_connection":
-        return Credential("key", key=_connection_key(auth, azure, environ), source=f"workspace connection {auth.connection}")
+        return Credential(
+            "key", key=_connection_key(auth, azure, environ), source=f"workspace connection {auth.connection}",
+            fix="save the connection's key again without it",
+        )
     if method == "entra":
         scope = auth.scope or ENTRA_SCOPES.get(teacher.kind, ENTRA_SCOPES["azure_openai"])
         return Credential("entra", token_provider=_entra_token_provider(scope), source=f"Entra ID token for {scope}")
     raise UserError(f"teacher.auth.method: unknown method {method!r}")  # pragma: no cover - the config rejects it
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message, masked (azure-identity's messages run to a dozen lines, or are empty)."""
+    lines = redact(str(error)).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _azure_credential():
@@ -212,7 +371,7 @@ def _entra_token_provider(scope: str) -> Callable[[], tuple[str, float]]:
         try:
             token = credential.get_token(scope)
         except Exception as error:  # azure-identity raises several types; all mean "no token"
-            raise UserError(f"teacher.auth.method entra: no Microsoft Entra ID token for {scope}: {redact(str(error)).splitlines()[0]}") from None
+            raise UserError(f"teacher.auth.method entra: no Microsoft Entra ID token for {scope}: {_first_line(error)}") from None
         return token.token, float(token.expires_on)
 
     return provide
@@ -227,10 +386,10 @@ def _key_vault_secret(vault_url: Optional[str], name: Optional[str]) -> str:
         secret = SecretClient(vault_url=vault_url, credential=_azure_credential()).get_secret(name)
     except Exception as error:
         raise UserError(
-            f"teacher.auth: cannot read secret '{name}' from Key Vault {vault_url}: {redact(str(error)).splitlines()[0]} "
+            f"teacher.auth: cannot read secret '{name}' from Key Vault {vault_url}: {_first_line(error)} "
             f"(the identity running this needs the 'Key Vault Secrets User' role on the vault)"
         ) from None
-    if not secret.value:
+    if not (secret.value or "").strip():
         raise UserError(f"teacher.auth: Key Vault secret '{name}' in {vault_url} is empty")
     return secret.value
 
@@ -266,10 +425,10 @@ def _connection_key(auth, azure: object, environ) -> str:
     except Exception as error:
         raise UserError(
             f"teacher.auth: cannot read workspace connection '{auth.connection}' of workspace {workspace}: "
-            f"{redact(str(error)).splitlines()[0]}"
+            f"{_first_line(error)}"
         ) from None
     key = getattr(connection, "api_key", None) or getattr(getattr(connection, "credentials", None), "key", None)
-    if not key:
+    if not (key or "").strip():
         raise UserError(
             f"teacher.auth: workspace connection '{auth.connection}' holds no API key (it may use Entra ID: "
             f"set teacher.auth.method: entra)"

@@ -11,6 +11,14 @@ Names are fixed so MLflow's compare view lines retrains up side by side:
   training loss is the `train_loss` history of the finetune run;
 - what the evaluate stage logs (metrics without a step, tags, the report files) is also logged on the parent
   run, so comparing parent runs compares retrains, and a parent run shows its report without opening a child.
+
+What MLflow shows is what happened:
+
+- a run starts in MLflow only once something is logged under it (dated from when its pipeline or stage began),
+  so a rerun whose stages all reuse their outputs leaves no run behind;
+- every run is tagged with where it runs from (`azdistill.workdir`, `azdistill.host`, `azdistill.pid` and the
+  process's start time); a run left RUNNING by a process that is gone (killed) is closed as KILLED when the next
+  pipeline or stage of that workdir begins. A run whose process is alive is never touched.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -32,6 +42,11 @@ MAX_PARAM_LENGTH = 6000
 # Stages whose results describe the whole pipeline; see the module docstring.
 SUMMARY_STAGES = ("evaluate",)
 STAGE_TAG = "azdistill.stage"
+# Where a run runs from: what `Tracker.close_interrupted_runs` needs to tell a killed run from a live one.
+WORKDIR_TAG = "azdistill.workdir"
+HOST_TAG = "azdistill.host"
+PID_TAG = "azdistill.pid"
+PID_CREATE_TIME_TAG = "azdistill.pid_create_time"  # psutil's create_time: a pid reused by another process differs
 
 
 def pipeline_run_name(config: DistillConfig) -> str:
@@ -112,18 +127,45 @@ class NullTracker:
         """Apply the champion/challenger rule to a registered version (see `azdistill.registry`)."""
         return None
 
+    def last_pipeline_run(self, tags: dict[str, str]) -> Any:
+        """The latest finished pipeline run of this workdir with `tags` (an MLflow Run), or None."""
+        return None
+
+
+@dataclass
+class _Context:
+    """A pipeline or stage `Tracker` is inside of; its MLflow run starts when something is first logged in it."""
+
+    name: str
+    tags: dict[str, str]
+    params: dict[str, Any]  # logged when the run starts: the config, on a run that is not nested
+    summary: bool  # a SUMMARY_STAGES stage inside a pipeline: what it logs also goes on the pipeline run
+    began_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    run_id: Optional[str] = None
+
 
 class Tracker(NullTracker):
-    """Logs to MLflow at the config's tracking URI (a local SQLite store by default)."""
+    """Logs to MLflow at the config's tracking URI (a local SQLite store by default).
+
+    `pipeline` and `stage` only note that a run would start; the run (and any pipeline run above it, parents
+    first) starts in MLflow on the first `log_*`, `set_tags`, `log_student` or `promote_student` inside it, with
+    the start time of the context. A stage that reuses its outputs and logs nothing leaves no run.
+    """
 
     def __init__(self, config: DistillConfig):
         import mlflow
+        import psutil
 
         self.config = config
         self.mlflow = mlflow
-        # Run id of the pipeline run while a summary stage (see SUMMARY_STAGES) is active under it, else None.
-        self._summary_parent: Optional[str] = None
         self._client = None
+        self._contexts: list[_Context] = []
+        self.origin = {
+            WORKDIR_TAG: str(Path(config.workdir).resolve()),
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
+            PID_CREATE_TIME_TAG: repr(psutil.Process().create_time()),
+        }
         # MLflow sets up its own loggers on import; keep only errors (e.g. no model card offline, an expected miss).
         for name in ("mlflow", "mlflow.transformers", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -141,38 +183,130 @@ class Tracker(NullTracker):
             mlflow.create_experiment(
                 config.experiment_name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
             )
-        mlflow.set_experiment(config.experiment_name)
+        self.experiment_id = mlflow.set_experiment(config.experiment_name).experiment_id
 
     @property
     def run_id(self) -> Optional[str]:  # type: ignore[override]
+        """The innermost run started in MLflow; None while nothing has been logged."""
         run = self.mlflow.active_run()
         return run.info.run_id if run else None
 
     @contextmanager
     def pipeline(self, run_name: str, tags: dict[str, str]) -> Iterator["Tracker"]:
-        with self.mlflow.start_run(run_name=run_name, tags=tags):
-            self.log_params(config_to_params(self.config))
+        with self._context(_Context(run_name, tags, config_to_params(self.config), summary=False)):
             yield self
 
     @contextmanager
     def stage(self, name: str) -> Iterator["Tracker"]:
+        nested = bool(self._contexts) or self.mlflow.active_run() is not None
+        # A stage run on its own carries the config itself.
+        params = {} if nested else config_to_params(self.config)
+        with self._context(_Context(name, {STAGE_TAG: name}, params, summary=nested and name in SUMMARY_STAGES)):
+            yield self
+
+    @contextmanager
+    def _context(self, context: _Context) -> Iterator[None]:
+        if not self._contexts:
+            self.close_interrupted_runs()
+        self._contexts.append(context)
+        status = "FINISHED"
+        try:
+            yield
+        except KeyboardInterrupt:
+            status = "KILLED"  # Ctrl-C: the run was stopped, it did not fail
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self._contexts.pop()
+            if context.run_id is not None:
+                self.mlflow.end_run(status)
+
+    def _start_runs(self) -> None:
+        """Start in MLflow the runs of the contexts we are in that have not started yet, parents first."""
+        for context in self._contexts:
+            if context.run_id is None:
+                self._start(context)
+
+    def _start(self, context: _Context) -> None:
         parent = self.mlflow.active_run()
-        with self.mlflow.start_run(run_name=name, nested=parent is not None, tags={STAGE_TAG: name}):
-            if parent is None:  # a stage run on its own carries the config itself
-                self.log_params(config_to_params(self.config))
-            self._summary_parent = parent.info.run_id if parent is not None and name in SUMMARY_STAGES else None
-            try:
-                yield self
-            finally:
-                self._summary_parent = None
+        tags = {**context.tags, **self.origin}
+        if parent is None and os.environ.get("MLFLOW_RUN_ID"):
+            # Inside an Azure ML job MLflow resumes the job's own run, named by MLFLOW_RUN_ID; it began with the job.
+            run = self.mlflow.start_run(run_name=context.name, tags=tags)
+        else:
+            from mlflow.tracking.context.registry import resolve_tags
+            from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+            if parent is not None:
+                tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
+            # Created through the client to date it from when the context began (`start_run` dates it now, when the
+            # first thing is logged); resolve_tags adds the source and user tags `start_run` would add.
+            created = self.client.create_run(
+                self.experiment_id, start_time=context.began_ms, tags=resolve_tags(tags), run_name=context.name
+            )
+            run = self.mlflow.start_run(run_id=created.info.run_id, nested=parent is not None)
+        context.run_id = run.info.run_id
+        if context.params:
+            self.mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in context.params.items()})
+
+    @property
+    def _summary_parent(self) -> Optional[str]:
+        """Run id of the pipeline run while a summary stage (see SUMMARY_STAGES) is the innermost context, else None."""
+        if len(self._contexts) >= 2 and self._contexts[-1].summary:
+            return self._contexts[-2].run_id
+        return None
+
+    def close_interrupted_runs(self) -> list[str]:
+        """Close as KILLED the runs of this workdir left RUNNING by an azdistill process that is gone; returns their ids.
+
+        Only runs tagged with this workdir and this host are judged: their process is gone when its pid is not
+        alive, or is alive but started at another time (the pid now belongs to another process). A run of a live
+        process, of another machine, or without these tags is left as it is.
+        """
+        if os.environ.get("MLFLOW_RUN_ID"):
+            return []  # inside an Azure ML job: Azure ML keeps its runs' status
+        running = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+        closed = []
+        for run in running:
+            tags = run.data.tags
+            if tags.get(WORKDIR_TAG) != self.origin[WORKDIR_TAG] or tags.get(HOST_TAG) != self.origin[HOST_TAG]:
+                continue
+            if _process_alive(tags.get(PID_TAG), tags.get(PID_CREATE_TIME_TAG)):
+                continue
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            log.info("closed run %s (pid %s) left RUNNING by an interrupted azdistill as KILLED", run.info.run_id, tags.get(PID_TAG))
+            closed.append(run.info.run_id)
+        return closed
+
+    def last_pipeline_run(self, tags: dict[str, str]) -> Any:
+        """The latest FINISHED pipeline run of this workdir with `tags` (the run whose results a rerun that changed
+        nothing still shows), or None."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        wanted = {**tags, WORKDIR_TAG: self.origin[WORKDIR_TAG]}
+        pipeline = tags.get("azdistill.pipeline", self.config.name)  # a config name: letters, digits, '.', '_', '-'
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"attributes.status = 'FINISHED' and tags.`azdistill.pipeline` = '{pipeline}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+        for run in runs:
+            if MLFLOW_PARENT_RUN_ID not in run.data.tags and all(run.data.tags.get(key) == value for key, value in wanted.items()):
+                return run
+        return None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        self._start_runs()
         self.mlflow.log_params({key: str(value)[:MAX_PARAM_LENGTH] for key, value in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         clean = {key: float(value) for key, value in metrics.items() if value is not None}
         if not clean:
             return
+        self._start_runs()
         self.mlflow.log_metrics(clean, step=step)
         if self._summary_parent and step is None:
             from mlflow.entities import Metric
@@ -181,6 +315,7 @@ class Tracker(NullTracker):
             self.client.log_batch(self._summary_parent, metrics=[Metric(key, value, now, 0) for key, value in clean.items()])
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self._start_runs()
         if Path(path).is_dir():
             self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
         else:
@@ -189,6 +324,7 @@ class Tracker(NullTracker):
                 self.client.log_artifact(self._summary_parent, str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self._start_runs()
         self.mlflow.set_tags(tags)
         if self._summary_parent:
             for key, value in tags.items():
@@ -206,6 +342,7 @@ class Tracker(NullTracker):
         Besides `tags`, the version records its lineage (run id and name, pipeline, task, student; the data
         version comes with `tags`) and a description a person reads in the registry.
         """
+        self._start_runs()
         version = self._log_model(Path(model_dir))
         if version is None:
             return None
@@ -237,6 +374,7 @@ class Tracker(NullTracker):
         """
         from azdistill.registry import apply_promotion, failed_check_descriptions
 
+        self._start_runs()
         decision = apply_promotion(
             self.client,
             self.config.registered_model_name,
@@ -269,6 +407,23 @@ class Tracker(NullTracker):
         )
         version = getattr(info, "registered_model_version", None)
         return str(version) if version is not None else None
+
+
+def _process_alive(pid: Optional[str], create_time: Optional[str]) -> bool:
+    """Whether process `pid` still runs and is the one that started at `create_time` (not a later one given its pid).
+    Tags that cannot be read count as alive: a run we cannot judge is not ours to close."""
+    import psutil
+
+    try:
+        process = psutil.Process(int(pid))  # type: ignore[arg-type]
+        started = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent
+            return False
+        return abs(started - float(create_time)) < 1.0  # type: ignore[arg-type]
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
+    except (TypeError, ValueError, psutil.AccessDenied):
+        return True
 
 
 def make_tracker(config: DistillConfig) -> NullTracker:

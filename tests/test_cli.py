@@ -7,6 +7,7 @@ tripwire (`forbid_models`), so a command that reaches them fails its test instea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import azdistill.models
 from azdistill.cli import cli
 from azdistill.config import TASK_TYPES
 from azdistill.errors import StageFailed
+from azdistill.preflight import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 
 from conftest import line_of
 
@@ -69,6 +71,19 @@ def assert_user_error(result, expected_line: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert "Traceback" not in result.output
     assert result.stderr.splitlines() == [expected_line]
+
+
+def tiny_warning(path: Path, count: int, minimum: int, task: str) -> str:
+    return (
+        f"warning: {path}: {count} record{'s' if count != 1 else ''}, fewer than the {minimum} per split that Azure ML's "
+        f"distillation requires for task {task}; the student may learn little"
+    )
+
+
+def distinct_rows(count: int) -> list[dict]:
+    """`count` valid rows whose prompts all differ."""
+    system, user, assistant = GOOD_ROW["messages"]
+    return [{"messages": [system, {**user, "content": f"Review {index}: loved it."}, assistant]} for index in range(count)]
 
 
 def data_file(config: Path, split: str) -> Path:
@@ -191,7 +206,6 @@ def test_validate_prints_counts_per_split(runner, minimal_config):
     task = minimal_config.read_text().split("type: ", 1)[1].split()[0]
     result = invoke(runner, "validate", minimal_config)
     assert result.exit_code == 0, result.output
-    assert result.stderr == ""
     data = minimal_config.parent.resolve() / "data"
     assert result.stdout.splitlines() == [
         f"train: {data / 'train.jsonl'} — 4 records, 4 with reference answers",
@@ -199,6 +213,10 @@ def test_validate_prints_counts_per_split(runner, minimal_config):
         f"test: {data / 'test.jsonl'} — 3 records, 3 with reference answers",
         f"config OK: task {task}, teacher builtin, student pruned-teacher",
     ]
+    # the fixture's splits are far below Azure ML's minimum: warned about, not refused
+    minimum = AZURE_MINIMUM_RECORDS.get(task, AZURE_MINIMUM_DEFAULT)
+    assert result.stderr.splitlines() == [tiny_warning(data / f"{split}.jsonl", count, minimum, task) for split, count in
+                                          (("train", 4), ("validation", 2), ("test", 3))]
 
 
 def test_validate_counts_records_without_references(runner, make_config):
@@ -290,17 +308,18 @@ def test_multi_turn_record_for_a_single_turn_task(runner, make_config):
     )
 
 
-def test_several_bad_lines_are_all_reported(runner, make_config):
+def test_several_bad_lines_give_one_line_and_a_report_in_the_workdir(runner, make_config, workdir):
     config = make_config()
     train = data_file(config, "train")
     write_rows(train, ["{oops", GOOD_ROW, "[]"])
     result = invoke(runner, "validate", config)
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
-    assert result.stderr.splitlines() == [
-        f"error: {train.resolve()}:1: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
-        f"{train.resolve()}:3: expected an object with a 'messages' list",
-    ]
+    report = workdir / "validate-report.jsonl"
+    assert_user_error(
+        result,
+        f"error: {train.resolve()}: 2 bad records; first at line 1: malformed JSON: Expecting property name enclosed in "
+        f"double quotes (column 2); all of them in {report}",
+    )
+    assert [json.loads(line)["line"] for line in report.read_text(encoding="utf-8").splitlines()] == [1, 3]
 
 
 def test_missing_data_file(runner, make_config):
@@ -554,3 +573,142 @@ def test_the_tripwire_fixture_works(runner):
         azdistill.models.builtin_teacher_path()
     with pytest.raises(ModelLoaded):
         azdistill.models.make_pruned_student(Path("t"), 0.5, Path("s"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# validate: nothing lost, nothing trusted blindly (bad input: one line and exit 2, nothing half-written)
+
+
+def test_validate_refuses_a_repeated_section(runner, make_config):
+    config = make_config(extra="training:\n  learning_rate: 0.01\ntraining:\n  epochs: 2\n")
+    first, second = line_of(config, "training:"), line_of(config, "epochs: 2") - 1
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{second}: duplicate key 'training' (first at line {first}); merge the two sections",
+    )
+
+
+def test_validate_refuses_a_workdir_that_is_a_file(runner, make_config, workdir):
+    workdir.write_text("not a folder")
+    config = make_config()
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {config}:{line_of(config, 'workdir:')}: workdir: {workdir} is a file, not a folder; set workdir to a "
+        f"folder or to a path that does not exist yet (given: {str(workdir)!r})",
+    )
+
+
+def test_validate_points_at_the_line_missing_a_colon(runner, make_config):
+    config = make_config()
+    config.write_text(config.read_text().replace("  type: nli", "  type nli"))
+    result = invoke(runner, "validate", config)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {config}:{line_of(config, 'type nli')}: not valid YAML: "), line
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_validate_says_what_a_data_path_that_is_not_a_file_is(runner, make_config, kind):
+    config = make_config()
+    train = data_file(config, "train")
+    train.unlink()
+    if kind == "directory":
+        train.mkdir()
+        expected = "is a directory, not a data file; give the path of a .jsonl file"
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no named pipes on this platform")
+        os.mkfifo(train)
+        expected = "is not a regular file (a named pipe); give the path of a .jsonl file"
+    assert_user_error(invoke(runner, "validate", config), f"error: {train.resolve()}: {expected}")
+
+
+def test_validate_gives_one_line_for_25_bad_records_and_writes_only_the_report(runner, make_config, workdir):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, distinct_rows(2) + ['{"messages": [oops]}'] * 25)
+    data_before = sorted(path.name for path in train.parent.iterdir())
+    result = invoke(runner, "validate", config)
+    report = workdir / "validate-report.jsonl"
+    assert_user_error(
+        result,
+        f"error: {train.resolve()}: 25 bad records; first at line 3: malformed JSON: Expecting value (column 15); "
+        f"all of them in {report}",
+    )
+    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    assert [row["line"] for row in rows] == list(range(3, 28))
+    assert {row["file"] for row in rows} == {str(train.resolve())}
+    assert sorted(path.name for path in workdir.iterdir()) == ["validate-report.jsonl"]  # nothing else, no temporary
+    assert sorted(path.name for path in train.parent.iterdir()) == data_before  # nothing beside the user's data
+
+
+def test_a_later_clean_validate_removes_the_old_report(runner, make_config, workdir):
+    config = make_config()
+    train = data_file(config, "train")
+    good = train.read_text(encoding="utf-8")
+    write_rows(train, ["{bad", "{bad"])
+    assert invoke(runner, "validate", config).exit_code == 2
+    assert (workdir / "validate-report.jsonl").exists()
+    train.write_text(good, encoding="utf-8")
+    assert invoke(runner, "validate", config).exit_code == 0
+    assert not (workdir / "validate-report.jsonl").exists()
+
+
+def test_validate_refuses_an_over_long_prompt_with_its_line(runner, make_config):
+    config = make_config()
+    validation = data_file(config, "validation")
+    system, user, assistant = GOOD_ROW["messages"]
+    write_rows(validation, [GOOD_ROW, {"messages": [system, {**user, "content": "x" * 200_000}, assistant]}])
+    assert_user_error(
+        invoke(runner, "validate", config),
+        f"error: {validation.resolve()}:2: the prompt has {len(system['content']) + 200_000:,} characters, more than "
+        "data.max_prompt_chars (100,000); shorten the record or raise data.max_prompt_chars",
+    )
+    assert invoke(runner, "validate", config, "--set", "data.max_prompt_chars=300000").exit_code == 0
+
+
+def test_validate_warns_about_duplicate_prompts(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, [GOOD_ROW] * 24 + distinct_rows(65))
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("— 89 records, 89 with reference answers")
+    assert (
+        f"warning: {train.resolve()}: 23 records repeat an earlier prompt, first at lines 2, 3, 4, 5, 6 "
+        "(line 2 repeats line 1); remove the copies unless they are meant to weigh more"
+    ) in result.stderr.splitlines()
+    assert not any(str(train.resolve()) in line and "fewer than" in line for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("task", ["nli", "math"])
+def test_validate_warns_below_azure_mls_minimum_per_split(runner, make_config, task):
+    minimum = AZURE_MINIMUM_RECORDS.get(task, AZURE_MINIMUM_DEFAULT)
+    config = make_config(task)
+    train, validation = data_file(config, "train"), data_file(config, "validation")
+    write_rows(train, distinct_rows(minimum))
+    write_rows(validation, distinct_rows(minimum - 1))
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 0, result.output
+    warnings = result.stderr.splitlines()
+    assert tiny_warning(validation.resolve(), minimum - 1, minimum, task) in warnings
+    assert not any(str(train.resolve()) in line for line in warnings)
+
+
+def test_validate_warns_about_a_one_record_training_set(runner, make_config):
+    config = make_config()
+    train = data_file(config, "train")
+    write_rows(train, [GOOD_ROW])
+    result = invoke(runner, "validate", config)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == tiny_warning(train.resolve(), 1, AZURE_MINIMUM_DEFAULT, "nli")
+
+
+def test_validate_streams_the_data_instead_of_reading_it_whole(runner, make_config, monkeypatch):
+    import azdistill.data
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("validate read a whole split into memory")
+
+    monkeypatch.setattr(azdistill.data, "read_records", whole_file)
+    assert invoke(runner, "validate", make_config()).exit_code == 0

@@ -219,7 +219,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_a_folder_is_not_a_config_file(tmp_path):
-    assert user_error(tmp_path) == f"{tmp_path}: config file not found"
+    assert user_error(tmp_path) == f"{tmp_path}: is a directory, not a config file; give the path of a YAML file"
 
 
 @pytest.mark.parametrize("text, kind", [("- task\n- data\n", "list"), ("just words\n", "str"), ("42\n", "int")])
@@ -478,3 +478,137 @@ def _count_leaves(model) -> int:
         else:
             total += 1
     return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Duplicate keys: refused at any depth, naming both lines (a second section used to replace the first silently)
+
+
+def test_a_repeated_section_is_refused_naming_both_lines(write_config):
+    # The second `training:` used to win: learning_rate went back to its default without a word.
+    path = write_config(BASE + "training:\n  epochs: 2\n")
+    assert user_error(path) == f"{path}:14: duplicate key 'training' (first at line 9); merge the two sections"
+
+
+def test_a_repeated_key_inside_a_section_is_refused(write_config):
+    path = write_config(BASE.replace("  batch_size: 4\n", "  batch_size: 4\n  learning_rate: 0.1\n"))
+    assert user_error(path) == (
+        f"{path}:12: duplicate key 'training.learning_rate' (first at line 10); keep one of them"
+    )
+
+
+def test_a_repeated_key_two_levels_deep_is_refused(write_config):
+    path = write_config(BASE + "teacher:\n  auth:\n    method: entra\n    scope: a\n    method: none\n")
+    assert user_error(path) == f"{path}:18: duplicate key 'teacher.auth.method' (first at line 16); keep one of them"
+
+
+def test_a_repeated_top_level_value_is_refused(write_config):
+    path = write_config(BASE + "name: other\n")
+    assert user_error(path) == f"{path}:14: duplicate key 'name' (first at line 1); keep one of them"
+
+
+def test_overrides_of_the_same_key_are_not_duplicates(write_config):
+    config = load_config(write_config(), ["training.learning_rate=0.1", "training.learning_rate=0.2"])
+    assert config.training.learning_rate == 0.2
+
+
+def test_a_duplicate_key_inside_an_override_value_is_refused(write_config):
+    assert user_error(write_config(), ["task={type: qa, type: nli}"]) == (
+        "--set task: duplicate key 'type' in the value; keep one of them"
+    )
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    import yaml
+
+    from azdistill.config import StrictLoader
+
+    text = "base: &b {epochs: 1, seed: 2}\ntraining:\n  <<: *b\n  epochs: 3\n"
+    assert yaml.load(text, Loader=StrictLoader) == {"base": {"epochs": 1, "seed": 2}, "training": {"epochs": 3, "seed": 2}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML syntax errors name the line a person would fix (PyYAML's problem_mark is often a line or more late)
+
+# (what was done to BASE, the line to report, a word the message must contain)
+SYNTAX_MISTAKES = {
+    # "type nli" and the next line are read as one key: PyYAML complains at the colon of line 4
+    "missing colon": (("  type: nli", "  type nli"), 3, "':'"),
+    "missing colon on a section": (("task:\n", "task\n"), 2, "':'"),
+    # an unclosed quote runs to the end of the file
+    "unclosed quote": (("  type: nli", '  type: "nli'), 3, "quote"),
+    # an unclosed bracket is noticed on the next line
+    "unclosed bracket": (("labels: [positive, negative]", "labels: [positive, negative"), 4, "'['"),
+    "unclosed brace": (("  temperature: 0.5", "  temperature: {a: 1\nname2: x"), 13, "'{'"),
+    "tab": (("  batch_size: 4", "\tbatch_size: 4"), 11, "tab"),
+    "over-indented key": (("  batch_size: 4", "   batch_size: 4"), 11, "mapping values"),
+    "under-indented key": (("  learning_rate: 0.001\n  batch_size: 4", "    learning_rate: 0.001\n  batch_size: 4"), 11, "block"),
+}
+
+
+@pytest.mark.parametrize("mistake", SYNTAX_MISTAKES)
+def test_yaml_syntax_errors_name_the_line_to_fix(write_config, mistake):
+    (old, new), line, word = SYNTAX_MISTAKES[mistake]
+    assert old in BASE
+    path = write_config(BASE.replace(old, new, 1))
+    message = user_error(path)
+    assert message.startswith(f"{path}:{line}: not valid YAML: "), message
+    assert word in message, message
+
+
+# ---------------------------------------------------------------------------------------------------
+# workdir: a file, a path inside a file or a folder that cannot be written is refused when the config loads
+
+
+def test_a_workdir_that_is_a_file_is_refused(write_config, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("x")
+    path = write_config(BASE + f"workdir: {taken}\n")
+    assert user_error(path) == (
+        f"{path}:14: workdir: {taken} is a file, not a folder; set workdir to a folder or to a path that does not exist yet"
+        f" (given: {str(taken)!r})"
+    )
+
+
+def test_a_workdir_inside_a_file_is_refused(write_config, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("x")
+    message = user_error(write_config(), [f"workdir={taken / 'work'}"])
+    assert message == (
+        f"--set workdir: workdir: {taken} is a file, so no folder can be made inside it; set workdir to a folder"
+        f" (given: {str(taken / 'work')!r})"
+    )
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(write_config, tmp_path, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # The tests may run as root, for whom every folder is writable: the permission is faked for this one folder.
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    message = user_error(write_config(), [f"workdir={locked / 'work'}"])
+    assert message == (
+        f"--set workdir: workdir: {locked} is not writable, so {locked / 'work'} cannot be created; "
+        f"set workdir to a folder you can write to (given: {str(locked / 'work')!r})"
+    )
+
+
+def test_a_workdir_that_does_not_exist_yet_is_fine_and_is_not_created(write_config, tmp_path):
+    config = load_config(write_config(BASE + f"workdir: {tmp_path / 'a' / 'b'}\n"))
+    assert config.workdir == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# data.max_prompt_chars
+
+
+def test_max_prompt_chars_has_a_sane_default_and_can_be_set(write_config):
+    assert load_config(write_config()).data.max_prompt_chars == 100_000
+    assert load_config(write_config(), ["data.max_prompt_chars=5000"]).data.max_prompt_chars == 5000
+    assert user_error(write_config(), ["data.max_prompt_chars=0"]).startswith(
+        "--set data.max_prompt_chars: data.max_prompt_chars: Input should be greater than 0"
+    )
+

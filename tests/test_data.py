@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from azdistill.config import SINGLE_TURN_TASKS, TASK_TYPES
 from azdistill.data import (
-    MAX_REPORTED_ERRORS,
     AppendLog,
     Record,
     atomic_writer,
@@ -192,7 +192,7 @@ def test_each_kind_of_bad_line_is_named_with_file_and_line(write_lines, line, pr
     assert error_lines(path) == [f"{path}:2: {problem}"]
 
 
-def test_all_bad_lines_are_reported_one_per_line(write_lines):
+def test_several_bad_lines_give_one_line_and_a_report_of_all_of_them(write_lines, tmp_path):
     path = write_lines(
         "d.jsonl",
         [
@@ -206,22 +206,45 @@ def test_all_bad_lines_are_reported_one_per_line(write_lines):
             msgs(SYSTEM, USER, USER),
         ],
     )
-    assert error_lines(path) == [
-        f"{path}:2: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
-        f"{path}:4: the first message must be 'system', not 'user'",
-        f"{path}:6: messages[1] (user) has empty content",
-        f"{path}:8: messages[2] is 'user' where 'assistant' was expected "
-        "(system, then user and assistant alternating)",
+    report = tmp_path / "work" / "report.jsonl"
+    with pytest.raises(UserError) as caught:
+        read_records(path, "nli", report=report)
+    assert str(caught.value) == (
+        f"{path}: 4 bad records; first at line 2: malformed JSON: Expecting property name enclosed in double quotes "
+        f"(column 2); all of them in {report}"
+    )
+    assert [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()] == [
+        {"file": str(path), "line": 2, "problem": "malformed JSON: Expecting property name enclosed in double quotes (column 2)"},
+        {"file": str(path), "line": 4, "problem": "the first message must be 'system', not 'user'"},
+        {"file": str(path), "line": 6, "problem": "messages[1] (user) has empty content"},
+        {"file": str(path), "line": 8, "problem": "messages[2] is 'user' where 'assistant' was expected "
+         "(system, then user and assistant alternating)"},
     ]
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.jsonl"]  # no temporary file left
 
 
-def test_very_many_bad_lines_are_capped_with_a_count(write_lines):
-    path = write_lines("d.jsonl", [GOOD] + ["{bad"] * (MAX_REPORTED_ERRORS + 5))
-    lines = error_lines(path)
-    assert len(lines) == MAX_REPORTED_ERRORS + 1
-    assert lines[0].startswith(f"{path}:2: malformed JSON")
-    assert lines[MAX_REPORTED_ERRORS - 1].startswith(f"{path}:{MAX_REPORTED_ERRORS + 1}: malformed JSON")
-    assert lines[-1] == f"{path}: ... and 5 more bad lines"
+def test_twenty_five_bad_lines_give_one_line_with_the_count(write_lines, tmp_path, monkeypatch):
+    # 25 bad lines used to give a 21-line message; the report without a place given goes to a temporary folder,
+    # never beside the user's data.
+    import tempfile
+
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    path = write_lines("data/d.jsonl", [GOOD, GOOD] + ["{bad"] * 25)
+    (line,) = error_lines(path)
+    assert line.startswith(f"{path}: 25 bad records; first at line 3: malformed JSON: ")
+    report = Path(line.rsplit("; all of them in ", 1)[1])
+    assert len(report.read_text(encoding="utf-8").splitlines()) == 25
+    assert report.parent.parent == tmp_path / "temp"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["d.jsonl"]
+
+
+def test_one_bad_line_writes_no_report(write_lines, tmp_path):
+    path = write_lines("d.jsonl", [GOOD, "{bad"])
+    report = tmp_path / "work" / "report.jsonl"
+    with pytest.raises(UserError, match=r":2: malformed JSON"):
+        read_records(path, "nli", report=report)
+    assert not (tmp_path / "work").exists()
 
 
 def test_malformed_json_at_the_end_of_a_line_names_the_right_column(write_lines):
@@ -249,7 +272,21 @@ def test_missing_file(tmp_path):
 def test_a_folder_is_not_a_data_file(tmp_path):
     folder = tmp_path / "folder.jsonl"
     folder.mkdir()
-    assert error_lines(folder) == [f"{folder}: data file not found"]
+    assert error_lines(folder) == [f"{folder}: is a directory, not a data file; give the path of a .jsonl file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_a_named_pipe_is_not_a_data_file(tmp_path):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    # Opening a pipe with no writer would block: the check must not open it.
+    assert error_lines(fifo) == [f"{fifo}: is not a regular file (a named pipe); give the path of a .jsonl file"]
+
+
+def test_a_data_file_below_a_file_is_not_found(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("x")
+    assert error_lines(taken / "d.jsonl") == [f"{taken / 'd.jsonl'}: data file not found ({taken} is a file, not a folder)"]
 
 
 @pytest.mark.parametrize("name", ["d.json", "d.txt", "d.csv", "d"])
@@ -431,3 +468,106 @@ def test_the_conftest_records_helper_builds_valid_records():
             assert check_messages(record(task, index, reference=False)["messages"], task) is None
     assert len(records("chat", 3)) == 3
     assert any(len(r["messages"]) > 3 for r in records("conversation", 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming checks for `validate`: an over-long prompt, duplicates, and memory that does not grow with the file
+
+
+def test_check_prompt_length_names_the_size_and_the_setting():
+    from azdistill.data import check_prompt_length
+
+    long_user = {"role": "user", "content": "x" * 150}
+    assert check_prompt_length([SYSTEM, USER, ASSISTANT], 100) is None
+    assert check_prompt_length([SYSTEM, long_user], 100) == (
+        f"the prompt has {len(SYSTEM['content']) + 150} characters, more than data.max_prompt_chars (100); "
+        "shorten the record or raise data.max_prompt_chars"
+    )
+    # the final assistant turn is the reference answer, not part of the prompt the teacher reads
+    assert check_prompt_length([SYSTEM, USER, {"role": "assistant", "content": "y" * 500}], 100) is None
+
+
+def test_scan_records_is_a_generator_of_records_and_bad_lines(write_lines):
+    import inspect
+
+    from azdistill.data import BadLine, scan_records
+
+    huge = msgs(SYSTEM, {"role": "user", "content": "x" * 2000})
+    path = write_lines("d.jsonl", [GOOD, "{bad", "", huge])
+    items = scan_records(path, "nli", max_prompt_chars=1000)
+    assert inspect.isgenerator(items)
+    first, second, third = list(items)
+    assert isinstance(first, Record) and first.line == 1
+    assert second == BadLine(line=2, problem="malformed JSON: Expecting property name enclosed in double quotes (column 2)")
+    assert isinstance(third, BadLine) and third.line == 4 and "more than data.max_prompt_chars (1,000)" in third.problem
+
+
+def test_read_records_leaves_long_prompts_to_the_stages(write_lines):
+    # The stages reject an over-long record with a reason (check_prompt_length); they are not refused wholesale.
+    path = write_lines("d.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "x" * 200_000})])
+    assert len(read_records(path, "nli")) == 2
+
+
+def test_check_split_counts_references_and_duplicate_prompts(write_lines):
+    from azdistill.data import check_split
+
+    other = msgs(SYSTEM, {"role": "user", "content": "Hated it."})
+    path = write_lines("d.jsonl", [other, GOOD, msgs(SYSTEM, USER), GOOD, other, GOOD])
+    summary = check_split(path, "nli")
+    assert (summary.records, summary.with_reference) == (6, 3)
+    # the same prompt with or without a reference answer is the same question to the teacher
+    assert (summary.duplicates, summary.duplicate_lines, summary.first_duplicate_of) == (4, [3, 4, 5, 6], 2)
+
+
+def test_check_split_with_a_limit_summarises_the_records_used_and_checks_them_all(write_lines):
+    from azdistill.data import check_split
+
+    path = write_lines("d.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "Hated it."}), GOOD, "{bad"])
+    with pytest.raises(UserError, match=r":4: malformed JSON"):
+        check_split(path, "nli", limit=2)
+    path = write_lines("e.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "Hated it."}), GOOD])
+    summary = check_split(path, "nli", limit=2)
+    assert (summary.records, summary.duplicates) == (2, 0)
+
+
+def test_check_split_reports_an_over_long_prompt_with_its_line(write_lines):
+    from azdistill.data import check_split
+
+    path = write_lines("d.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "x" * 10_000})])
+    with pytest.raises(UserError) as caught:
+        check_split(path, "nli", max_prompt_chars=5000)
+    assert str(caught.value) == (
+        f"{path}:2: the prompt has {len(SYSTEM['content']) + 10_000:,} characters, more than data.max_prompt_chars "
+        "(5,000); shorten the record or raise data.max_prompt_chars"
+    )
+
+
+def _write_distinct_records(path: Path, count: int) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(count):
+            handle.write(json.dumps(msgs(SYSTEM, {"role": "user", "content": f"Review number {index}: fine."}, ASSISTANT)) + "\n")
+    return path
+
+
+def _peak_bytes(function, *args) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_check_split_memory_does_not_grow_with_the_records(tmp_path):
+    # validate used to hold every record (1.6 GB for 1M records). check_split streams: what grows is one small
+    # integer per distinct prompt (for the duplicate check), not the records.
+    from azdistill.data import check_split
+
+    small = _write_distinct_records(tmp_path / "small.jsonl", 5_000)
+    large = _write_distinct_records(tmp_path / "large.jsonl", 30_000)
+    per_record_streamed = (_peak_bytes(check_split, large, "nli") - _peak_bytes(check_split, small, "nli")) / 25_000
+    per_record_held = _peak_bytes(read_records, small, "nli") / 5_000
+    assert per_record_streamed < 150, per_record_streamed
+    assert per_record_held > 8 * per_record_streamed, (per_record_held, per_record_streamed)

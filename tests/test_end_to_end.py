@@ -86,7 +86,7 @@ def test_mlflow_holds_a_parent_run_with_nested_stage_runs_and_the_registered_stu
 def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run, caplog):
     workdir, args, _ = finished_run
     run_dir = workdir / "runs/sentiment-demo"
-    stages = ["synthesize", "finetune", "finetune-reference"]
+    stages = ["synthesize", "finetune", "finetune-reference", "evaluate"]
     # What each stage wrote, down to the nanosecond: a stage that reran would write these again.
     written = {path: path.stat().st_mtime_ns for stage in stages for path in (run_dir / stage).rglob("*") if path.is_file()}
     answers = {path: path.read_bytes() for path in (run_dir / "evaluate/predictions").glob("*.json")}
@@ -95,9 +95,10 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run, caplo
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0
     assert result.output.count("Report:") == 1
-    # Skipping reuses the synthetic data, models and answers: only scoring, reporting and registering remain.
-    reused = [record.getMessage() for record in caplog.records if "reusing" in record.getMessage()]
+    # Every stage is reused, the evaluation's report included, and MLflow gets no new run.
+    reused = [record.getMessage() for record in caplog.records if "reusing" in record.getMessage() and "answers" not in record.getMessage()]
     assert [message.split(":")[0] for message in reused] == stages, reused
+    assert "nothing changed since run" in result.output and "no new run" in result.output
     assert not any("answers" in record.getMessage() and "held-out prompts" in record.getMessage() for record in caplog.records)
     assert {path: path.stat().st_mtime_ns for path in written} == written
     assert {path: path.read_bytes() for path in answers} == answers

@@ -621,3 +621,42 @@ def test_reasoning_settings_on_a_local_teacher_are_refused_naming_the_key(tmp_pa
         load_config(_reasoning_yaml(tmp_path, "sampling_parameters: false\n"))
     with pytest.raises(UserError, match=r"teacher.reasoning_effort: Input should be 'minimal', 'low', 'medium' or 'high'"):
         load_config(_reasoning_yaml(tmp_path, "kind: openai-compatible\nendpoint: http://h/v1\nmodel: r1\nreasoning_effort: max\n"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the HTTP library and the endpoint say about a key never shows it
+
+
+def _forms(key: str) -> set[str]:
+    """The key as libraries print it (itself, repr/JSON escapes) and each run of five or more letters and digits."""
+    import re
+
+    return {key, repr(key)[1:-1], ascii(key)[1:-1], json.dumps(key)[1:-1]} | set(re.findall(r"[A-Za-z0-9]{5,}", key))
+
+
+def _raw_credential(key: str) -> Credential:
+    """A credential holding `key` as is, past the checks `Credential` makes (what a header the library refuses looks like)."""
+    from azdistill.secrets import register_secret
+
+    credential = Credential("key", key="placeholder-key-1234", source="environment variable TEACHER_KEY")
+    credential._key = key
+    register_secret(key)
+    return credential
+
+
+@pytest.mark.parametrize("key", ["Nw4Xq7Lp2Rz\nHt5Ky8Mv3Bc", "Ue6Pd3Fw9\u65e5\U0001f600Gs2Jk5Lq8"])
+def test_a_header_the_http_library_refuses_stops_at_once_without_showing_the_key(server, key):
+    teacher = EndpointTeacher("openai-compatible", f"{server.url}/v1", _raw_credential(key), model="m", **FAST)
+    with pytest.raises(UserError, match="the credential from environment variable TEACHER_KEY cannot go into an HTTP header") as caught:
+        teacher.complete(single("good"))
+    assert [form for form in _forms(key) if form in str(caught.value)] == []
+    assert server.counts["requests"] == 0 and teacher.stats.retries == 0  # not retried: it cannot succeed
+
+
+def test_a_key_the_endpoint_echoes_back_is_masked_in_the_rejection(server):
+    key = "Qx7Lm'Kp2Vn\"Zr9Tb\\Wm4Hs-3f8a2c1e9b7d6a5c"
+    teacher = client(server, key=key)
+    with pytest.raises(RecordRejected) as caught:
+        teacher.complete(single("[[echo_auth]] good"))
+    assert "***" in str(caught.value)
+    assert [form for form in _forms(key) if form in str(caught.value)] == []

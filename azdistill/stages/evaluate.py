@@ -28,6 +28,9 @@ from azdistill.tracking import NullTracker, log_evaluation
 log = logging.getLogger(__name__)
 
 OUTPUTS = ["report.json", "report.md", "report.png", "predictions"]
+# What a rerun under other settings removes. The predictions stay: each model's answers carry the key of what they
+# depend on (`measurement_key`) and are reused while it holds, whatever else (thresholds, prices) changed.
+OWNED = ["report.json", "report.md", "report.png"]
 ROLE_NAMES = {
     "teacher": "teacher",
     "student": "distilled student",
@@ -305,34 +308,53 @@ def evaluate(
     conversations = [record.prompt for record in records]
     references = [record.reference for record in records]
     all_models: dict[str, Optional[Path]] = {"teacher": teacher_path if config.teacher.kind == "local" else None, **models}
+    import json
+
+    identities = {
+        role: teacher_identity(config, path) if role == "teacher" else state.folder_digest(path)  # type: ignore[arg-type]
+        for role, path in all_models.items()
+    }
+    answers_depend_on = {
+        "test": state.file_digest(config.data.test),
+        "max_records": config.data.max_records,
+        "task": config.task.type,
+        "evaluation": config.evaluation.model_dump(include={"max_new_tokens", "batch_size", "latency_samples"}),
+        "runtime": config.runtime.model_dump(),
+    }
     stage_fingerprint = state.fingerprint(
         {
-            "test": state.file_digest(config.data.test),
-            "max_records": config.data.max_records,
+            **answers_depend_on,
             "task": config.task.model_dump(),
-            "models": {
-                role: teacher_identity(config, path) if role == "teacher" else state.folder_digest(path)  # type: ignore[arg-type]
-                for role, path in all_models.items()
-            },
-            # The prices and the serving price only cost the answers: they are applied when the report is written.
-            "evaluation": config.evaluation.model_dump(exclude={"promotion", "serving_price_per_hour"}),
+            "models": identities,
+            "evaluation": config.evaluation.model_dump(),
+            "prices": config.teacher.model_dump(include={"price_per_million_prompt_tokens", "price_per_million_completion_tokens"}),
         }
     )
-    resumed = False
-    if force or not state.is_done(out_dir, stage_fingerprint):
-        resumed = state.begin(out_dir, stage_fingerprint, force)
+    if not force and state.is_done(out_dir, stage_fingerprint, "evaluate"):
+        log.info("evaluate: models, data and settings unchanged, reusing %s (use --force to rerun)", out_dir)
+        report = load_report(out_dir)
+        for line in headline_lines(report):
+            log.info("%s", line)
+        return report
+    state.begin(out_dir, stage_fingerprint, force, "evaluate", OWNED)
     predictions_dir = out_dir / "predictions"
+    for stale in predictions_dir.glob("*.json"):
+        if stale.stem not in all_models:
+            stale.unlink()  # a model no longer evaluated (e.g. reference_baseline turned off)
     with tracker.stage("evaluate"):
         measured: dict[str, dict] = {}
         for role, path in all_models.items():
             cached = predictions_dir / f"{role}.json"
-            if cached.is_file():
-                import json
-
-                measured[role] = json.loads(cached.read_text())
-                if resumed:
-                    log.info("evaluate: reusing the %s's answers from the interrupted run", role)
-                continue
+            key = state.fingerprint({**answers_depend_on, "model": identities[role]})
+            if not force and cached.is_file():
+                try:
+                    previous = json.loads(cached.read_text())
+                except ValueError:
+                    previous = {}  # cut short by a kill: measured again
+                if previous.get("key") == key:
+                    measured[role] = previous
+                    log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
+                    continue
             if path is None:
                 where = config.teacher.label
                 log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
@@ -340,7 +362,7 @@ def evaluate(
             else:
                 log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
                 measured[role] = _measure_in_child(path, conversations, config.evaluation, config.runtime, role)
-            write_json(cached, {"path": str(path) if path is not None else config.teacher.label, **measured[role]})
+            write_json(cached, {"path": str(path) if path is not None else config.teacher.label, "key": key, **measured[role]})
 
         teacher_answers = measured["teacher"]["answers"]
         has_references = any(reference is not None for reference in references)
@@ -397,7 +419,7 @@ def evaluate(
         paths = write_report(report, out_dir)
         log_evaluation(tracker, report, paths)  # metric names shared by every retrain: see tracking.py
         tracker.log_artifact(predictions_dir, "predictions")
-        state.finish(out_dir, stage_fingerprint, OUTPUTS, {"promote": report.promote})
+        state.finish(out_dir, stage_fingerprint, OUTPUTS, {"promote": report.promote}, stage="evaluate")
     for line in headline_lines(report):
         log.info("%s", line)
     return report

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OUTPUTS = ["model", "training.json"]
+# Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
+OWNED = [*OUTPUTS, "adapter", "checkpoints"]
 LOSS_NAMES = ("sft", "kd", "topk", "hidden")
 
 
@@ -749,13 +751,9 @@ def train_student(
         seed=settings.seed,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback logs instead
-    last_checkpoint = None
-    if resume and checkpoints.is_dir():
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last_checkpoint = get_last_checkpoint(str(checkpoints))
-        if last_checkpoint:
-            log.info("finetune: resuming from %s", last_checkpoint)
+    last_checkpoint = last_complete_checkpoint(checkpoints) if resume else None
+    if last_checkpoint:
+        log.info("finetune: resuming from %s", last_checkpoint)
     trainable = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
     started, cpu_started = time.monotonic(), time.process_time()
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
@@ -800,6 +798,35 @@ def train_student(
         tracker.log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epochs"})
     wait_for_everyone()
     return summary
+
+
+# What a checkpoint the Trainer finished saving holds; it writes trainer_state.json after the weights and optimizer.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt")
+CHECKPOINT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Optional[str]:
+    """The newest checkpoint the Trainer finished writing. Ones a kill interrupted (no trainer_state.json, no
+    weights or optimizer state) are removed with a log line: transformers' get_last_checkpoint would pick them and
+    every later run would fail with "Can't find a valid checkpoint"."""
+    if not Path(checkpoints).is_dir():
+        return None
+    found = []
+    for folder in Path(checkpoints).iterdir():
+        if folder.is_dir() and folder.name.startswith("checkpoint-") and folder.name[len("checkpoint-"):].isdigit():
+            found.append((int(folder.name[len("checkpoint-"):]), folder))
+    for _, folder in sorted(found, reverse=True):
+        complete = all((folder / name).is_file() for name in CHECKPOINT_FILES) and any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS)
+        try:
+            complete = complete and isinstance(json.loads((folder / "trainer_state.json").read_text()), dict)  # not torn
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            return str(folder)
+        if is_main_process():
+            log.info("finetune: %s was cut short while it was saved; removing it and resuming from the one before", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def _save_student(trainer, tokenizer, out_dir: Path, settings: TrainingConfig) -> None:
@@ -857,6 +884,10 @@ def finetune(
             update={"sft_weight": None, "kd_weight": 0.0, "topk_weight": 0.0, "hidden_weight": 0.0, "on_policy_ratio": 0.0}
         )
     else:
+        # The synthetic set as the synthesize stage wrote it: a truncated or edited file is named, never trained on.
+        # (A folder without the stage's record, e.g. one prepared by hand, is taken as it is; the CLI requires it.)
+        if (Path(synthetic_dir) / state.DONE_FILE).is_file():
+            state.verify_outputs(synthetic_dir, "synthesize")
         train = load_conversations(synthetic_dir / "train.jsonl")
         validation = load_conversations(synthetic_dir / "validation.jsonl")
         settings = config.training
@@ -874,14 +905,14 @@ def finetune(
             "training": settings.model_dump(exclude={"logging_steps", "save_steps", "gradient_checkpointing"}),
         }
     )
-    done = not force and state.is_done(out_dir, stage_fingerprint)
+    done = not force and state.is_done(out_dir, stage_fingerprint, stage)
     wait_for_everyone()  # every process has read the books before the main one changes them
     if done:
         log.info("%s: data and settings unchanged, reusing %s (use --force to rerun)", stage, out_dir)
         return out_dir
     main = is_main_process()
     tracker = tracker if main else NullTracker()
-    resume = state.begin(out_dir, stage_fingerprint, force) if main else True
+    resume = state.begin(out_dir, stage_fingerprint, force, stage, OWNED) if main else True
     wait_for_everyone()
     with tracker.stage(stage):
         tracker.log_params({"stage.student_init": student_init, "stage.examples": len(train)})
@@ -891,7 +922,7 @@ def finetune(
         )
         if main:
             tracker.log_artifact(out_dir / "training.json")
-            state.finish(out_dir, stage_fingerprint, OUTPUTS, summary)
+            state.finish(out_dir, stage_fingerprint, OUTPUTS, summary, stage=stage)
     wait_for_everyone()
     log.info(
         "%s: %d steps in %.0f s, loss %.3f -> %.3f -> %s",

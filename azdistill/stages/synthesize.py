@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Iterator, Optional, Sequence
 
 from azdistill.config import DistillConfig
-from azdistill.data import AppendLog, Record, atomic_writer, check_messages, write_json
+from azdistill.data import AppendLog, Record, atomic_writer, write_json
 from azdistill.errors import StageFailed, UserError
 from azdistill.generation import Completion
 from azdistill.metrics import parse_label, parse_number
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 OUTPUTS = ["train.jsonl", "validation.jsonl", "rejected.jsonl", "stats.json"]
-MAX_REPORTED_ERRORS = 20
+# Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
+OWNED = [*OUTPUTS, "*.journal.jsonl", "*.logprobs.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,51 +118,10 @@ def iter_records(path: Path, task_type: str, limit: Optional[int] = None) -> Ite
 
 
 def count_records(path: Path, task_type: str, limit: Optional[int] = None) -> int:
-    """Validate a split line by line without holding it in memory; the errors are those of `data.read_records`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    if path.suffix != ".jsonl":
-        raise UserError(f"{path}: expected a .jsonl file (one JSON object per line)")
-    problems: list[str] = []
-    extra_problems = 0
-    count = 0
-    with path.open("rb") as handle:
-        for number, raw_bytes in enumerate(handle, start=1):
-            problem = None
-            try:
-                raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                problem = f"{path}:{number}: not UTF-8 text (bad byte at column {error.start + 1}); save the file as UTF-8"
-                raw = ""
-            if problem is None and not raw.strip():
-                continue
-            if problem is None:
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError as error:
-                    problem = f"{path}:{number}: malformed JSON: {error.msg} (column {error.colno})"
-                else:
-                    if not isinstance(row, dict) or "messages" not in row:
-                        problem = f"{path}:{number}: expected an object with a 'messages' list"
-                    else:
-                        why = check_messages(row["messages"], task_type)
-                        if why:
-                            problem = f"{path}:{number}: {why}"
-            if problem:
-                if len(problems) < MAX_REPORTED_ERRORS:
-                    problems.append(problem)
-                else:
-                    extra_problems += 1
-                continue
-            count += 1
-    if problems:
-        if extra_problems:
-            problems.append(f"{path}: ... and {extra_problems} more bad lines")
-        raise UserError("\n".join(problems))
-    if not count:
-        raise UserError(f"{path}: no records (the file is empty)")
-    return min(count, limit) if limit else count
+    """Validate a split line by line without holding it in memory; the one-line errors of `data.check_split`."""
+    from azdistill.data import check_split
+
+    return check_split(path, task_type, limit).records
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,11 +314,27 @@ class _Context:
         self.progress.update(1, rejected=self.rejected)
 
 
+def _too_long(record: Record, index: int, journal, context: _Context) -> bool:
+    """Reject a record whose prompt is past data.max_prompt_chars before any model sees it (a 10 MB prompt would
+    make a local teacher allocate gigabytes and a hosted one bill for it)."""
+    from azdistill.data import check_prompt_length
+
+    reason = check_prompt_length(record.messages, context.config.data.max_prompt_chars)
+    if reason is None:
+        return False
+    item = _start(record, index, context.config)
+    item.reject(reason)
+    context.finished(journal, item.row())
+    return True
+
+
 def _run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, teacher: Teacher, context: _Context) -> None:
     """A local teacher: chunks of `batch_size` records, all turns of a chunk before the next chunk."""
     chunk: list[_Item] = []
     for index, record in records:
         if done.is_done(index):
+            continue
+        if _too_long(record, index, journal, context):
             continue
         chunk.append(_start(record, index, context.config, done.partials.get(index)))
         if len(chunk) == teacher.batch_size:
@@ -452,6 +428,8 @@ def _run_concurrent(records: Iterator[tuple[int, Record]], done: Journal, journa
     try:
         for index, record in records:
             if done.is_done(index):
+                continue
+            if _too_long(record, index, journal, context):
                 continue
             while in_flight >= window:
                 collect(block=True)
@@ -617,15 +595,74 @@ def synthesize(
     check_rationale(config.synthesis.keep_rationale, config.synthesis.prompt_strategy, config.teacher.hosted)
     counts = {split: count_records(getattr(config.data, split), config.task.type, config.data.max_records) for split in SPLITS}
     fingerprint = stage_fingerprint(config, teacher_identity)
-    if not force and state.is_done(out_dir, fingerprint):
+    if not force and state.is_done(out_dir, fingerprint, "synthesize"):
         log.info("synthesize: inputs and settings unchanged, reusing %s (use --force to rerun)", out_dir)
         return out_dir
-    resumed = state.begin(out_dir, fingerprint, force)
+    state.check_writable(out_dir, "synthesize")
+    teacher = None
+    try:
+        if state.needs_reset(out_dir, fingerprint, force):
+            # Earlier answers go only once the teacher is known to work: its credential, the endpoint, the budget.
+            teacher = _ready_teacher(teacher_factory, config, out_dir, counts, fresh=True)
+        resumed = state.begin(out_dir, fingerprint, force, "synthesize", OWNED)
+        return _synthesize(config, teacher_factory, tracker, out_dir, fingerprint, counts, resumed, teacher)
+    finally:
+        if teacher is not None and hasattr(teacher, "close"):
+            teacher.close()
+
+
+def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts: dict[str, int], fresh: bool = False):
+    """Build the teacher; a hosted one gets the spend so far (from the journals) and the preflight check.
+
+    The preflight's sample answer is kept (the teacher answers that prompt with it); a run that continues
+    makes no sample call.
+    """
+    teacher = teacher_factory()
+    if not hasattr(teacher, "budget"):
+        return teacher
+    spent = {} if fresh else {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
+    teacher.budget.spent = teacher.budget.cost(
+        sum(j.prompt_tokens for j in spent.values()), sum(j.completion_tokens for j in spent.values())
+    )
+    if not config.synthesis.preflight:
+        return teacher
+    from azdistill.preflight import preflight
+
+    done = sum(j.done + len(j.partials) for j in spent.values())
+    report = preflight(config, teacher, counts, done=done, sample=done == 0)
+    for line in report.lines:
+        log.info("preflight: %s", line)
+    report.raise_for_budget()
+    if report.sample_completion is not None:
+        return _SampleFirst(teacher, report.sample_prompt, report.sample_completion)
+    return teacher
+
+
+class _SampleFirst:
+    """A hosted teacher that answers the preflight's sample prompt with the answer it already gave (and was paid
+    for) instead of asking again; everything else goes to the teacher."""
+
+    def __init__(self, teacher, prompt: list, completion):
+        self._teacher, self._prompt, self._completion = teacher, prompt, completion
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self._teacher, name)
+
+    def complete(self, messages, stop: Optional[threading.Event] = None):
+        with self._lock:
+            completion, matches = self._completion, self._completion is not None and list(messages) == self._prompt
+            if matches:
+                self._completion = None
+        return completion if matches else self._teacher.complete(messages, stop)
+
+
+def _synthesize(config: DistillConfig, teacher_factory, tracker: NullTracker, out_dir: Path, fingerprint: str,
+                counts: dict[str, int], resumed: bool, teacher) -> Path:
     started = time.monotonic()
     logprobs = config.teacher.hosted and config.synthesis.top_logprobs > 0
     outputs = OUTPUTS + ([f"{split}.logprobs.jsonl" for split in SPLITS] if logprobs else [])
     with tracker.stage("synthesize"):
-        teacher = None
         try:
             for split, records in counts.items():
                 journal_path = out_dir / f"{split}.journal.jsonl"
@@ -635,19 +672,7 @@ def synthesize(
                 if done.done == records:
                     continue
                 if teacher is None:
-                    teacher = teacher_factory()
-                    if hasattr(teacher, "budget"):
-                        spent = {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
-                        teacher.budget.spent = teacher.budget.cost(
-                            sum(j.prompt_tokens for j in spent.values()), sum(j.completion_tokens for j in spent.values())
-                        )
-                        if config.synthesis.preflight:
-                            from azdistill.preflight import preflight
-
-                            report = preflight(config, teacher, counts, done=sum(j.done for j in spent.values()))
-                            for line in report.lines:
-                                log.info("preflight: %s", line)
-                            report.raise_for_budget()
+                    teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
                 records_iter = enumerate(iter_records(getattr(config.data, split), config.task.type, config.data.max_records))
                 with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
                     context = _Context(config, progress)
@@ -716,7 +741,7 @@ def synthesize(
             )
         if not stats["splits"]["train"]["accepted"]:
             raise StageFailed(f"synthesize: no teacher answer to a training prompt passed the checks; see {out_dir / 'rejected.jsonl'}")
-        state.finish(out_dir, fingerprint, outputs, stats)
+        state.finish(out_dir, fingerprint, outputs, stats, stage="synthesize")
     log.info(
         "synthesize: %d of %d records accepted (%.0f%%) in %.0f s -> %s",
         accepted_total, total, 100 * stats["success_ratio"], elapsed, out_dir,

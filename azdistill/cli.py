@@ -359,6 +359,29 @@ def import_logs_command(logs, out_dir, task_type, system_prompt, model, metadata
         click.echo(f"  skipped {count}: {reason}")
 
 
+@cli.command("export")
+@config_argument
+@set_option
+# One format for now; azdistill.export.EXPORT_FORMATS lists the same (a test keeps them equal).
+@click.option("--format", "export_format", required=True, type=click.Choice(["azure"]), help="azure: Azure ML's own distillation.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder to write (new, empty, or an earlier export's).")
+def export_command(config: Optional[Path], overrides: tuple[str, ...], export_format: str, out_dir: Path) -> None:
+    """Write the config's train/validation/test splits in another tool's distillation format.
+
+    azure: prompts only ([system, user]) for single-turn tasks, their reference answers kept in
+    <split>.references.jsonl; conversation and chat records whole; export.json maps the task type to Azure's.
+    A split under Azure's minimum size is written and warned about.
+    """
+    from azdistill.export import export_azure
+
+    settings = _load(config, overrides)
+    summary = export_azure(settings, out_dir)
+    for line in summary.lines():
+        click.echo(line)
+    for warning in summary.warnings():
+        click.echo(f"warning: {warning}", err=True)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="azdistill")

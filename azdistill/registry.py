@@ -12,6 +12,10 @@ tags saying why (`promotion.reason`), so the registry tells the whole story: wha
 
 `decide` is the rule alone, on plain values; `apply_promotion` reads the registry, decides and writes the
 alias and tags. The metric values are the `metric.<name>` tags every version gets when it is registered.
+
+On Azure ML the same rule runs in the register step (`azure/injob.py register_student`), but the workspace's
+MLflow has no registered-model aliases, so there the champion is the version tagged `azdistill.champion=true`.
+`champion_among` and `champion_version` read both: the alias where the store has one, else the tag.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 CHAMPION_ALIAS = "champion"
+# The champion on Azure ML, whose MLflow has no aliases: "true" on the champion version, "false" on the others the
+# register step has judged (azure/injob.py writes it; keep the two names alike).
+CHAMPION_TAG = "azdistill.champion"
 # Model version tags written by `apply_promotion`.
 DECISION_TAG = "promotion.decision"  # "champion" or "challenger"
 REASON_TAG = "promotion.reason"
@@ -131,18 +138,28 @@ def metric_from_tags(tags: dict[str, str], metric: str) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
 
 
+def champion_among(versions: Iterable[Any], aliases: Optional[dict] = None) -> Optional[str]:
+    """The champion among a model's `versions` (MLflow ModelVersions): the version the `champion` alias points at
+    when `aliases` has it, else the newest version tagged azdistill.champion=true (a workspace's registry), else None."""
+    if aliases and aliases.get(CHAMPION_ALIAS) is not None:
+        return str(aliases[CHAMPION_ALIAS])
+    tagged = [int(version.version) for version in versions if (version.tags or {}).get(CHAMPION_TAG, "").lower() == "true"]
+    return str(max(tagged)) if tagged else None
+
+
 def champion_version(client: Any, model_name: str) -> Optional[str]:
-    """The version the `champion` alias points at, or None (no alias yet, or no such model)."""
+    """The champion version of `model_name` (see `champion_among`), or None (none yet, or no such model)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        aliases = client.get_registered_model(model_name).aliases
+        aliases = client.get_registered_model(model_name).aliases or {}
     except MlflowException as error:
         if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    version = aliases.get(CHAMPION_ALIAS)
-    return str(version) if version is not None else None
+    if aliases.get(CHAMPION_ALIAS) is not None:
+        return str(aliases[CHAMPION_ALIAS])
+    return champion_among(client.search_model_versions(f"name='{model_name}'"))
 
 
 def apply_promotion(

@@ -4,6 +4,12 @@
 its compare view: one row per pipeline run (its data version, the student's headline metrics, the registered
 version and whether it is the champion), and for two runs every metric with the change between them plus the
 settings that differ. Everything is read from the tracking store with `MlflowClient`; nothing is written.
+
+The store is the config's own (local SQLite by default) or, with `--workspace`, an Azure ML workspace's MLflow
+(`workspace_tracking_uri`), where a submitted pipeline leaves the same shape: the pipeline job is the parent run,
+its steps are child runs (the evaluate step's carries the metrics and the config as params), and each registered
+version names its pipeline job in the `azdistill.job` tag. There the champion is a version tag, not an alias
+(see `azdistill.registry.champion_among`); both read the same here.
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from azdistill.errors import UserError
-from azdistill.registry import CHAMPION_ALIAS, DECISION_TAG, REASON_TAG, REPLACED_BY_TAG
+from azdistill.registry import CHAMPION_ALIAS, DECISION_TAG, REASON_TAG, REPLACED_BY_TAG, champion_among
 from azdistill.tracking import STAGE_TAG, SUMMARY_STAGES
 
 PARENT_TAG = "mlflow.parentRunId"
 PIPELINE_TAG = "azdistill.pipeline"
+# On a version the Azure ML register step registered: the pipeline job (its MLflow run id) it ran in. Such a
+# version has no MLflow run link of its own (azure/injob.py student_tags).
+JOB_TAG = "azdistill.job"
 # Metric name endings where less is better; every other metric is a score (higher is better) or neutral.
 LOWER_IS_BETTER = ("_latency_p50_s", "_latency_p95_s", "_peak_memory_mb", "_loss", "stage_seconds_")
 NEUTRAL = ("_parameters", "promote")
 # Student metrics that measure cost, not quality; shown in their own column of `runs list`.
 COST_SUFFIXES = ("_latency_p50_s", "_latency_p95_s", "_throughput_tokens_per_s", "_peak_memory_mb", "_parameters")
-UI_ADDRESS = "http://127.0.0.1:5000"  # where `azdistill ui` serves by default
+UI_PORT = 5000  # where `azdistill ui` serves by default
+UI_ADDRESS = f"http://127.0.0.1:{UI_PORT}"
 STATUS_WORDS = {"FINISHED": "done", "RUNNING": "running", "FAILED": "[red]failed[/]", "KILLED": "[red]killed[/]", "SCHEDULED": "scheduled"}
 
 
@@ -79,6 +89,25 @@ def open_client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def workspace_tracking_uri(azure_config: Any, credential: Any = None) -> str:
+    """The MLflow tracking URI of the Azure ML workspace `submit` uses (`azure_config`, else AZURE_* variables, else
+    config.json; see azure/workspace.py), as the workspace reports it:
+    `azureml://<region>.api.azureml.ms/mlflow/v<n>/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<ws>`.
+
+    Asking the workspace (one GET) rather than assembling the URI gives its region, and registers `credential`
+    with azureml-mlflow, which then signs MLflow's requests to that URI.
+    """
+    from azdistill.azure.workspace import azure_errors, ml_client, resolve_workspace
+
+    workspace = resolve_workspace(azure_config)
+    with azure_errors("reading the workspace's MLflow tracking URI", workspace):
+        found = ml_client(workspace, credential).workspaces.get(workspace.workspace_name)
+    uri = getattr(found, "mlflow_tracking_uri", None)
+    if not uri:
+        raise UserError(f"workspace {workspace} reports no MLflow tracking URI: is azureml-mlflow installed?")
+    return uri
+
+
 def _experiment_id(client: Any, experiment_name: str) -> str:
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -98,21 +127,25 @@ def _all_runs(client: Any, experiment_id: str) -> list:
             return runs
 
 
-def _registry_by_run(client: Any, model_name: Optional[str]) -> dict[str, tuple[str, str, str]]:
-    """run id -> (version, state, reason) for every registered version of `model_name`."""
+def _registry_entries(client: Any, model_name: Optional[str]) -> list[tuple[str, str, str, str]]:
+    """(run id, version, state, reason) for every registered version of `model_name`, oldest version first.
+
+    The run id is MLflow's link to the run that logged the version, else (registered by the Azure ML register
+    step) its pipeline job from the `azdistill.job` tag; "" when it has neither.
+    """
     from mlflow.exceptions import MlflowException
 
     if not model_name:
-        return {}
+        return []
     try:
         versions = list(client.search_model_versions(f"name='{model_name}'"))
         aliases = client.get_registered_model(model_name).aliases if versions else {}
     except MlflowException as error:
         if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return {}
+            return []
         raise
-    champion = str(aliases.get(CHAMPION_ALIAS)) if CHAMPION_ALIAS in aliases else None
-    found: dict[str, tuple[str, str, str]] = {}
+    champion = champion_among(versions, aliases)
+    entries = []
     for version in sorted(versions, key=lambda item: int(item.version)):  # a rerun's later version wins
         tags = version.tags or {}
         if str(version.version) == champion:
@@ -125,25 +158,33 @@ def _registry_by_run(client: Any, model_name: Optional[str]) -> dict[str, tuple[
         reason = tags.get(REASON_TAG, "")
         if state == "former champion":
             reason = f"replaced by version {tags[REPLACED_BY_TAG]}"
-        if version.run_id:
-            found[version.run_id] = (str(version.version), state, reason)
-    return found
+        entries.append((version.run_id or tags.get(JOB_TAG, ""), str(version.version), state, reason))
+    return entries
 
 
 def list_runs(client: Any, experiment_name: str, model_name: Optional[str] = None) -> list[RunSummary]:
     """The pipeline runs of an experiment, newest first, with their evaluation metrics and registry state.
 
-    A run logged before evaluation metrics were copied onto the pipeline run gets them from its evaluate
-    stage run.
+    A pipeline run without the evaluation's metrics (logged before they were copied onto it, or an Azure ML
+    pipeline job, whose steps log only to their own runs) gets them, and the config's params, from its evaluate
+    stage run. A version registered from a step run counts for that step's pipeline run.
     """
     experiment_id = _experiment_id(client, experiment_name)
     runs = _all_runs(client, experiment_id)
     summary_metrics: dict[str, dict[str, float]] = {}
+    summary_params: dict[str, dict[str, str]] = {}
+    parent_of: dict[str, str] = {}
     for run in runs:
         parent = run.data.tags.get(PARENT_TAG)
+        if parent:
+            parent_of[run.info.run_id] = parent
         if parent and run.data.tags.get(STAGE_TAG) in SUMMARY_STAGES:
             summary_metrics.setdefault(parent, {}).update(run.data.metrics)
-    registry = _registry_by_run(client, model_name)
+            summary_params.setdefault(parent, {}).update(run.data.params)
+    registry: dict[str, tuple[str, str, str]] = {}
+    for run_id, version, state, reason in _registry_entries(client, model_name):
+        if run_id:
+            registry[parent_of.get(run_id, run_id)] = (version, state, reason)
     rows = []
     for run in runs:
         tags = run.data.tags
@@ -159,7 +200,7 @@ def list_runs(client: Any, experiment_name: str, model_name: Optional[str] = Non
                 end_time=run.info.end_time,
                 experiment_id=experiment_id,
                 tags=dict(tags),
-                params=dict(run.data.params),
+                params={**summary_params.get(run.info.run_id, {}), **run.data.params},
                 metrics={**summary_metrics.get(run.info.run_id, {}), **run.data.metrics},
                 version=version,
                 registry_state=state,
@@ -228,6 +269,11 @@ def quality_metrics(rows: list[RunSummary], champion_metric: str, limit: int = 2
     }
     first = list(dict.fromkeys(name for name in (f"student_{champion_metric}", "student_agreement") if name in names))
     return (first + sorted(names - set(first), key=lambda name: (name == "student_parse_rate", name)))[:limit]
+
+
+def ui_address(port: int = UI_PORT) -> str:
+    """Where `azdistill ui --port <port>` serves."""
+    return f"http://127.0.0.1:{port}"
 
 
 def ui_experiment_url(experiment_id: str, address: str = UI_ADDRESS) -> str:

@@ -14,6 +14,33 @@ from azdistill.cli import _load, config_argument, redact_uri, set_option
 from azdistill.errors import UserError
 
 
+workspace_option = click.option(
+    "--workspace", is_flag=True,
+    help="Read the Azure ML workspace's MLflow, where `azdistill submit` pipelines log (the workspace from the "
+    "config's azure section, AZURE_* variables or config.json; experiment azure.experiment), instead of tracking.uri.",
+)
+DEFAULT_UI_PORT = 5000  # `azdistill ui --port`'s default
+ui_port_option = click.option(
+    "--ui-port", default=DEFAULT_UI_PORT, show_default=True, type=click.IntRange(1, 65535),
+    help="Port of the `azdistill ui` the printed links open.",
+)
+
+
+def _store(settings, workspace: bool) -> tuple[str, str]:
+    """The tracking URI and experiment to read: the config's own, or with --workspace the workspace's MLflow and
+    the experiment `submit` names."""
+    if not workspace:
+        return settings.tracking_uri, settings.experiment_name
+    from azdistill.azure.build import experiment_name
+    from azdistill.runs import workspace_tracking_uri
+
+    return workspace_tracking_uri(settings.azure), experiment_name(settings)
+
+
+def _ui_label(ui_port: int) -> str:
+    return "azdistill ui" if ui_port == DEFAULT_UI_PORT else f"azdistill ui --port {ui_port}"
+
+
 def _console():
     import os
 
@@ -34,7 +61,9 @@ def runs() -> None:
 @config_argument
 @set_option
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Show at most this many runs.")
-def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int) -> None:
+@workspace_option
+@ui_port_option
+def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int, workspace: bool, ui_port: int) -> None:
     """List a config's pipeline runs (retrains), newest first.
 
     One row per run: its data version, the student's metrics, whether the checks passed, the registered
@@ -42,17 +71,19 @@ def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int)
     """
     from rich.markup import escape
 
-    from azdistill.runs import decision_lines, list_runs, open_client, runs_table, ui_experiment_url
+    from azdistill.runs import decision_lines, list_runs, open_client, runs_table, ui_address, ui_experiment_url
 
     settings = _load(config, overrides)
-    client = open_client(settings.tracking_uri)
-    rows = list_runs(client, settings.experiment_name, settings.registered_model_name)
+    tracking_uri, experiment = _store(settings, workspace)
+    client = open_client(tracking_uri)
+    rows = list_runs(client, experiment, settings.registered_model_name)
     console = _console()
     if not rows:
-        console.print(f"No pipeline runs in experiment '{settings.experiment_name}' yet; start one with `azdistill run`.")
+        start = "azdistill submit" if workspace else "azdistill run"
+        console.print(f"No pipeline runs in experiment '{experiment}' yet; start one with `{start}`.")
         return
     shown = rows[:limit]
-    console.print(runs_table(shown, settings.experiment_name, settings.evaluation.promotion.champion_metric))
+    console.print(runs_table(shown, experiment, settings.evaluation.promotion.champion_metric))
     if len(rows) > limit:
         console.print(f"({len(rows) - limit} older runs not shown; --limit {len(rows)} shows all)")
     decisions = decision_lines(shown)
@@ -60,9 +91,10 @@ def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int)
         console.print("Why (champion/challenger rule, docs/reviewing-runs.md):")
         for line in decisions:
             console.print(f"  {escape(line)}")
-    console.print(f"Store: {redact_uri(settings.tracking_uri)}; registered model: '{settings.registered_model_name}'")
-    if settings.tracking_uri.startswith("sqlite:///"):
-        console.print(f"In the MLflow UI (azdistill ui): {ui_experiment_url(rows[0].experiment_id)}", soft_wrap=True)
+    console.print(f"Store: {redact_uri(tracking_uri)}; registered model: '{settings.registered_model_name}'")
+    if not workspace and tracking_uri.startswith("sqlite:///"):
+        url = ui_experiment_url(rows[0].experiment_id, ui_address(ui_port))
+        console.print(f"In the MLflow UI ({_ui_label(ui_port)}): {url}", soft_wrap=True)
 
 
 @runs.command("compare")
@@ -70,17 +102,22 @@ def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int)
 @click.argument("run_b", metavar="RUN")
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), help="Config whose runs to look in (default: the demo config).")
 @set_option
-def compare_command(run_a: str, run_b: str, config: Optional[Path], overrides: tuple[str, ...]) -> None:
+@workspace_option
+@ui_port_option
+def compare_command(
+    run_a: str, run_b: str, config: Optional[Path], overrides: tuple[str, ...], workspace: bool, ui_port: int
+) -> None:
     """Compare two pipeline runs: every metric (B against A) and the settings that differ.
 
     RUN is a run id or a unique prefix of one, a run name (NAME@data-vN; the newest run of that name), a
     registered version (v3) or @champion.
     """
-    from azdistill.runs import compare_tables, list_runs, open_client, resolve_run, ui_compare_url
+    from azdistill.runs import compare_tables, list_runs, open_client, resolve_run, ui_address, ui_compare_url
 
     settings = _load(config, overrides)
-    client = open_client(settings.tracking_uri)
-    rows = list_runs(client, settings.experiment_name, settings.registered_model_name)
+    tracking_uri, experiment = _store(settings, workspace)
+    client = open_client(tracking_uri)
+    rows = list_runs(client, experiment, settings.registered_model_name)
     first = resolve_run(rows, run_a, settings.registered_model_name)
     second = resolve_run(rows, run_b, settings.registered_model_name)
     if first.run_id == second.run_id:
@@ -88,5 +125,6 @@ def compare_command(run_a: str, run_b: str, config: Optional[Path], overrides: t
     console = _console()
     for table in compare_tables(first, second, settings.evaluation.promotion.champion_metric):
         console.print(table)
-    if settings.tracking_uri.startswith("sqlite:///"):
-        console.print(f"Same comparison in the MLflow UI (azdistill ui): {ui_compare_url([first, second])}", soft_wrap=True)
+    if not workspace and tracking_uri.startswith("sqlite:///"):
+        url = ui_compare_url([first, second], ui_address(ui_port))
+        console.print(f"Same comparison in the MLflow UI ({_ui_label(ui_port)}): {url}", soft_wrap=True)

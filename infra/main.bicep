@@ -5,7 +5,8 @@
 //
 // Deploy:  az deployment group create -g <resource-group> -f infra/main.bicep -p baseName=<name> [teacherEndpoint=...]
 // Secure defaults: identity-based data access (no storage keys), RBAC Key Vault with purge protection, no
-// admin user on the registry, no public IPs or SSH on compute nodes, TLS 1.2, diagnostics to Log Analytics.
+// admin user on the registry, no public IPs or public SSH on compute nodes (they sit in the workspace's managed
+// virtual network), TLS 1.2, Application Insights and the Key Vault's and workspace's logs in Log Analytics.
 
 targetScope = 'resourceGroup'
 
@@ -37,12 +38,15 @@ param gpuMaxNodes int = 2
 @description('Optional. Idle time before a cluster node is released, ISO 8601. Clusters always scale to zero.')
 param idleTimeBeforeScaleDown string = 'PT10M'
 
-@description('Optional. Teacher endpoint URL (an OpenAI-compatible chat completions endpoint). Empty: no connection.')
+@description('Optional. Teacher endpoint URL (an OpenAI-compatible chat completions endpoint). Empty, or teacherKey empty: no connection.')
 param teacherEndpoint string = ''
 
 @description('Optional. Teacher API key, stored only in the workspace connection and Key Vault. Empty: add it later.')
 @secure()
 param teacherKey string = ''
+
+@description('Optional. Expiry of the teacher-key secret, ISO 8601 (e.g. 2027-06-30T00:00:00Z). Default: one year after this deployment, so each deployment moves it on; give a date to keep it fixed.')
+param teacherKeyExpiresOn string = dateTimeAdd(utcNow('u'), 'P1Y')
 
 @description('Optional. Name of the workspace connection holding the teacher (azure.teacher_connection in the config).')
 param teacherConnectionName string = 'teacher-endpoint'
@@ -50,7 +54,7 @@ param teacherConnectionName string = 'teacher-endpoint'
 @description('Optional. Object id of a user or group given the AzureML Data Scientist role on the workspace (to submit).')
 param dataScientistPrincipalId string = ''
 
-@description('Optional. Public network access to the workspace and its dependencies. Disabled needs private endpoints.')
+@description('Optional. Public network access to the workspace and its dependencies (the clients\' side: compute nodes never have public IPs). Disabled needs private endpoints for the clients.')
 @allowed([
   'Enabled'
   'Disabled'
@@ -194,7 +198,7 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
 }
 
 resource teacherKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(teacherKey)) {
-  // checkov:skip=CKV_AZURE_41: attributes.exp is set below (one year from deployment); checkov cannot evaluate the expression
+  // checkov:skip=CKV_AZURE_41: attributes.exp is set below (teacherKeyExpiresOn, one year from deployment by default); checkov cannot evaluate the expression
   // checkov:skip=CKV_AZURE_114: contentType is set below; checkov does not read it on a conditional resource
   parent: keyVault
   name: 'teacher-key'
@@ -203,8 +207,9 @@ resource teacherKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!
     contentType: 'text/plain'
     attributes: {
       enabled: true
-      // Rotate the teacher key at least yearly: the secret stops working after this date.
-      exp: dateTimeToEpoch(dateTimeAdd(utcNow(), 'P1Y'))
+      // Rotate the teacher key at least yearly: the secret stops working after this date. utcNow() is allowed only
+      // in a parameter's default, hence the parameter.
+      exp: dateTimeToEpoch(teacherKeyExpiresOn)
     }
   }
 }
@@ -241,7 +246,7 @@ resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = {
 // ------------------------------------------------------------------------------------------------------------
 // The workspace
 
-resource workspace 'Microsoft.MachineLearningServices/workspaces@2024-10-01' = {
+resource workspace 'Microsoft.MachineLearningServices/workspaces@2025-06-01' = {
   // checkov:skip=CKV_AZURE_243: public network access is the publicNetworkAccess parameter (default Enabled so `azdistill submit` works from a laptop without a VNet); deploy with publicNetworkAccess=Disabled and private endpoints for production
   name: names.workspace
   location: location
@@ -260,9 +265,16 @@ resource workspace 'Microsoft.MachineLearningServices/workspaces@2024-10-01' = {
     applicationInsights: insights.id
     containerRegistry: registry.id
     primaryUserAssignedIdentity: identity.id
-    systemDatastoresAuthMode: 'identity'
+    // The storage account allows no shared keys, so the system datastores must use the identity. The workspace
+    // schema of API version 2024-10-01 lacks this property (Bicep warns BCP037 and it is not that version's
+    // contract); 2025-06-01 has it, hence that version for the workspace, its computes and its connection.
+    systemDatastoresAuthMode: 'Identity'
     publicNetworkAccess: publicNetworkAccess
     hbiWorkspace: false
+    // The clusters run in this Azure-managed virtual network, which is what lets their nodes go without public IPs
+    // (enableNodePublicIp: false) with no subnet of our own. Outbound internet stays open: the jobs call the teacher
+    // endpoint and fetch packages. Storage, Key Vault and the registry are reached through private endpoints that
+    // Azure ML adds to this network.
     managedNetwork: {
       isolationMode: 'AllowInternetOutbound'
     }
@@ -274,7 +286,7 @@ resource workspace 'Microsoft.MachineLearningServices/workspaces@2024-10-01' = {
   ]
 }
 
-resource cpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2024-10-01' = {
+resource cpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2025-06-01' = {
   parent: workspace
   name: 'cpu-cluster'
   location: location
@@ -296,12 +308,13 @@ resource cpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2024-
         nodeIdleTimeBeforeScaleDown: idleTimeBeforeScaleDown
       }
       remoteLoginPortPublicAccess: 'Disabled'
-      enableNodePublicIp: publicNetworkAccess == 'Enabled'
+      // No public IP on the nodes: they reach the internet through the workspace's managed network.
+      enableNodePublicIp: false
     }
   }
 }
 
-resource gpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2024-10-01' = {
+resource gpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2025-06-01' = {
   parent: workspace
   name: 'gpu-cluster'
   location: location
@@ -323,13 +336,14 @@ resource gpuCluster 'Microsoft.MachineLearningServices/workspaces/computes@2024-
         nodeIdleTimeBeforeScaleDown: idleTimeBeforeScaleDown
       }
       remoteLoginPortPublicAccess: 'Disabled'
-      enableNodePublicIp: publicNetworkAccess == 'Enabled'
+      // No public IP on the nodes: they reach the internet through the workspace's managed network.
+      enableNodePublicIp: false
     }
   }
 }
 
 // The teacher endpoint and its key, kept by the workspace; jobs read it with the identity (never as an input).
-resource teacherConnection 'Microsoft.MachineLearningServices/workspaces/connections@2024-10-01' = if (!empty(teacherEndpoint) && !empty(teacherKey)) {
+resource teacherConnection 'Microsoft.MachineLearningServices/workspaces/connections@2025-06-01' = if (!empty(teacherEndpoint) && !empty(teacherKey)) {
   parent: workspace
   name: teacherConnectionName
   properties: {
@@ -343,6 +357,49 @@ resource teacherConnection 'Microsoft.MachineLearningServices/workspaces/connect
     metadata: {
       purpose: 'azdistill teacher'
     }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Diagnostics: who read the teacher key, and what the workspace did, kept in Log Analytics
+
+resource keyVaultDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  scope: keyVault
+  name: 'to-${names.logs}'
+  properties: {
+    workspaceId: logs.id
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
+  }
+}
+
+resource workspaceDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  scope: workspace
+  name: 'to-${names.logs}'
+  properties: {
+    workspaceId: logs.id
+    logs: [
+      {
+        categoryGroup: 'allLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

@@ -5,6 +5,8 @@ step as text and resolved there, when the job runs: a schedule built from this p
 versions current at that trigger, not on those current when the schedule was created (the SDK resolves an
 `@latest` *input* once, at submission). The register step then compares the new student with the registered
 champion, looked up when it runs, and promotes it only if it is better.
+The settings tuned most often (build.SETTING_INPUTS) are typed pipeline inputs holding the config's values, which a
+schedule can change.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from azdistill.azure.build import (
     load_components,
     pipeline_tags,
     place,
+    setting_inputs,
     student_model_input,
 )
 from azdistill.config import DistillConfig
@@ -33,23 +36,39 @@ def build(config: DistillConfig, job_config: Path, code: Optional[Path] = None):
     `code` the folder uploaded as the components' code (default: the repository, see components/)."""
     azure = azure_settings(config)
     components = load_components(code)
+    # The settings the studio or a schedule may change (build.SETTING_INPUTS): typed pipeline inputs whose defaults
+    # and values are the config's (a float makes a number input, an int an integer, the method a string).
+    tuned = setting_inputs(config)
 
     @dsl.pipeline(
         name=f"{config.name}-retrain",
         description=f"Retrain '{config.name}' on the latest data; promote the student only if it beats the champion.",
     )
-    def retrain(config_file, train_asset, validation_asset, test_asset, student_model=None):
+    def retrain(
+        config_file, train_asset, validation_asset, test_asset, student_model=None,
+        synthesis_temperature=tuned["synthesis_temperature"], synthesis_max_new_tokens=tuned["synthesis_max_new_tokens"],
+        training_epochs=tuned["training_epochs"], training_learning_rate=tuned["training_learning_rate"],
+        training_kd_weight=tuned["training_kd_weight"], training_topk_weight=tuned["training_topk_weight"],
+        training_method=tuned["training_method"],
+    ):
+        settings = {
+            "synthesis_temperature": synthesis_temperature, "synthesis_max_new_tokens": synthesis_max_new_tokens,
+            "training_epochs": training_epochs, "training_learning_rate": training_learning_rate,
+            "training_kd_weight": training_kd_weight, "training_topk_weight": training_topk_weight,
+            "training_method": training_method,
+        }  # fmt: skip
         validate = components.validate(
             config=config_file, train_asset=train_asset, validation_asset=validation_asset, test_asset=test_asset,
-            data_version="resolved-at-run-time", shards=azure.synthesis_shards,
+            data_version="resolved-at-run-time", shards=azure.synthesis_shards, **settings,
         )
         place(validate, azure.compute.cpu.model_copy(update={"instance_count": 1}))
         identify(validate, azure)
-        return distillation_steps(components, config, config_file, validate, student_model)
+        return distillation_steps(components, config, config_file, validate, student_model, settings)
 
     job = retrain(
         config_file=Input(type="uri_file", path=str(Path(job_config).resolve())),
         student_model=student_model_input(config),
+        **tuned,
         **data_inputs(config, resolve_when_running=True),
     )
     job.experiment_name = experiment_name(config)

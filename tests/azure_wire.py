@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import responses
 
@@ -70,6 +70,10 @@ class FakeWorkspace:
     schedules and run history, echoing what was sent the way the service does."""
 
     computes: dict[str, dict] = field(default_factory=lambda: {"cpu-cluster": {}, "gpu-cluster": {}})
+    # Registered data assets: name -> versions, oldest first (the last is what `@latest` resolves to).
+    data_assets: dict[str, list[str]] = field(
+        default_factory=lambda: {name: ["1", "2", "3"] for name in ("sentiment-train", "sentiment-validation", "sentiment-test")}
+    )
     status_overrides: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path regex, status)
     jobs: dict[str, dict] = field(default_factory=dict)
     schedules: dict[str, dict] = field(default_factory=dict)
@@ -170,6 +174,21 @@ class FakeWorkspace:
             if match[1] not in self.computes:
                 return 404, {"error": {"code": "ResourceNotFound", "message": f"compute {match[1]} not found"}}
             return 200, {"id": WS_PATH + rest, "name": match[1], "properties": {"computeType": "AmlCompute", "properties": {"vmSize": "Standard_D4s_v3", "scaleSettings": {"minNodeCount": 0, "maxNodeCount": 4}}}}
+        match = re.fullmatch(r"/data/([^/]+)", rest)
+        if match and method == "GET":
+            versions = self.data_assets.get(unquote(match[1]))
+            if not versions:
+                return 404, {"error": {"code": "UserError", "message": f"data container {unquote(match[1])} not found"}}
+            return 200, {"id": WS_PATH + rest, "name": match[1], "properties": {"latestVersion": versions[-1], "isArchived": False}}
+        match = re.fullmatch(r"/data/([^/]+)/versions/([^/]+)", rest)
+        if match and method == "GET":
+            name, version = unquote(match[1]), unquote(match[2])
+            if version not in self.data_assets.get(name, []):
+                return 404, {"error": {"code": "UserError", "message": f"data {name} version {version} not found"}}
+            return 200, {
+                "id": WS_PATH + rest, "name": version,
+                "properties": {"dataType": "uri_file", "dataUri": f"azureml://datastores/workspaceblobstore/paths/data/{name}/{version}.jsonl", "isArchived": False},
+            }
         match = re.fullmatch(r"/(environments|components|codes|data|models)/([^/]+)/versions/([^/]+)", rest)
         if match and method == "PUT":
             properties = sent.body.get("properties", {}) if isinstance(sent.body, dict) else {}

@@ -215,7 +215,12 @@ def test_sharded_synthesis_runs_as_a_parallel_job_over_the_shard_manifests(wire,
     # retrain: the data asset references travel as text, resolved by the validate step when it runs
     pipeline_inputs = job_payload(wire)["inputs"]
     assert pipeline_inputs["train_asset"] == {"jobInputType": "literal", "value": "azureml:sentiment-train@latest"}
-    assert not wire.sent("GET", r"/data/"), "retrain must not pin the data version at submission"
+    # the assets are looked up (a misspelt one fails now, not when the job runs) but not pinned
+    assert {sent.path.removeprefix(WS_PATH) for sent in wire.sent("GET", r"/data/")} == {
+        "/data/sentiment-train", "/data/sentiment-train/versions/3", "/data/sentiment-validation",
+        "/data/sentiment-validation/versions/3", "/data/sentiment-test/versions/3",
+    }  # fmt: skip
+    assert all(pipeline_inputs[f"{split}_asset"]["jobInputType"] == "literal" for split in ("train", "validation", "test"))
     for name, step in steps.items():
         secret = step.get("environment_variables", {}).get("AZDISTILL_TEACHER_KEY_SECRET")
         expected = "https://kv-distill.vault.azure.net/secrets/teacher-key" if name in ("synthesize_shards", "evaluate") else None
@@ -326,3 +331,157 @@ def test_the_example_config_dry_runs_each_pipeline_in_a_fresh_process(tmp_path, 
     assert done.returncode == 0, done.stderr
     job = load_job(source=tmp_path / f"{pipeline}.pipeline.yaml")
     assert "synthesize_shards" in job.jobs and job.experiment_name == "sentiment-distill"
+    # what the user sees: our lines only, no SDK notices about experimental classes, no terminal colour codes
+    assert "\x1b[" not in done.stdout + done.stderr
+    assert "experimental class" not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dry-run YAML as `az ml job create -f` takes it, registered data assets, and what the user sees
+
+ASSETS_SECTION = """
+azure:
+  synthesis_shards: 1
+  compute:
+    cpu: {cluster: cpu-cluster}
+    gpu: {cluster: gpu-cluster}
+  data:
+    train: azureml:sentiment-train@latest
+    validation: azureml:sentiment-validation:2
+    test: azureml:sentiment-test@latest
+"""
+SCHEDULE_LINE = "  schedule: {cron: '0 3 * * 1', time_zone: UTC}\n"
+
+
+def dry_run(config: Path, out: Path, pipeline: str) -> Path:
+    """Write a dry run's YAML into `out` (`schedule create --dry-run` for pipeline 'schedule'); its path."""
+    if pipeline == "schedule":
+        result = CliRunner().invoke(cli, ["schedule", "create", str(config), "--dry-run", "--set", f"workdir={out.parent / 'work'}"])
+        assert result.exit_code == 0, result.output
+        return Path(result.stdout.split("its job YAML: ")[1].strip())
+    result = CliRunner().invoke(cli, ["submit", str(config), "--dry-run", "--pipeline", pipeline, "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / f"{pipeline}.pipeline.yaml"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "section"),
+    [
+        ("distill", AZURE_SECTION),
+        ("distill", SHARDED_SECTION),
+        ("retrain", ASSETS_SECTION),
+        ("retrain", SHARDED_SECTION),
+        ("schedule", SHARDED_SECTION + SCHEDULE_LINE),
+    ],
+    ids=["distill", "distill-sharded", "retrain", "retrain-sharded", "schedule-sharded"],
+)
+def test_every_dry_run_yaml_validates_from_any_folder(make_config, monkeypatch, tmp_path, pipeline, section):
+    """`az ml job create -f` runs load_job and then the SDK's validation from wherever the user stands."""
+    from azure.ai.ml import load_job
+
+    path = dry_run(make_config(extra=section), tmp_path / "review", pipeline)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = load_job(source=path)
+    # jobs.validate / jobs.create_or_update: this local validation, then only the look-up of each compute
+    validation = job._validate()
+    assert validation.passed, validation.error_messages
+    assert job._to_rest_object().properties.jobs
+    for name, node in job.jobs.items():
+        if node.type == "parallel":  # the parallel step's code is the staged folder beside the YAML
+            assert Path(path.parent, node.task.code).resolve() == (path.parent / "code").resolve(), name
+
+
+def data_lookups(wire: FakeWorkspace) -> set[str]:
+    return {sent.path.removeprefix(WS_PATH) for sent in wire.sent("GET", r"/data/")}
+
+
+def test_registered_data_assets_are_looked_up_by_name_and_pinned_to_their_version(wire, make_config):
+    result = submit(make_config(extra=ASSETS_SECTION))
+    assert result.exit_code == 0, result.output
+    # the asset's own name (never a container called 'azureml:sentiment-train'), @latest resolved to the newest
+    assert data_lookups(wire) == {
+        "/data/sentiment-train", "/data/sentiment-train/versions/3", "/data/sentiment-validation/versions/2",
+        "/data/sentiment-test", "/data/sentiment-test/versions/3",
+    }  # fmt: skip
+    job = job_payload(wire)
+    for split, version in (("train", "3"), ("validation", "2"), ("test", "3")):
+        assert job["inputs"][split]["jobInputType"] == "uri_file"
+        assert job["inputs"][split]["uri"] == f"{WS_PATH}/data/sentiment-{split}/versions/{version}", split
+        assert bound(job["jobs"]["validate"], split) == f"${{{{parent.inputs.{split}}}}}"
+
+
+def test_the_dry_run_yaml_submitted_from_another_folder_sends_what_azdistill_submit_sends(wire, make_config, monkeypatch, tmp_path):
+    """The same sharded pipeline two ways: `azdistill submit`, and its dry-run YAML as `az ml job create -f` sends it
+    (load_job, then jobs.create_or_update) from another folder."""
+    from azure.ai.ml import load_job
+
+    config = make_config(extra=SHARDED_SECTION)
+    path = dry_run(config, tmp_path / "review", "distill")
+    assert submit(config).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client = workspace_module.ml_client(workspace_module.resolve_workspace(None))
+    client.jobs.create_or_update(load_job(source=path))
+    by_azdistill, by_yaml = (sent.body["properties"] for sent in wire.sent("PUT", r"/jobs/[^/]+$"))
+    for split, version in (("train", "3"), ("validation", "3"), ("test", "3")):
+        assert by_azdistill["inputs"][split] == by_yaml["inputs"][split]
+        assert by_yaml["inputs"][split]["uri"] == f"{WS_PATH}/data/sentiment-{split}/versions/{version}"
+    assert set(by_azdistill["jobs"]) == set(by_yaml["jobs"])
+    assert not [sent.path for sent in wire.requests if "azureml%3A" in sent.path or "azureml:" in sent.path]
+
+
+@pytest.mark.parametrize("pipeline", ["distill", "retrain"])
+@pytest.mark.parametrize(
+    ("split", "reference"),
+    [("train", "azureml:sentiment-train@latest"), ("validation", "azureml:sentiment-validation:2")],
+    ids=["no-such-name", "no-such-version"],
+)
+def test_a_missing_data_asset_is_one_line_naming_it_before_anything_is_uploaded(wire, make_config, pipeline, split, reference):
+    if split == "train":
+        wire.data_assets.pop("sentiment-train")
+    else:
+        wire.data_assets["sentiment-validation"] = ["1"]
+    result = submit(make_config(extra=ASSETS_SECTION), "--pipeline", pipeline)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    message = result.stderr.strip()
+    assert "\n" not in message, message
+    assert message.startswith(f"error: azure.data.{split}: no data asset {reference} in workspace ws-distill"), message
+    assert "(404)" in message
+    assert not wire.sent("PUT", r"/jobs/") and not wire.sent("POST", r"startPendingUpload")
+
+
+class _Records(__import__("logging").Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_submit_and_dry_run_print_no_sdk_notices_or_colour_codes(wire, azure_config, monkeypatch):
+    import logging
+
+    from azure.ai.ml._utils import _experimental
+
+    # The SDK prints each experimental notice once per process, through a handler bound to the stderr of the
+    # moment azure.ai.ml was imported: forget what it printed already and listen on its logger.
+    monkeypatch.setattr(_experimental, "_warning_cache", set())
+    records = _Records()
+    sdk_logger = logging.getLogger("azure.ai.ml")
+    sdk_logger.addHandler(records)
+    try:
+        dry = submit(azure_config, "--dry-run")
+        real = submit(azure_config)
+    finally:
+        sdk_logger.removeHandler(records)
+    assert dry.exit_code == 0 and real.exit_code == 0, dry.output + real.output
+    for result in (dry, real):
+        assert "\x1b[" not in result.output, result.output
+        assert "experimental class" not in result.output
+    assert not [message for message in records.messages if "experimental" in message]
+    assert "submitted distill pipeline: job" in real.stdout

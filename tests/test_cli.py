@@ -24,7 +24,7 @@ from azdistill.preflight import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 
 from conftest import line_of
 
-COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui")
+COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui", "export")
 TOOLS = ("import-logs",)  # commands that take no config (tested in tests/test_logs_import.py)
 AZURE = ("submit", "schedule", "status", "logs", "job")  # Azure ML commands (tested in tests/test_azure_*.py)
 GROUPS = ("runs",)  # command groups; their subcommands are tested in tests/test_runs.py

@@ -118,6 +118,7 @@ def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, 
 
 
 def test_runs_killed_at_random_moments_end_with_the_outputs_of_an_uninterrupted_run(teacher, student, tmp_path):
+    began = time.time()
     reference_dir = tmp_path / "uninterrupted"
     done = subprocess.run(_command(teacher, student, reference_dir), env=_environment(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -139,5 +140,12 @@ def test_runs_killed_at_random_moments_end_with_the_outputs_of_an_uninterrupted_
         landed.append(kills)
         assert _outputs(run_dir) == expected, f"run {attempt}, killed in {kills}"
     print(f"kills landed in: {landed}")
+    # A killed run leaves no orphan behind: the evaluation's model-answering child dies with it.
+    import psutil
+
+    orphans = [process for process in psutil.process_iter(["cmdline", "ppid", "create_time"])
+               if process.info["ppid"] == 1 and process.info["create_time"] >= began
+               and "multiprocessing.spawn" in " ".join(process.info["cmdline"] or [])]
+    assert not orphans, [process.info for process in orphans]
     inside = [stage for kills in landed for stage in kills if stage not in ("finished", "between stages")]
     assert {"synthesize", "finetune", "evaluate"} <= set(inside), landed

@@ -189,3 +189,216 @@ def test_direction_of_change():
 
 def test_ui_addresses():
     assert ui_experiment_url("4") == "http://127.0.0.1:5000/#/experiments/4?workflowType=machine_learning"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A workspace's MLflow: what the Azure ML pipeline leaves there (no aliases; the champion is a tag)
+
+
+class WorkspaceModels:
+    """`MLClient.models` as `azure/injob.py register_student` uses it, kept in an MLflow registry the way a
+    workspace's MLflow shows it: versions with tags and no alias (Azure ML's MLflow has none)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def create_or_update(self, model):
+        from mlflow.exceptions import MlflowException
+
+        if model.version is None:
+            try:
+                self.client.create_registered_model(model.name)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            model.version = str(self.client.create_model_version(model.name, f"azureml://models/{model.name}", tags=model.tags).version)
+        else:
+            for key, value in model.tags.items():
+                self.client.set_model_version_tag(model.name, str(model.version), key, value)
+        return model
+
+    def list(self, name):
+        from azure.ai.ml.entities import Model
+
+        versions = sorted(self.client.search_model_versions(f"name='{name}'"), key=lambda version: -int(version.version))
+        return [Model(name=name, version=str(version.version), path=version.source, tags=dict(version.tags)) for version in versions]
+
+
+def record_azure_retrain(client, workdir, data_version: str, agreement: float, accuracy: float) -> str:
+    """One retrain as the Azure ML pipeline leaves it in the workspace's MLflow; returns the pipeline run id.
+
+    The pipeline job is the parent run (the job's display name and tags, no params, no metrics); each step is a
+    child run; the evaluate step logs through azdistill's Tracker into the run Azure ML made for it
+    (MLFLOW_RUN_ID), and the register step applies the champion rule with tags, exactly as in a job.
+    """
+    import json as json_module
+    from types import SimpleNamespace
+
+    from retrains import make_report, retrain_config
+
+    from azdistill.azure import injob
+    from azdistill.azure.build import pipeline_tags
+    from azdistill.report import write_report
+    from azdistill.tracking import Tracker, log_evaluation
+
+    config = retrain_config(workdir, data_version)
+    experiment_id = client.get_experiment_by_name(config.experiment_name).experiment_id
+    pipeline = client.create_run(experiment_id, run_name=f"{config.name}@data-{data_version}", tags=pipeline_tags(config, "distill"))
+    parent = {"mlflow.parentRunId": pipeline.info.run_id}
+    steps = {name: client.create_run(experiment_id, run_name=name, tags=parent) for name in ("validate", "finetune", "evaluate", "register")}
+    report = make_report(config, agreement, accuracy)
+    out_dir = workdir / f"azure-{data_version}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_RUN_ID", steps["finetune"].info.run_id)
+        tracker = Tracker(config)
+        with tracker.stage("finetune"):
+            for step, loss in enumerate([2.4, 1.7, 1.2]):
+                tracker.log_metrics({"train_loss": loss}, step=step)
+        patch.setenv("MLFLOW_RUN_ID", steps["evaluate"].info.run_id)
+        with tracker.stage("evaluate"):
+            log_evaluation(tracker, report, write_report(report, out_dir / "evaluate"))
+        patch.setenv("AZUREML_ROOT_RUN_ID", pipeline.info.run_id)
+        (out_dir / "data.json").write_text(json_module.dumps({"version": data_version}))
+        models = SimpleNamespace(models=WorkspaceModels(client))
+        injob.register_student(
+            out_dir, out_dir / "evaluate" / "report.json", out_dir / "data.json", config.registered_model_name, "builtin",
+            "agreement", "champion_challenger", out_dir / "decision", client_factory=lambda: (models, None),
+        )
+    tracker.mlflow.set_tracking_uri(None)
+    for step in steps.values():
+        client.set_terminated(step.info.run_id)
+    client.set_terminated(pipeline.info.run_id)
+    return pipeline.info.run_id
+
+
+@pytest.fixture(scope="module")
+def workspace_store(tmp_path_factory):
+    """Three retrains run on Azure ML: v1 becomes champion, v2 beats it, v3 loses to v2; no aliases anywhere."""
+    from mlflow import MlflowClient
+
+    workdir = tmp_path_factory.mktemp("workspace")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    client.create_experiment("sentiment")  # `azdistill submit` names it (azure.experiment, default the config name)
+    run_ids = [record_azure_retrain(client, workdir, str(index), agreement, accuracy)
+               for index, (agreement, accuracy) in enumerate([(0.70, 0.84), (0.85, 0.86), (0.78, 0.88)], start=1)]
+    assert client.get_registered_model("sentiment-student").aliases == {}
+    return client, run_ids, workdir
+
+
+def test_the_workspace_store_holds_the_champion_as_a_tag_only(workspace_store):
+    client, _, _ = workspace_store
+    tags = {str(version.version): version.tags for version in client.search_model_versions("name='sentiment-student'")}
+    assert {version: tag["azdistill.champion"] for version, tag in tags.items()} == {"1": "false", "2": "true", "3": "false"}
+    assert tags["1"]["promotion.replaced_by"] == "2" and tags["3"]["promotion.decision"] == "challenger"
+
+
+def test_champion_version_reads_the_azure_tag_where_the_store_has_no_alias(workspace_store):
+    from azdistill.azure.injob import CHAMPION_TAG
+    from azdistill.registry import CHAMPION_TAG as REGISTRY_CHAMPION_TAG, champion_version
+
+    client, _, _ = workspace_store
+    assert REGISTRY_CHAMPION_TAG == CHAMPION_TAG  # the reader and the Azure register step agree on the tag
+    assert champion_version(client, "sentiment-student") == "2"
+
+
+def test_list_runs_on_a_workspace_store_takes_the_champion_from_the_tag_and_metrics_from_the_evaluate_step(workspace_store):
+    client, run_ids, _ = workspace_store
+    rows = list_runs(client, "sentiment", "sentiment-student")
+    assert [row.run_id for row in rows] == run_ids[::-1]  # step runs are never listed as runs of their own
+    assert [row.name for row in rows] == ["sentiment@data-3", "sentiment@data-2", "sentiment@data-1"]
+    assert [(row.version, row.registry_state) for row in rows] == [("3", "challenger"), ("2", "champion"), ("1", "former champion")]
+    assert rows[0].registry_reason == "agreement 0.78 does not beat champion version 2 (0.85)"
+    assert rows[1].metrics["student_agreement"] == 0.85 and rows[1].metrics["promote"] == 1.0
+    assert rows[1].params["data.version"] == "2"  # the config the steps ran with (the pipeline run has no params)
+    assert resolve_run(rows, "@champion", "sentiment-student").run_id == run_ids[1]
+
+
+def test_runs_list_command_reads_a_workspace_shaped_store(workspace_store):
+    _, run_ids, workdir = workspace_store
+    result = invoke("runs", "list", *overrides(workdir))
+    assert result.exit_code == 0, result.output
+    champion = row_of(result.output, "sentiment@data-2")
+    assert run_ids[1][:8] in champion and "0.85" in champion and "passed" in champion and "v2 ★ champion" in champion
+    assert "v3 challenger" in row_of(result.output, "sentiment@data-3")
+    assert "v1 former champion" in row_of(result.output, "sentiment@data-1")
+    assert "\n  v2 champion: agreement 0.85 beats champion version 1 (0.7)\n" in result.output
+    assert "\n  v1 former champion: replaced by version 2\n" in result.output
+
+
+def test_runs_compare_champion_with_v1_on_a_workspace_shaped_store(workspace_store):
+    _, _, workdir = workspace_store
+    result = invoke("runs", "compare", "@champion", "v1", *overrides(workdir))
+    assert result.exit_code == 0, result.output
+    assert "A: sentiment@data-2" in result.output and "B: sentiment@data-1" in result.output
+    assert "v2 ★ champion" in row_of(result.output, "registry")
+    assert re.search(r"student_agreement \*\s+│\s+0\.85\s+│\s+0\.7\s+│\s+-0\.15 \(-18%\)", result.output)
+    assert re.search(r"data\.version\s+│\s+2\s+│\s+1", result.output)
+
+
+def test_runs_workspace_flag_reads_the_workspace_store_and_its_experiment(workspace_store, monkeypatch):
+    import azdistill.runs
+
+    _, run_ids, workdir = workspace_store
+    asked = []
+
+    def fake_workspace_tracking_uri(azure_config, credential=None):
+        asked.append(azure_config)
+        return f"sqlite:///{workdir}/mlflow.db"
+
+    monkeypatch.setattr(azdistill.runs, "workspace_tracking_uri", fake_workspace_tracking_uri)
+    # The config's own store does not exist: --workspace must not read it. The experiment is azure.experiment.
+    local = ["--set", "name=other", "--set", f"tracking.uri=sqlite:///{workdir}/none.db", "--set", "azure.experiment=sentiment",
+             "--set", "tracking.registered_model=sentiment-student"]
+    result = invoke("runs", "list", "--workspace", *local)
+    assert result.exit_code == 0, result.output
+    assert "v2 ★ champion" in row_of(result.output, "sentiment@data-2")
+    assert asked and asked[0].experiment == "sentiment"
+    assert "127.0.0.1" not in result.output  # no local UI serves a workspace's store
+    result = invoke("runs", "compare", "--workspace", "@champion", "v1", *local)
+    assert result.exit_code == 0, result.output
+    assert "A: sentiment@data-2" in result.output and "B: sentiment@data-1" in result.output
+
+
+def test_the_workspace_tracking_uri_is_built_from_subscription_resource_group_and_workspace(monkeypatch):
+    import responses
+    from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
+
+    import azdistill.azure.workspace as workspace_module
+    from azdistill.runs import workspace_tracking_uri
+
+    monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
+    workspace_env(monkeypatch)
+    wire = FakeWorkspace()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        wire.install(mock)
+        uri = workspace_tracking_uri(None, credential=FakeCredential())
+    assert not wire.unmatched
+    assert [sent.path for sent in wire.sent("GET", ".*")] == [WS_PATH]
+    assert WS_PATH == f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.MachineLearningServices/workspaces/{WORKSPACE}"
+    # azureml-mlflow answers MLflow 2 and 3 clients on the v2.0 route of the same workspace.
+    assert uri == f"azureml://westeurope.api.azureml.ms/mlflow/v2.0{WS_PATH}"
+
+
+def test_a_workspace_that_is_not_there_is_a_user_error(monkeypatch):
+    import responses
+    from azure_wire import FakeCredential, FakeWorkspace, workspace_env
+
+    import azdistill.azure.workspace as workspace_module
+    from azdistill.runs import workspace_tracking_uri
+
+    monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
+    workspace_env(monkeypatch)
+    wire = FakeWorkspace()
+    wire.fail("GET", r"/workspaces/[^/]+$", 404)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        wire.install(mock)
+        with pytest.raises(UserError, match=r"workspace ws-distill .* was not found \(404\)"):
+            workspace_tracking_uri(None, credential=FakeCredential())
+
+
+def test_runs_links_follow_the_ui_port(store):
+    _, _, workdir = store
+    result = invoke("runs", "list", *overrides(workdir), "--ui-port", "5055")
+    assert "In the MLflow UI (azdistill ui --port 5055): http://127.0.0.1:5055/#/experiments/1?workflowType=machine_learning" in result.output
+    result = invoke("runs", "compare", "v1", "v2", *overrides(workdir), "--ui-port", "5055")
+    assert "Same comparison in the MLflow UI (azdistill ui --port 5055): http://127.0.0.1:5055/#/compare-runs?" in result.output

@@ -40,6 +40,21 @@ SHARD_LIMITS = {
     "shard_max_concurrency": "teacher.max_concurrency",
     "shard_max_cost": "synthesis.max_cost",
 }
+# The settings users tune, as typed pipeline inputs: the input -> the config key it overrides. The config file stays
+# the single source of defaults (each input's value is the config's when the pipeline is built); the studio or a
+# schedule changes an input without a new file. The steps that use a setting take it as an input of the same name
+# and pass it as `--set key=value` after the config file, so inside the step the input wins.
+SETTING_INPUTS = {
+    "synthesis_temperature": "synthesis.temperature",
+    "synthesis_max_new_tokens": "synthesis.max_new_tokens",
+    "training_epochs": "training.epochs",
+    "training_learning_rate": "training.learning_rate",
+    "training_kd_weight": "training.kd_weight",
+    "training_topk_weight": "training.topk_weight",
+    "training_method": "training.method",
+}
+SYNTHESIS_SETTINGS = ("synthesis_temperature", "synthesis_max_new_tokens")
+TRAINING_SETTINGS = ("training_epochs", "training_learning_rate", "training_kd_weight", "training_topk_weight", "training_method")
 
 
 @dataclass
@@ -228,6 +243,16 @@ def shard_shares(config: DistillConfig) -> dict[str, Any]:
     return shares
 
 
+def setting_inputs(config: DistillConfig) -> dict[str, Any]:
+    """The config's value of each SETTING_INPUTS setting: the pipeline inputs' values (and, as the pipeline function's
+    defaults, their types: a float is a number input, an int an integer, a choice a string)."""
+    values = {}
+    for name, key in SETTING_INPUTS.items():
+        section, field = key.split(".")
+        values[name] = getattr(getattr(config, section), field)
+    return values
+
+
 def azure_settings(config: DistillConfig) -> AzureConfig:
     """The config's azure section; an empty one (clusters cpu-cluster and gpu-cluster) when it has none."""
     return config.azure or AzureConfig()
@@ -281,6 +306,8 @@ def write_job_config(config: DistillConfig, folder: Path) -> Path:
     header = (
         f"# Written by `azdistill submit` from the config '{config.name}': the settings every Azure ML step reads.\n"
         "# Data paths are placeholders: each step passes its mounted inputs with --set.\n"
+        f"# The pipeline's setting inputs ({', '.join(SETTING_INPUTS)})\n"
+        "# start at this file's values and override them in the steps (--set): the studio or a schedule may change them.\n"
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return path
@@ -338,15 +365,42 @@ def build_pipeline(config: DistillConfig, name: str, folder: Path):
     """Build (not submit) the pipeline job `name` for `config`; the job config is written into `folder`."""
     check_teacher_key_reference(config)
     job_config = write_job_config(config, folder)
-    return load_pipeline_module(name).build(config, job_config, stage_code(folder))
+    job = load_pipeline_module(name).build(config, job_config, stage_code(folder))
+    name_assets_as_load_job_does(job)
+    return job
 
 
-def distillation_steps(components: Components, config: DistillConfig, config_file: Any, validate: Any, student_model: Any) -> dict:
+def name_assets_as_load_job_does(job: Any) -> None:
+    """Give the pipeline's workspace asset inputs (`azureml:name@latest`, `azureml:name:version`: data, the base
+    student) the form `load_job` reads them into from YAML, without the `azureml:` prefix.
+
+    When it submits, the SDK splits off a `@label` before it drops the prefix, so an input built in Python as
+    `azureml:name@latest` looked up a container literally named `azureml:name` (a 404 on the service), while the same
+    reference in a YAML file resolves `name`. The YAML dump writes the prefix back: the dry-run file is unchanged.
+    """
+    import copy
+
+    from azure.ai.ml import Input
+
+    for name, value in job.inputs.items():
+        given = value.result()
+        if isinstance(given, Input) and isinstance(given.path, str) and given.path.startswith("azureml:") and not given.path.startswith("azureml://"):
+            named = copy.copy(given)
+            named.path = given.path[len("azureml:") :]
+            setattr(job.inputs, name, named)
+
+
+def distillation_steps(
+    components: Components, config: DistillConfig, config_file: Any, validate: Any, student_model: Any, settings: dict[str, Any]
+) -> dict:
     """The steps after validation, shared by every pipeline definition: synthesize (one job, or shards on the
     parallel engine and a merge), finetune (PyTorch distribution), the reference baseline, evaluate, register.
+    `settings` are the pipeline's SETTING_INPUTS inputs, bound to the steps that use them.
 
     Call inside a `dsl.pipeline` function; returns the pipeline outputs.
     """
+    synthesis_settings = {name: settings[name] for name in SYNTHESIS_SETTINGS}
+    training_settings = {name: settings[name] for name in TRAINING_SETTINGS}
     azure = azure_settings(config)
     data = validate.outputs.data
     # Bind the base student only when there is one: a binding to an absent pipeline input fails on the service.
@@ -356,7 +410,7 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
     synthesis_target = stage_target(azure, "synthesize")
     if azure.synthesis_shards > 1:
         shards = components.synthesize_shards(
-            shard_manifests=validate.outputs.shard_manifests, config=config_file, data=data, **shard_shares(config)
+            shard_manifests=validate.outputs.shard_manifests, config=config_file, data=data, **shard_shares(config), **synthesis_settings
         )
         shards.name = "synthesize_shards"
         place(shards, synthesis_target)
@@ -368,20 +422,22 @@ def distillation_steps(components: Components, config: DistillConfig, config_fil
         identify(merge, azure)
         synthetic = merge.outputs.synthetic
     else:
-        synthesize = components.synthesize(config=config_file, data=data)
+        synthesize = components.synthesize(config=config_file, data=data, **synthesis_settings)
         synthesize.name = "synthesize"
         place(synthesize, synthesis_target.model_copy(update={"instance_count": 1}))
         identify(synthesize, azure, teacher_key_env)
         synthetic = synthesize.outputs.synthetic
 
     finetune_target = stage_target(azure, "finetune")
-    finetune = components.finetune(config=config_file, data=data, synthetic=synthetic, student_model=student_model, train_on="teacher_answers")
+    finetune = components.finetune(
+        config=config_file, data=data, synthetic=synthetic, student_model=student_model, train_on="teacher_answers", **training_settings
+    )
     finetune.name = "finetune"
     place(finetune, finetune_target, distributed=True)
     identify(finetune, azure)
     reference = None
     if wants_reference_node(config):
-        baseline = components.finetune(config=config_file, data=data, student_model=student_model, train_on="references")
+        baseline = components.finetune(config=config_file, data=data, student_model=student_model, train_on="references", **training_settings)
         baseline.name = "finetune_references"
         place(baseline, finetune_target, distributed=True)
         identify(baseline, azure)

@@ -31,9 +31,17 @@ def _settings(config: Optional[Path], overrides: tuple[str, ...] = ()):
     return load_config(config, overrides)
 
 
+def _quiet_sdk() -> None:
+    """No notices about the SDK's experimental classes in these commands' output (see workspace.quiet_sdk_notices)."""
+    from azdistill.azure.workspace import quiet_sdk_notices
+
+    quiet_sdk_notices()
+
+
 def _client(config: Optional[Path]):
     from azdistill.azure.workspace import ml_client, resolve_workspace
 
+    _quiet_sdk()
     azure = _settings(config).azure if config is not None else None
     workspace = resolve_workspace(azure)
     return ml_client(workspace), workspace
@@ -50,6 +58,7 @@ def submit(config: Optional[Path], overrides: tuple[str, ...], pipeline: Optiona
     """Submit the distillation to Azure ML as a pipeline job (or write it for review with --dry-run)."""
     from azdistill.azure.submit import submit as submit_pipeline
 
+    _quiet_sdk()
     settings = _settings(config, overrides)
     result = submit_pipeline(settings, pipeline, dry_run=dry_run, stream=stream, folder=output_dir, echo=click.echo)
     if dry_run:
@@ -71,15 +80,16 @@ def schedule() -> None:
 def schedule_create(config: Optional[Path], overrides: tuple[str, ...], dry_run: bool) -> None:
     """Create (or update) the config's schedule: the retrain pipeline on azure.schedule's trigger."""
     from azdistill.azure.schedules import build_schedule, describe, dry_run_schedule
-    from azdistill.azure.workspace import azure_errors, ml_client, resolve_workspace
+    from azdistill.azure.workspace import azure_errors, ml_client, plain_sdk_output, resolve_workspace
 
+    _quiet_sdk()
     settings = _settings(config, overrides)
     if dry_run:
         click.echo(f"schedule validated; its job YAML: {dry_run_schedule(settings)}")
         return
     job_schedule, _ = build_schedule(settings)
     workspace = resolve_workspace(settings.azure)
-    with azure_errors(f"creating schedule {job_schedule.name}", workspace):
+    with azure_errors(f"creating schedule {job_schedule.name}", workspace), plain_sdk_output():
         created = ml_client(workspace).schedules.begin_create_or_update(job_schedule).result()
     click.echo(f"schedule {describe(created)} in {workspace}")
 

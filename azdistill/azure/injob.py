@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from azdistill.azure.build import (
+    SETTING_INPUTS,
     SHARD_LIMITS,
     SPLITS,
     TEACHER_CONNECTION_ENV,
@@ -135,15 +136,16 @@ def shard(data_dir: Path, shards: int, manifests: Path) -> int:
 
 def shard_command(manifest: dict, config: str, data: str, output: str, shares: Optional[dict[str, Any]] = None) -> list[str]:
     """The command answering one shard: `azdistill synthesize` as in local mode, under `with-teacher-key`, with
-    the shard's share of the teacher's limits and budget (`shares`: synthesize_shards inputs, see SHARD_LIMITS;
-    None values are left to the config) as --set overrides."""
+    the shard's share of the teacher's limits and budget (`shares`: synthesize_shards inputs, see SHARD_LIMITS, and
+    the pipeline's synthesis settings, see SETTING_INPUTS; None values are left to the config) as --set overrides."""
     azdistill = [sys.executable, "-m", "azdistill"]
+    keys = {**SHARD_LIMITS, **SETTING_INPUTS}
     limits = []
     for name, value in (shares or {}).items():
-        if name not in SHARD_LIMITS:
-            raise UserError(f"unknown shard limit '{name}': expected one of {', '.join(SHARD_LIMITS)}")
+        if name not in keys:
+            raise UserError(f"unknown shard limit '{name}': expected one of {', '.join(keys)}")
         if value is not None:
-            limits += ["--set", f"{SHARD_LIMITS[name]}={value}"]
+            limits += ["--set", f"{keys[name]}={value}"]
     return azdistill + ["job", "with-teacher-key", "--"] + azdistill + [
         "synthesize", config,
         "--set", f"data.train={Path(data) / manifest['train']}",

@@ -8,10 +8,13 @@ Each of the three fields is looked up on its own, in that order.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -104,17 +107,51 @@ def make_credential(identity_client_id: Optional[str] = None):
 
 
 def ml_client(workspace: Workspace, credential: Any = None):
-    """An MLClient for `workspace`, telemetry off."""
+    """An MLClient for `workspace`, telemetry off; upload progress bars only on a terminal (elsewhere, in a log or
+    a pipe, they are lines of colour codes)."""
     from azure.ai.ml import MLClient
 
+    options = {"show_progress": sys.stderr.isatty(), **CLIENT_OPTIONS}
     return MLClient(
         credential or make_credential(),
         subscription_id=workspace.subscription_id,
         resource_group_name=workspace.resource_group,
         workspace_name=workspace.workspace_name,
         enable_telemetry=False,
-        **CLIENT_OPTIONS,
+        **options,
     )
+
+
+# Colour and cursor codes of a terminal (the SDK colours its upload messages with colorama).
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def quiet_sdk_notices() -> None:
+    """Keep azure-ai-ml's "Class ...: This is an experimental class" notices (one for each experimental schema it
+    builds, a dry run included) out of the output. That logger says nothing else, so no warning or error is lost."""
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+
+
+@contextmanager
+def plain_sdk_output() -> Iterator[None]:
+    """What the SDK prints on stderr inside this block, without terminal colour codes and blank lines, unless stderr
+    is a terminal (there its progress bars and colours are meant to be seen).
+
+    After every upload, progress bar or not, the SDK prints a colour reset and two blank lines
+    (azure/ai/ml/_artifacts/_blob_storage_helper.py, `print(Fore.RESET + "\\n", file=sys.stderr)`). Everything else
+    it printed is passed on, after the block ends or fails.
+    """
+    if sys.stderr.isatty():
+        yield
+        return
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            yield
+    finally:
+        for line in TERMINAL_CODES.sub("", printed.getvalue()).splitlines():
+            if line.strip():
+                print(line, file=sys.stderr)
 
 
 def _what_was_missing(url: str) -> str:
@@ -185,6 +222,8 @@ def azure_errors(action: str, workspace: Optional[Workspace] = None) -> Iterator
 
     try:
         yield
+    except UserError:
+        raise  # already says what to fix
     except (HttpResponseError, ClientAuthenticationError) as error:
         message = explain_http_error(error, workspace, action)
         if message is None:

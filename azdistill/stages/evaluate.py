@@ -245,7 +245,7 @@ def _measure_in_child(
     path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str
 ) -> dict:
     # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         future = pool.submit(
             measure_model,
             str(path),
@@ -254,6 +254,21 @@ def _measure_in_child(
             description,
         )
         return future.result()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make the measuring child end when azdistill does: killed with SIGKILL, the parent cannot stop its pool, and
+    the child would otherwise wait forever holding a model in memory (seen after the kill-at-random test)."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return  # not Linux: the child still ends when its work is done
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _device_description() -> str:

@@ -20,6 +20,9 @@ def init() -> None:
     parser.add_argument("--shard-tokens-per-minute", type=int, default=None, help="teacher.tokens_per_minute of one shard.")
     parser.add_argument("--shard-max-concurrency", type=int, default=None, help="teacher.max_concurrency of one shard.")
     parser.add_argument("--shard-max-cost", type=float, default=None, help="synthesis.max_cost of one shard.")
+    # The pipeline's synthesis settings (build.SYNTHESIS_SETTINGS), always given by the pipelines.
+    parser.add_argument("--synthesis-temperature", type=float, default=None, help="synthesis.temperature of every shard.")
+    parser.add_argument("--synthesis-max-new-tokens", type=int, default=None, help="synthesis.max_new_tokens of every shard.")
     # The parallel engine passes its own arguments (mini-batch size, logging, ...) beside ours.
     ARGS, others = parser.parse_known_args()
     # An input reference the service left unresolved would otherwise be skipped as one of the engine's arguments,
@@ -33,8 +36,8 @@ def run(mini_batch: list) -> list:
     """Answer every shard of the mini-batch; a failure raises, so the engine retries it or fails the job."""
     from pathlib import Path
 
-    from azdistill.azure.build import SHARD_LIMITS
+    from azdistill.azure.build import SHARD_LIMITS, SYNTHESIS_SETTINGS
     from azdistill.azure.injob import synthesize_shard
 
-    shares = {name: getattr(ARGS, name) for name in SHARD_LIMITS}
+    shares = {name: getattr(ARGS, name) for name in (*SHARD_LIMITS, *SYNTHESIS_SETTINGS)}
     return [synthesize_shard(Path(manifest), ARGS.config, ARGS.data, ARGS.output, shares) for manifest in mini_batch]

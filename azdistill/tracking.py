@@ -172,7 +172,15 @@ class Tracker(NullTracker):
         uri = config.tracking_uri
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
+        # MLflow also exports the URI to the environment; a later config in this process (two runs from one notebook,
+        # the tests) would take it for the user's own MLFLOW_TRACKING_URI (DistillConfig.tracking_uri) and track into
+        # this store instead of its own. MLflow keeps the URI it was given; the environment stays as it was.
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
         # Artifacts of a local SQLite store go beside it, not into ./mlruns of whatever folder we run from.
         experiment = mlflow.get_experiment_by_name(config.experiment_name)
         if experiment is None:

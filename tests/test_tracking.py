@@ -3,6 +3,7 @@ and a registered student that links back to its run and data version."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,22 @@ def test_evaluation_metrics_are_named_role_underscore_metric(tmp_path):
     assert metrics["promote"] == 1.0
     assert set(metrics) >= {f"{role}_{name}" for role in ("teacher", "student", "baseline")
                             for name in ("latency_p50_s", "latency_p95_s", "throughput_tokens_per_s", "peak_memory_mb", "parameters")}
+
+
+def test_a_tracker_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: a second config in the same process took it for the
+    user's own and tracked into the first config's store (seen when the hosted end-to-end test ran first)."""
+    from azdistill.config import TrackingConfig
+    from azdistill.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (retrain_config(tmp_path / name, "1").model_copy(update={"tracking": TrackingConfig()}) for name in ("a", "b"))
+    Tracker(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert second.tracking_uri == f"sqlite:///{(tmp_path / 'b' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")  # the user's own is kept
+    Tracker(first.model_copy(update={"tracking": TrackingConfig(uri=f"sqlite:///{tmp_path / 'c.db'}")}))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
 
 
 def test_null_tracker_promotes_nothing():

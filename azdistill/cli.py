@@ -221,7 +221,8 @@ def finetune(
 
     settings = _load(config, overrides)
     synthetic = synthetic_dir or settings.stage_dir("synthesize")
-    check_writable(output_dir or settings.stage_dir("finetune-reference" if on_references else "finetune"), "finetune-reference" if on_references else "finetune")
+    stage = "finetune-reference" if on_references else "finetune"
+    check_writable(output_dir or settings.stage_dir(stage), stage)
     with workdir_lock(settings.workdir):
         if not on_references:
             require_stage_output(synthetic, "synthesize")

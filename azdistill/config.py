@@ -311,6 +311,16 @@ class TeacherConfig(Section):
         return f"{self.kind}:{self.deployment if self.kind == 'azure_openai' else self.model}"
 
     @property
+    def weights_key(self) -> str:
+        """The key naming the teacher's local weights: teacher.model for a local teacher, else teacher.local_copy."""
+        return "teacher.model" if self.kind == "local" else "teacher.local_copy"
+
+    @property
+    def weights(self) -> Optional[str]:
+        """The teacher's local weights ('builtin' or a folder) under `weights_key`; None: the teacher is only an endpoint."""
+        return getattr(self, self.weights_key.split(".")[1])
+
+    @property
     def hosted(self) -> bool:
         """Whether the teacher answers over HTTP."""
         return self.kind in HOSTED_TEACHERS
@@ -804,7 +814,7 @@ def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
     """
     teacher, training = config.teacher, config.training
     problems: list[tuple[str, str]] = []
-    has_weights = teacher.kind == "local" or teacher.local_copy is not None
+    has_weights = teacher.weights is not None
     # On Azure ML azure.student_model replaces student.model (a registered model, bound as the job's input).
     registered_student = config.azure is not None and config.azure.student_model is not None
     if config.student.model == "pruned-teacher" and not has_weights and not registered_student:

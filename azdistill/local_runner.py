@@ -48,11 +48,10 @@ class Models:
 
 
 def prepare_models(config: DistillConfig) -> Models:
-    from azdistill.models import check_vocabularies, file_lock, resolve_student, resolve_teacher, teacher_weights
+    from azdistill.models import check_vocabularies, file_lock, resolve_student, resolve_teacher
 
-    weights = teacher_weights(config)
-    key = "teacher.model" if config.teacher.kind == "local" else "teacher.local_copy"
-    teacher = resolve_teacher(weights, key) if weights is not None else None
+    weights = config.teacher.weights
+    teacher = resolve_teacher(weights, config.teacher.weights_key) if weights is not None else None
     # Under torchrun every process gets here: the first builds the pruned student, the others then reuse it.
     with file_lock(config.run_dir / ".student-init.lock"):
         student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")

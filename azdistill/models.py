@@ -234,8 +234,8 @@ def model_folder(path: Path, key: str, target: Optional[Path] = None) -> Path:
             f"{key}: {path} has no config.json (a Hugging Face model folder) and no MLmodel (an MLflow model folder); "
             "give a folder holding a causal LM"
         )
-    weights = next((path / sub for sub in MLFLOW_WEIGHTS if (path / sub / "config.json").is_file()), None)
-    if weights is None:
+    weights = weights_folder(path)
+    if weights == path:
         raise UserError(f"{key}: {path} is an MLflow model but holds no {' or '.join(f'{sub}/config.json' for sub in MLFLOW_WEIGHTS)}")
     if (weights / "tokenizer_config.json").is_file():
         return weights
@@ -309,13 +309,6 @@ def size_on_disk(path: Path) -> int:
 # Which models a config needs, and whether they fit together
 
 
-def teacher_weights(config: "DistillConfig") -> Optional[str]:
-    """The `teacher.model`-style setting of the teacher's local weights, if this config has any."""
-    if config.teacher.kind == "local":
-        return config.teacher.model
-    return config.teacher.local_copy
-
-
 def check_vocabularies(config: "DistillConfig", teacher: Optional[Path], student: Path) -> None:
     """Logit losses compare the two models' distributions token by token: their vocabularies must be the same size."""
     training = config.training
@@ -334,10 +327,10 @@ def check_vocabularies(config: "DistillConfig", teacher: Optional[Path], student
 
 def check_models(config: "DistillConfig") -> None:
     """What `validate` checks of the model folders without building anything: they exist and fit the losses."""
-    weights = teacher_weights(config)
+    weights = config.teacher.weights
     teacher = None
     if weights is not None and weights != "builtin":
-        teacher = resolve_teacher(weights, "teacher.model" if config.teacher.kind == "local" else "teacher.local_copy")
+        teacher = resolve_teacher(weights, config.teacher.weights_key)
     if config.student.model != "pruned-teacher" and not config.student.model.startswith("azureml:"):  # a registered
         # student (azure.student_model) is mounted by the job, which passes its folder to the steps that load it
         student = Path(config.student.model)

@@ -60,7 +60,7 @@ def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> di
         from azdistill.models import BUILTIN_TEACHER_NAME as builtin, weights_folder
 
         layers = json.loads((weights_folder(Path(models["baseline"])) / "config.json").read_text()).get("num_hidden_layers")
-        local = teacher_config.model if teacher_config.kind == "local" else teacher_config.local_copy
+        local = teacher_config.weights
         student = f"{builtin if local == 'builtin' else Path(str(local)).name}, {layers} layers"
     else:
         student = Path(config.student.model).name

@@ -1,3 +1,5 @@
+"""`python -m azdistill`: the same command line as `azdistill`."""
+
 from azdistill.cli import main
 
 main()

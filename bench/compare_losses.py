@@ -34,8 +34,8 @@ VARIANTS = {
 
 
 def answer_test_set(model_path: Path, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    from azdistill.generation import GenerationSettings, generate_in_batches
-    from azdistill.models import load_model, load_tokenizer
+    from azdistill.models.generation import GenerationSettings, generate_in_batches
+    from azdistill.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path).eval()
@@ -54,11 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from azdistill.config import load_config
-    from azdistill.data import iter_jsonl, read_records
-    from azdistill.local_runner import prepare_models
-    from azdistill.metrics import score_predictions
-    from azdistill.stages.finetune import train_student
+    from azdistill.config.loading import load_config
+    from azdistill.data.files import iter_jsonl
+    from azdistill.data.records import read_records
+    from azdistill.evaluation.metrics import score_predictions
+    from azdistill.stages.run import prepare_models
+    from azdistill.training.loop import train_student
 
     config = load_config(None, args.overrides)
     synthetic = config.stage_dir("synthesize")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _label(answer: str, labels) -> object:
-    from azdistill.metrics import answer_key
+    from azdistill.evaluation.metrics import answer_key
 
     return answer_key("nli", answer, labels)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -81,7 +80,7 @@ def write_data(folder: Path, records: int) -> dict[str, Path]:
 
 
 def our_config(url: str, data: dict[str, Path], workdir: Path, **teacher):
-    from azdistill.config import DistillConfig
+    from azdistill.config.schema import DistillConfig
 
     return DistillConfig.model_validate(
         {
@@ -124,7 +123,7 @@ def check_outputs(out_dir: Path, records: int) -> dict:
 
 def run_ours(url: str, records: int, folder: Path) -> dict:
     from azdistill.stages.synthesize import synthesize
-    from azdistill.teacher import hosted_teacher_factory
+    from azdistill.teachers.factory import hosted_teacher_factory
 
     data = write_data(folder / "data", records)
     config = our_config(url, data, folder / "work")
@@ -183,7 +182,7 @@ def run_azure_shaped(url: str, records: int, folder: Path) -> dict:
 def memory_child(url: str, records: int, folder: Path) -> None:
     """Runs in a fresh process: the stage on `records` records; prints its peak RSS (MiB) and the checks."""
     from azdistill.stages.synthesize import synthesize
-    from azdistill.teacher import hosted_teacher_factory
+    from azdistill.teachers.factory import hosted_teacher_factory
 
     data = write_data(folder / "data", records)
     config = our_config(url, data, folder / "work", max_concurrency=16)

@@ -42,7 +42,7 @@ def machine() -> str:
 
 
 def load_conversations(path: Path, count: int) -> list[list[dict]]:
-    from azdistill.data import iter_jsonl
+    from azdistill.data.files import iter_jsonl
 
     rows = [row["messages"] for row in iter_jsonl(path) if row["messages"][-1]["role"] == "assistant"]
     return rows[:count]
@@ -53,8 +53,8 @@ def plain_trainer(student: Path, conversations: list[list[dict]], batch_size: in
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
-    from azdistill.models import load_tokenizer
-    from azdistill.stages.finetune import build_example
+    from azdistill.models.loading import load_tokenizer
+    from azdistill.training.examples import build_example
 
     set_seed(0)
     tokenizer = load_tokenizer(student)
@@ -85,8 +85,8 @@ def our_trainer(
     student: Path, teacher: Path, conversations: list[list[dict]], batch_size: int, max_length: int, learning_rate: float,
     out: Path, batching: str, kd_weight: float = 0.0,
 ) -> dict:
-    from azdistill.config import TrainingConfig
-    from azdistill.stages.finetune import train_student
+    from azdistill.config.sections import TrainingConfig
+    from azdistill.training.loop import train_student
 
     settings = TrainingConfig(
         learning_rate=learning_rate, batch_size=batch_size, epochs=1, max_length=max_length, batching=batching,
@@ -104,8 +104,8 @@ def padding_share(student: Path, conversations: list[list[dict]], batch_size: in
     """Share of padding tokens in random batches and in length-grouped ones (what the batching saves)."""
     import random
 
-    from azdistill.models import load_tokenizer
-    from azdistill.stages.finetune import build_example
+    from azdistill.models.loading import load_tokenizer
+    from azdistill.training.examples import build_example
 
     tokenizer = load_tokenizer(student)
     lengths = [len(example["input_ids"]) for example in (build_example(tokenizer, m, max_length) for m in conversations) if example]
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from azdistill.models import builtin_teacher_path, cache_dir, make_pruned_student
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.files import cache_dir
+    from azdistill.models.students import make_pruned_student
 
     teacher = builtin_teacher_path()
     student = make_pruned_student(teacher, 0.34, cache_dir() / "bench" / "student-10-layers")

@@ -28,7 +28,7 @@ from azdistill.azure.build import (
     setting_inputs,
     student_model_input,
 )
-from azdistill.config import DistillConfig
+from azdistill.config.schema import DistillConfig
 
 
 def build(config: DistillConfig, job_config: Path, code: Optional[Path] = None):

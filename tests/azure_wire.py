@@ -11,9 +11,8 @@ import base64
 import json
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import responses

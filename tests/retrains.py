@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from azdistill.config import DistillConfig
-from azdistill.report import ModelResult, Report, write_report
-from azdistill.stages.evaluate import promotion_checks
-from azdistill.tracking import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
+from azdistill.config.schema import DistillConfig
+from azdistill.evaluation.promotion import promotion_checks
+from azdistill.evaluation.publish import write_report
+from azdistill.evaluation.report import ModelResult, Report
+from azdistill.tracking.tracker import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
 
 NAME = "sentiment"
 

@@ -18,13 +18,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_azure_submit import TEACHER_KEY, bound, component_payloads, component_version, job_payload, submit, wire  # noqa: F401
 
 from azdistill.azure import build, injob
 from azdistill.cli import cli
-from azdistill.config import load_config
+from azdistill.config.loading import load_config
 from azdistill.errors import UserError
-
-from test_azure_submit import TEACHER_KEY, bound, component_payloads, component_version, job_payload, submit, wire  # noqa: F401
 
 OPENAI_KEY = "sk-OPENAI-KEY-of-the-hosted-teacher-7c1d9e"
 REGISTRY_STUDENT = "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1"

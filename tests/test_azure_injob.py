@@ -9,11 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import records
 
 from azdistill.azure import injob
-from azdistill.errors import StageFailed, UserError
-
-from conftest import records
+from azdistill.errors import StageFailed
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -148,7 +147,7 @@ def write_report(path: Path, agreement: float, promote: bool = True) -> Path:
 
 @pytest.mark.parametrize(("agreement", "promoted"), [(0.91, True), (0.85, False)])
 def test_register_tags_lineage_and_promotes_only_a_better_student(tmp_path, agreement, promoted):
-    pytest.importorskip("azdistill.registry")
+    pytest.importorskip("azdistill.tracking.registry")
     from azure.ai.ml.entities import Model
 
     champion = Model(name="s-student", version="1", path="azureml://x", tags={"azdistill.champion": "true", "metric.agreement": "0.9000"})

@@ -21,13 +21,13 @@ from typing import get_args
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_azure_submit import AZURE_SECTION, TEACHER_KEY, bound, component_payloads, component_version, job_payload, submit, wire  # noqa: F401
 
-import azdistill.config as config_module
+import azdistill.config.loading as config_module
 from azdistill.azure import build, injob
 from azdistill.cli import cli
-from azdistill.config import PROJECT_ROOT, SynthesisConfig, TrainingConfig, load_config
-
-from test_azure_submit import AZURE_SECTION, TEACHER_KEY, bound, component_payloads, component_version, job_payload, submit, wire  # noqa: F401
+from azdistill.config.loading import load_config
+from azdistill.config.sections import PROJECT_ROOT, SynthesisConfig, TrainingConfig
 
 # The tuned settings, different from the schema's defaults so that the config's own values are seen.
 TUNED = """

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from azure_wire import FakeWorkspace
 from click.testing import CliRunner
+from test_azure_submit import TEACHER_KEY, bound, wire  # noqa: F401  (wire: the fixture)
 
 from azdistill.cli import cli
-
-from azure_wire import BLOB, FakeWorkspace
-from test_azure_submit import TEACHER_KEY, bound, wire  # noqa: F401  (wire: the fixture)
 
 DATA = """
   data:

@@ -7,20 +7,17 @@ between steps, the distribution settings, and that the teacher key is in no requ
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import responses
 import yaml
+from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
 from click.testing import CliRunner
 
 import azdistill.azure.workspace as workspace_module
 from azdistill.azure.build import ENVIRONMENTS_DIR, component_spec
 from azdistill.cli import cli
-from azdistill.config import load_config
-
-from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
 
 TEACHER_KEY = "sk-THE-TEACHER-KEY-4f9a1c2e8b7d6a5f"
 AZURE_SECTION = """
@@ -273,7 +270,7 @@ def test_dry_run_writes_a_yaml_that_load_job_reads_back_without_network_or_crede
     # local files travel with the YAML (relative paths), so the folder can be reviewed and submitted as is
     data = yaml.safe_load(path.read_text())
     assert data["inputs"]["config_file"]["path"] == "job-config.yaml"
-    assert (out / "code" / "azdistill" / "cli.py").is_file()
+    assert (out / "code" / "azdistill" / "cli" / "app.py").is_file()
     assert TEACHER_KEY not in path.read_text()
 
 
@@ -320,7 +317,7 @@ def test_the_example_config_dry_runs_each_pipeline_in_a_fresh_process(tmp_path, 
 
     from azure.ai.ml import load_job
 
-    from azdistill.config import PROJECT_ROOT
+    from azdistill.config.sections import PROJECT_ROOT
 
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("AZURE", "AZUREML"))}
     done = subprocess.run(

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import line_of
 
 import azdistill
-import azdistill.models
+import azdistill.models.builtin
+import azdistill.models.loading
+import azdistill.models.students
 from azdistill.cli import cli
-from azdistill.config import TASK_TYPES
+from azdistill.config.sections import TASK_TYPES
+from azdistill.data.splits import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 from azdistill.errors import StageFailed
-from azdistill.preflight import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
-
-from conftest import line_of
 
 COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui", "export")
 TOOLS = ("import-logs",)  # commands that take no config (tested in tests/test_logs_import.py)
@@ -42,6 +43,13 @@ class ModelLoaded(AssertionError):
     pass
 
 
+def patch_everywhere(monkeypatch, module, name: str, replacement) -> None:
+    """Replace a function where it is defined and in every loaded module that imported it at its top."""
+    real = getattr(module, name)
+    for loaded in [m for key, m in sys.modules.items() if key.startswith("azdistill.") and getattr(m, name, None) is real]:
+        monkeypatch.setattr(loaded, name, replacement)
+
+
 @pytest.fixture(autouse=True)
 def forbid_models(monkeypatch, tmp_path):
     """Fail loudly if a command gets as far as converting, pruning or loading a model; keep everything offline."""
@@ -49,8 +57,13 @@ def forbid_models(monkeypatch, tmp_path):
     def tripwire(*args, **kwargs):
         raise ModelLoaded("a CLI test reached model loading")
 
-    for name in ("builtin_teacher_path", "make_pruned_student", "load_model", "load_tokenizer"):
-        monkeypatch.setattr(azdistill.models, name, tripwire)
+    for module, name in (
+        (azdistill.models.builtin, "builtin_teacher_path"),
+        (azdistill.models.students, "make_pruned_student"),
+        (azdistill.models.loading, "load_model"),
+        (azdistill.models.loading, "load_tokenizer"),
+    ):
+        patch_everywhere(monkeypatch, module, name, tripwire)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("AZDISTILL_CACHE", str(tmp_path / "cache"))
@@ -134,7 +147,7 @@ def test_help_of_every_command_and_validate_import_no_heavy_library():
     """In a fresh interpreter (in-process, earlier tests have imported everything): `--help` of every command and
     `validate` of a sample config load none of torch, transformers, MLflow or the Azure ML SDK. Checked by the
     modules loaded, not by a stopwatch, so a busy machine cannot fail it."""
-    from azdistill.config import PROJECT_ROOT
+    from azdistill.config.sections import PROJECT_ROOT
 
     probe = subprocess.run(
         [sys.executable, "-c", IMPORTS_PROBE % (HEAVY_MODULES,), str(PROJECT_ROOT / "data" / "nli" / "config.yaml")],
@@ -449,8 +462,8 @@ def test_run_with_a_malformed_data_line_fails_fast_and_writes_nothing(runner, ma
     def no_model_may_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr("azdistill.models.resolve_teacher", no_model_may_load)
-    monkeypatch.setattr("azdistill.models.resolve_student", no_model_may_load)
+    patch_everywhere(monkeypatch, azdistill.models.builtin, "resolve_teacher", no_model_may_load)
+    patch_everywhere(monkeypatch, azdistill.models.students, "resolve_student", no_model_may_load)
     result = invoke(runner, "run", config)
     assert_user_error(result, f"error: {test.resolve()}:2: malformed JSON: Expecting property name enclosed in double quotes (column 2)")
     assert not (workdir / "runs").exists()
@@ -551,7 +564,7 @@ def test_a_failed_stage_exits_1_with_one_line(runner, make_config, monkeypatch):
     def fail(*args, **kwargs):
         raise StageFailed("only 2 of 10 teacher answers passed the checks")
 
-    monkeypatch.setattr("azdistill.config.load_config", fail)
+    monkeypatch.setattr("azdistill.config.loading.load_config", fail)
     result = invoke(runner, "validate", make_config())
     assert result.exit_code == 1
     assert result.stderr == "failed: only 2 of 10 teacher answers passed the checks\n"
@@ -562,7 +575,7 @@ def test_an_interrupt_exits_130_with_a_hint(runner, make_config, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("azdistill.config.load_config", interrupt)
+    monkeypatch.setattr("azdistill.config.loading.load_config", interrupt)
     result = invoke(runner, "validate", make_config())
     assert result.exit_code == 130
     assert result.stderr == "interrupted; run the same command again to continue where it stopped\n"
@@ -570,9 +583,9 @@ def test_an_interrupt_exits_130_with_a_hint(runner, make_config, monkeypatch):
 
 def test_the_tripwire_fixture_works(runner):
     with pytest.raises(ModelLoaded):
-        azdistill.models.builtin_teacher_path()
+        azdistill.models.builtin.builtin_teacher_path()
     with pytest.raises(ModelLoaded):
-        azdistill.models.make_pruned_student(Path("t"), 0.5, Path("s"))
+        azdistill.models.students.make_pruned_student(Path("t"), 0.5, Path("s"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -705,10 +718,10 @@ def test_validate_warns_about_a_one_record_training_set(runner, make_config):
 
 
 def test_validate_streams_the_data_instead_of_reading_it_whole(runner, make_config, monkeypatch):
-    import azdistill.data
+    import azdistill.data.records
 
     def whole_file(*args, **kwargs):
         raise AssertionError("validate read a whole split into memory")
 
-    monkeypatch.setattr(azdistill.data, "read_records", whole_file)
+    monkeypatch.setattr(azdistill.data.records, "read_records", whole_file)
     assert invoke(runner, "validate", make_config()).exit_code == 0

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from azdistill.config import (
-    TrackingConfig,
-    DEMO_CONFIG,
-    PROJECT_ROOT,
-    TASK_TYPES,
-    DistillConfig,
-    TrainingConfig,
-    config_to_params,
-    load_config,
-    parse_override,
-)
+from azdistill.config.loading import config_to_params, load_config, parse_override
+from azdistill.config.schema import DistillConfig
+from azdistill.config.sections import DEMO_CONFIG, PROJECT_ROOT, TASK_TYPES, TrackingConfig, TrainingConfig
 from azdistill.errors import UserError
 
 # Line numbers below are the ones error messages must name.
@@ -521,7 +513,7 @@ def test_a_duplicate_key_inside_an_override_value_is_refused(write_config):
 def test_yaml_merge_keys_are_not_duplicates():
     import yaml
 
-    from azdistill.config import StrictLoader
+    from azdistill.config.loading import StrictLoader
 
     text = "base: &b {epochs: 1, seed: 2}\ntraining:\n  <<: *b\n  epochs: 3\n"
     assert yaml.load(text, Loader=StrictLoader) == {"base": {"epochs": 1, "seed": 2}, "training": {"epochs": 3, "seed": 2}}

@@ -1,4 +1,4 @@
-"""Tests for azdistill.data: JSONL chat records, their `file:line` errors, atomic writes and the journal."""
+"""Tests for azdistill.data (records, splits, files): JSONL chat records, their `file:line` errors, atomic writes and the journal."""
 
 from __future__ import annotations
 
@@ -7,22 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-
-from azdistill.config import SINGLE_TURN_TASKS, TASK_TYPES
-from azdistill.data import (
-    AppendLog,
-    Record,
-    atomic_writer,
-    check_messages,
-    iter_jsonl,
-    read_journal,
-    read_records,
-    write_json,
-    write_jsonl,
-)
-from azdistill.errors import UserError
-
 from conftest import record, records
+
+from azdistill.config.sections import SINGLE_TURN_TASKS, TASK_TYPES
+from azdistill.data.files import AppendLog, atomic_writer, iter_jsonl, read_journal, write_json, write_jsonl
+from azdistill.data.records import Record, check_messages, read_records
+from azdistill.errors import UserError
 
 SYSTEM = {"role": "system", "content": "Classify the review as positive or negative."}
 USER = {"role": "user", "content": "Loved it."}
@@ -475,7 +465,7 @@ def test_the_conftest_records_helper_builds_valid_records():
 
 
 def test_check_prompt_length_names_the_size_and_the_setting():
-    from azdistill.data import check_prompt_length
+    from azdistill.data.records import check_prompt_length
 
     long_user = {"role": "user", "content": "x" * 150}
     assert check_prompt_length([SYSTEM, USER, ASSISTANT], 100) is None
@@ -490,7 +480,7 @@ def test_check_prompt_length_names_the_size_and_the_setting():
 def test_scan_records_is_a_generator_of_records_and_bad_lines(write_lines):
     import inspect
 
-    from azdistill.data import BadLine, scan_records
+    from azdistill.data.records import BadLine, scan_records
 
     huge = msgs(SYSTEM, {"role": "user", "content": "x" * 2000})
     path = write_lines("d.jsonl", [GOOD, "{bad", "", huge])
@@ -509,7 +499,7 @@ def test_read_records_leaves_long_prompts_to_the_stages(write_lines):
 
 
 def test_check_split_counts_references_and_duplicate_prompts(write_lines):
-    from azdistill.data import check_split
+    from azdistill.data.splits import check_split
 
     other = msgs(SYSTEM, {"role": "user", "content": "Hated it."})
     path = write_lines("d.jsonl", [other, GOOD, msgs(SYSTEM, USER), GOOD, other, GOOD])
@@ -520,7 +510,7 @@ def test_check_split_counts_references_and_duplicate_prompts(write_lines):
 
 
 def test_check_split_with_a_limit_summarises_the_records_used_and_checks_them_all(write_lines):
-    from azdistill.data import check_split
+    from azdistill.data.splits import check_split
 
     path = write_lines("d.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "Hated it."}), GOOD, "{bad"])
     with pytest.raises(UserError, match=r":4: malformed JSON"):
@@ -531,7 +521,7 @@ def test_check_split_with_a_limit_summarises_the_records_used_and_checks_them_al
 
 
 def test_check_split_reports_an_over_long_prompt_with_its_line(write_lines):
-    from azdistill.data import check_split
+    from azdistill.data.splits import check_split
 
     path = write_lines("d.jsonl", [GOOD, msgs(SYSTEM, {"role": "user", "content": "x" * 10_000})])
     with pytest.raises(UserError) as caught:
@@ -563,7 +553,7 @@ def _peak_bytes(function, *args) -> int:
 def test_check_split_memory_does_not_grow_with_the_records(tmp_path):
     # validate used to hold every record (1.6 GB for 1M records). check_split streams: what grows is one small
     # integer per distinct prompt (for the duplicate check), not the records.
-    from azdistill.data import check_split
+    from azdistill.data.splits import check_split
 
     small = _write_distinct_records(tmp_path / "small.jsonl", 5_000)
     large = _write_distinct_records(tmp_path / "large.jsonl", 30_000)

@@ -107,7 +107,7 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run, caplo
 @pytest.mark.parametrize("task", ["nli", "qa", "math", "summarization", "conversation", "chat"])
 def test_every_sample_task_runs_through_every_stage(task, tmp_path):
     """Each bundled sample config, cut to a few records, goes through synthesize, finetune and evaluate."""
-    from azdistill.config import PROJECT_ROOT
+    from azdistill.config.sections import PROJECT_ROOT
 
     overrides = [
         f"workdir={tmp_path}", "data.max_records=6", "training.epochs=1", "evaluation.latency_samples=1",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -18,20 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_teacher_server import FakeTeacherServer  # noqa: E402
 
-from azdistill.config import DistillConfig  # noqa: E402
-from azdistill.endpoints import (  # noqa: E402
-    AdaptiveRateLimiter,
-    Budget,
-    BudgetExceeded,
-    EndpointTeacher,
-    RecordRejected,
-    parse_retry_after,
-    request_url,
-)
+from azdistill.config.schema import DistillConfig  # noqa: E402
 from azdistill.errors import StageFailed, UserError  # noqa: E402
-from azdistill.secrets import Credential, looks_like_secret, redact  # noqa: E402
+from azdistill.secrets import looks_like_secret, redact  # noqa: E402
 from azdistill.stages.synthesize import synthesize  # noqa: E402
-from azdistill.teacher import hosted_teacher_factory  # noqa: E402
+from azdistill.teachers.base import BudgetExceeded, RecordRejected
+from azdistill.teachers.credentials import Credential
+from azdistill.teachers.factory import hosted_teacher_factory  # noqa: E402
+from azdistill.teachers.hosted import EndpointTeacher, request_url
+from azdistill.teachers.limits import AdaptiveRateLimiter, Budget, parse_retry_after
 
 KEY = "f3a9c1d2e4b5a6978877665544332211"  # what an Azure OpenAI key looks like (32 hex characters)
 SYSTEM = "Classify the sentiment. Answer positive or negative."
@@ -124,7 +117,7 @@ def test_secrets_are_told_from_names_and_redacted():
 
 
 def test_a_literal_key_in_the_config_is_rejected_without_repeating_it(tmp_path):
-    from azdistill.config import load_config
+    from azdistill.config.loading import load_config
 
     base = textwrap.dedent(
         """
@@ -389,9 +382,9 @@ def test_preflight_reports_the_sample_and_the_cost_and_refuses_a_budget_too_smal
 
 RUNNER = """
 import sys
-from azdistill.config import load_config
+from azdistill.config.loading import load_config
 from azdistill.stages.synthesize import synthesize
-from azdistill.teacher import hosted_teacher_factory
+from azdistill.teachers.factory import hosted_teacher_factory
 config = load_config(sys.argv[1])
 synthesize(config, hosted_teacher_factory(config))
 """
@@ -477,8 +470,8 @@ def test_the_key_is_in_no_output_file_log_line_or_mlflow_param(tmp_path, monkeyp
         import yaml
 
         path.write_text(yaml.safe_dump(data))
-        from azdistill.config import load_config
-        from azdistill.tracking import make_tracker
+        from azdistill.config.loading import load_config
+        from azdistill.tracking.tracker import make_tracker
 
         loaded = load_config(path)
         synthesize(loaded, hosted_teacher_factory(loaded), make_tracker(loaded))
@@ -502,7 +495,7 @@ def test_the_key_is_in_no_output_file_log_line_or_mlflow_param(tmp_path, monkeyp
 
 
 def test_prompt_strategies_parse_what_they_ask_for():
-    from azdistill.prompts import check_strategy, teacher_system_prompt, training_target
+    from azdistill.synthesis.prompts import check_strategy, teacher_system_prompt, training_target
 
     assert '"answer": <the final number>' in teacher_system_prompt("Solve.", "chain_of_thought", "math", None)
     assert training_target('```json\n{"reason": "3 + 4", "answer": "7.0"}\n```', "chain_of_thought", "math", None) == ("7", None)
@@ -521,7 +514,7 @@ def test_prompt_strategies_parse_what_they_ask_for():
 
 
 def test_request_body_sends_exactly_the_configured_keys(tmp_path):
-    from azdistill.endpoints import build_endpoint_teacher
+    from azdistill.teachers.hosted import build_endpoint_teacher
 
     usual = hosted_config(tmp_path, "http://127.0.0.1:9", [single("good")], [single("bad")], presence_penalty=0.5)
     assert set(build_endpoint_teacher(usual).body) == {"max_tokens", "temperature", "top_p", "presence_penalty", "seed", "model"}
@@ -593,7 +586,7 @@ def _reasoning_yaml(tmp_path: Path, teacher: str) -> Path:
 
 
 def test_an_unquoted_api_version_read_by_yaml_as_a_date_is_taken_as_text(tmp_path):
-    from azdistill.config import load_config
+    from azdistill.config.loading import load_config
 
     config = load_config(_reasoning_yaml(tmp_path, """\
         kind: azure_openai
@@ -609,7 +602,7 @@ def test_an_unquoted_api_version_read_by_yaml_as_a_date_is_taken_as_text(tmp_pat
 
 
 def test_reasoning_settings_on_a_local_teacher_are_refused_naming_the_key(tmp_path):
-    from azdistill.config import load_config
+    from azdistill.config.loading import load_config
 
     with pytest.raises(UserError) as caught:
         load_config(_reasoning_yaml(tmp_path, "kind: local\nreasoning_effort: high\n"))

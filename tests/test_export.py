@@ -1,11 +1,11 @@
 """Tests for `azdistill export --format azure`: the files it writes pass the data checks of Azure ML's own distillation.
 
 `azure_record_problem` and `azure_file_problems` re-implement those checks here, independently of
-azdistill/export.py, from the `oss_distillation_validate_pipeline` component of Azure/azureml-assets:
+azdistill/data/export.py, from the `oss_distillation_validate_pipeline` component of Azure/azureml-assets:
 assets/training/distillation/src/validate_pipeline.py (`_validate_dataset`, `_validate_dataset_record`,
 `_validate_record_by_task`, `_validate_record_content`, `_validate_number_of_records`) and
 assets/training/distillation/src/common/constants.py (`DataGenerationTaskType`, `SUPPORTED_FILE_FORMATS`,
-`MIN_RECORDS_FOR_FT`, `MATH_MIN_RECORDS_FOR_FT`). The minimums come from azdistill.preflight, the project's one copy.
+`MIN_RECORDS_FOR_FT`, `MATH_MIN_RECORDS_FOR_FT`). The minimums come from azdistill.data.splits, the project's one copy.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 from azdistill.cli import cli
-from azdistill.config import DEMO_CONFIG, PROJECT_ROOT, SINGLE_TURN_TASKS, TASK_TYPES, load_config
-from azdistill.preflight import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
+from azdistill.config.loading import load_config
+from azdistill.config.sections import PROJECT_ROOT, SINGLE_TURN_TASKS, TASK_TYPES
+from azdistill.data.splits import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 
 SPLITS = ("train", "validation", "test")
 AZURE_SPLITS = ("train", "validation")  # the files Azure's distillation takes (train_file_path, validation_file_path)
@@ -159,7 +160,7 @@ def assert_one_line_error(result, expected_start: str) -> None:
 
 
 def test_the_task_mapping_covers_every_task_type():
-    from azdistill.export import AZURE_TASK_TYPES
+    from azdistill.data.export import AZURE_TASK_TYPES
 
     assert AZURE_TASK_TYPES == EXPECTED_MAPPING
     assert set(AZURE_TASK_TYPES) == set(TASK_TYPES)
@@ -313,20 +314,20 @@ def test_an_empty_out_folder_is_filled(runner, make_config, tmp_path):
 
 
 def test_a_failed_write_leaves_nothing(monkeypatch, make_config, tmp_path):
-    import azdistill.data
-    from azdistill.export import export_azure
+    import azdistill.data.files
+    from azdistill.data.export import export_azure
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(azdistill.data, "write_json", disk_full)  # the manifest, written last
+    monkeypatch.setattr(azdistill.data.files, "write_json", disk_full)  # the manifest, written last
     with pytest.raises(OSError):
         export_azure(load_config(make_config()), tmp_path / "azure")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["project"]
 
 
 def test_format_is_required_and_its_choices_are_the_modules(runner, make_config, tmp_path):
-    from azdistill.export import EXPORT_FORMATS
+    from azdistill.data.export import EXPORT_FORMATS
 
     option = next(param for param in cli.commands["export"].params if param.name == "export_format")
     assert tuple(option.type.choices) == EXPORT_FORMATS

@@ -9,22 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from azdistill.config import TrainingConfig
+from azdistill.config.sections import TrainingConfig
 from azdistill.errors import UserError
-from azdistill.models import builtin_teacher_path, kept_layer_indices, load_tokenizer, make_pruned_student, prune_layers
-from azdistill.stages.finetune import (
-    IGNORE_INDEX,
-    align_topk,
-    answer_forward,
-    build_example,
-    check_same_vocabulary,
-    load_teacher_topk,
-    pack_batch,
-    pad_batch,
-    predicting_positions,
-    teacher_layer_map,
-    train_student,
-)
+from azdistill.models.builtin import builtin_teacher_path
+from azdistill.models.loading import load_tokenizer
+from azdistill.models.students import kept_layer_indices, make_pruned_student, prune_layers
+from azdistill.training.examples import IGNORE_INDEX, align_topk, build_example, load_teacher_topk, pack_batch, pad_batch
+from azdistill.training.loop import train_student
+from azdistill.training.trainer import answer_forward, check_same_vocabulary, predicting_positions, teacher_layer_map
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -89,7 +81,7 @@ def test_pad_batch_masks_padding():
 
 
 def test_kl_on_the_positions_that_predict_answer_tokens_matches_a_hand_computation():
-    from azdistill.losses import logit_divergence
+    from azdistill.training.losses import logit_divergence
 
     torch.manual_seed(0)
     student, teacher = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
@@ -232,7 +224,7 @@ def test_two_runs_with_the_same_seed_train_the_same_weights_and_another_seed_doe
     """Reproducible quality: data order, initialisation and kernels are fixed by the seed and runtime settings."""
     from safetensors.torch import load_file
 
-    from azdistill.config import RuntimeConfig
+    from azdistill.config.sections import RuntimeConfig
 
     student = tiny_model(tokenizer, tmp_path / "student")
     runtime = RuntimeConfig(threads=1, deterministic=True)
@@ -274,7 +266,7 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tokenizer, tmp_pa
 def test_pruned_student_is_rebuilt_when_the_share_of_layers_changes(tokenizer, tmp_path):
     import json as json_module
 
-    from azdistill.models import make_pruned_student
+    from azdistill.models.students import make_pruned_student
 
     teacher = tiny_model(tokenizer, tmp_path / "teacher", layers=6)
     target = tmp_path / "student-init"
@@ -288,7 +280,7 @@ def test_pruned_student_is_rebuilt_when_the_share_of_layers_changes(tokenizer, t
 
 
 def test_a_retrained_model_never_passes_for_the_old_one(tokenizer, tmp_path):
-    from azdistill.stages.state import folder_digest
+    from azdistill.data.digests import folder_digest
 
     folder = tiny_model(tokenizer, tmp_path / "m", seed=1)
     first = folder_digest(folder)
@@ -381,7 +373,7 @@ def test_loss_settings_that_cannot_work_together_are_refused():
 DISTRIBUTED_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from azdistill.config import load_config
+from azdistill.config.loading import load_config
 from azdistill.stages.finetune import finetune
 torch.set_num_threads(1)
 config, student, teacher, synthetic, out = sys.argv[1:6]

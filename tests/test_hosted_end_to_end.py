@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from azdistill.cli import cli
-from azdistill.config import PROJECT_ROOT
+from azdistill.config.sections import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def served_teacher(tmp_path_factory):
     """`transformers serve` on 127.0.0.1 with the built-in teacher; yields (base URL, served model name, access log)."""
     import requests
 
-    from azdistill.models import builtin_teacher_path
+    from azdistill.models.builtin import builtin_teacher_path
 
     transformers_cli = Path(sys.executable).parent / "transformers"
     if not transformers_cli.is_file() or shutil.which("transformers", path=str(transformers_cli.parent)) is None:
@@ -88,7 +88,7 @@ def separate_student(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from azdistill.models import builtin_teacher_path
+    from azdistill.models.builtin import builtin_teacher_path
 
     folder = tmp_path_factory.mktemp("models") / "tiny-student"
     tokenizer = AutoTokenizer.from_pretrained(builtin_teacher_path())

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from azdistill.cli import cli
-from azdistill.config import load_config
+from azdistill.config.loading import load_config
 from azdistill.errors import StageFailed, UserError
 
 HOSTED = """
@@ -91,7 +91,7 @@ def test_a_vocabulary_mismatch_for_logit_losses_names_both_sizes(make_config, tm
     assert "training.kd_weight" in line and "teacher 49152 tokens" in line and "student 32064 tokens" in line and "\n" not in line
     assert not workdir.exists()
     # The same check guards finetune, before any model is loaded.
-    from azdistill.local_runner import prepare_models
+    from azdistill.stages.run import prepare_models
 
     with pytest.raises(UserError, match="teacher 49152 tokens"):
         prepare_models(load_config(config))
@@ -133,7 +133,7 @@ def _mlflow_folder(root: Path, weights: str, tokenizer: str) -> Path:
     ids=["azdistill-and-mlflow-3", "azure-ml-registry"],
 )
 def test_an_mlflow_model_folder_becomes_a_loadable_student_without_copying(tmp_path, weights, tokenizer):
-    from azdistill.models import resolve_student
+    from azdistill.models.students import resolve_student
 
     registered = _mlflow_folder(tmp_path / "registered", weights, tokenizer)
     student = resolve_student(str(registered), None, 0.34, tmp_path / "run" / "student-init")
@@ -144,7 +144,7 @@ def test_an_mlflow_model_folder_becomes_a_loadable_student_without_copying(tmp_p
 
 
 def test_an_mlflow_model_folder_whose_tokenizer_sits_with_the_weights_is_used_in_place(tmp_path):
-    from azdistill.models import resolve_student
+    from azdistill.models.students import resolve_student
 
     registered = tmp_path / "registered"
     _student_folder(registered / "model")
@@ -153,7 +153,7 @@ def test_an_mlflow_model_folder_whose_tokenizer_sits_with_the_weights_is_used_in
 
 
 def test_a_folder_that_holds_no_model_says_what_it_expected(tmp_path):
-    from azdistill.models import resolve_student
+    from azdistill.models.students import resolve_student
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json .* and no MLmodel"):
@@ -167,7 +167,9 @@ def test_a_real_mlflow_layout_student_loads_and_answers(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from azdistill.models import builtin_teacher_path, load_model, load_tokenizer, resolve_student
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.loading import load_model, load_tokenizer
+    from azdistill.models.students import resolve_student
 
     tokenizer = load_tokenizer(builtin_teacher_path())
     registered = tmp_path / "registered"
@@ -200,8 +202,8 @@ def hosted_config(make_config):
 def test_the_hosted_teacher_is_timed_one_by_one_scored_in_parallel_and_costed_from_its_tokens(hosted_config):
     from fake_teacher_server import FakeTeacherServer
 
-    from azdistill.data import read_records
-    from azdistill.stages.evaluate import measure_hosted
+    from azdistill.data.records import read_records
+    from azdistill.evaluation.measure import measure_hosted
 
     with FakeTeacherServer() as server:
         config = hosted_config(server.url + "/v1")
@@ -220,7 +222,7 @@ def test_the_hosted_teacher_is_timed_one_by_one_scored_in_parallel_and_costed_fr
 def test_an_endpoint_that_refuses_every_held_out_prompt_fails_the_stage_with_the_reason(hosted_config):
     from fake_teacher_server import FakeTeacherServer
 
-    from azdistill.stages.evaluate import measure_hosted
+    from azdistill.evaluation.measure import measure_hosted
 
     with FakeTeacherServer() as server:
         config = hosted_config(server.url + "/v1", "teacher.max_retries=0")
@@ -229,7 +231,8 @@ def test_an_endpoint_that_refuses_every_held_out_prompt_fails_the_stage_with_the
 
 
 def test_the_report_shows_a_hosted_teacher_as_hosted_and_compares_cost(tmp_path):
-    from azdistill.report import ModelResult, PromotionCheck, Report, headline_lines, render_markdown, report_from_dict, report_to_dict
+    from azdistill.evaluation.markdown import headline_lines, render_markdown
+    from azdistill.evaluation.report import ModelResult, PromotionCheck, Report, report_from_dict, report_to_dict
 
     nan = float("nan")
     teacher = ModelResult("teacher", "deepseek-v3 (teacher, openai-compatible endpoint)", "openai-compatible:deepseek-v3", 671_000_000_000,
@@ -248,8 +251,8 @@ def test_the_report_shows_a_hosted_teacher_as_hosted_and_compares_cost(tmp_path)
 
 
 def test_a_local_model_is_costed_from_the_serving_machine_price():
-    from azdistill.config import EvaluationConfig
-    from azdistill.stages.evaluate import local_cost_per_1k_answers
+    from azdistill.config.sections import EvaluationConfig
+    from azdistill.evaluation.measure import local_cost_per_1k_answers
 
     assert local_cost_per_1k_answers(EvaluationConfig(), 36.0, 100) is None  # no price: no cost
     # 1.80 an hour; 100 answers in 36 s: 0.018 for 100 answers, 0.18 per 1,000.
@@ -257,8 +260,8 @@ def test_a_local_model_is_costed_from_the_serving_machine_price():
 
 
 def test_a_logged_teacher_row_is_the_logged_answers(make_config):
-    from azdistill.data import read_records
-    from azdistill.stages.evaluate import measure_logged
+    from azdistill.data.records import read_records
+    from azdistill.evaluation.measure import measure_logged
 
     config = load_config(make_config(extra="teacher:\n  kind: logged\nstudent:\n  model: /unused\n"))
     records = read_records(config.data.test, "nli")
@@ -274,7 +277,7 @@ SAMPLES = sorted((Path(__file__).resolve().parent.parent / "data" / "sentiment")
 
 
 def test_there_is_a_sample_config_per_hosted_kind():
-    from azdistill.config import HOSTED_TEACHERS
+    from azdistill.config.teacher import HOSTED_TEACHERS
 
     assert {load_config(path).teacher.kind for path in SAMPLES} == set(HOSTED_TEACHERS)
 
@@ -309,7 +312,7 @@ def test_preflight_refuses_topk_distillation_when_the_endpoint_returns_no_log_pr
 
 
 def test_finetune_refuses_a_sidecar_without_log_probabilities(tmp_path):
-    from azdistill.stages.finetune import load_teacher_topk
+    from azdistill.training.examples import load_teacher_topk
 
     sidecar = tmp_path / "train.logprobs.jsonl"
     sidecar.write_text('{"row": 0, "turns": [{"turn": 0, "text": "positive", "content": null}]}\n')

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from azdistill.config import PROJECT_ROOT
+from azdistill.config.sections import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,8 @@ def student(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from azdistill.models import builtin_teacher_path, load_tokenizer
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.loading import load_tokenizer
 
     folder = tmp_path_factory.mktemp("models") / "student"
     tokenizer = load_tokenizer(builtin_teacher_path())

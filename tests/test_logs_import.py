@@ -8,10 +8,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from azdistill.cli import cli
-from azdistill.config import DistillConfig
-from azdistill.logs_import import parse_log_line
+from azdistill.config.schema import DistillConfig
+from azdistill.data.logs_import import parse_log_line
 from azdistill.stages.synthesize import synthesize
-from azdistill.teacher import hosted_teacher_factory
+from azdistill.teachers.factory import hosted_teacher_factory
 
 SYSTEM = {"role": "system", "content": "Classify the sentiment."}
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from azdistill.losses import cross_entropy, hidden_state_distance, logit_divergence, topk_divergence
+from azdistill.training.losses import cross_entropy, hidden_state_distance, logit_divergence, topk_divergence
 
 
 def softmax(values: list[float], temperature: float = 1.0) -> list[float]:

@@ -1,4 +1,4 @@
-"""Tests for azdistill.metrics: answer parsing, reference metrics and per-task scoring."""
+"""Tests for azdistill.evaluation.metrics: answer parsing, reference metrics and per-task scoring."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from azdistill.config import TASK_TYPES
-from azdistill.metrics import (
+from azdistill.config.sections import TASK_TYPES
+from azdistill.evaluation.metrics import (
     TASK_METRICS,
     answer_key,
     bleu,
@@ -396,7 +396,7 @@ def test_score_predictions_errors():
 
 def test_module_does_not_import_torch():
     # A fresh interpreter, because another test module may already have imported torch.
-    code = "import sys, azdistill.metrics; sys.exit('torch' in sys.modules)"
+    code = "import sys, azdistill.evaluation.metrics; sys.exit('torch' in sys.modules)"
     repo_root = Path(__file__).resolve().parent.parent
     completed = subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=False)
     assert completed.returncode == 0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from azdistill.config import PROJECT_ROOT
+from azdistill.config.sections import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow  # a real MLflow server and a real browser: `make check` leaves them to `make test`
 
@@ -149,7 +149,7 @@ def values_beside(name_cell) -> list[str]:
 def test_the_mlflow_ui_shows_both_retrains_their_metrics_and_the_champion(ui):
     from playwright.sync_api import expect, sync_playwright
 
-    from azdistill.runs import RunSummary, ui_compare_url
+    from azdistill.tracking.runs import RunSummary, ui_compare_url
 
     address = ui["address"]
     # `azdistill ui` prints its address and the pages of this config's runs and model.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from azdistill.registry import (
+from azdistill.evaluation.report import PromotionCheck
+from azdistill.tracking.registry import (
     CHAMPION_ALIAS,
     PromotionDecision,
     apply_promotion,
@@ -13,7 +14,6 @@ from azdistill.registry import (
     failed_check_descriptions,
     metric_from_tags,
 )
-from azdistill.report import PromotionCheck
 
 # ---------------------------------------------------------------------------------------------------
 # The rule alone
@@ -104,7 +104,6 @@ def test_decision_tags():
 def registry(tmp_path_factory):
     """Three retrains: v1 passes and becomes champion, v2 is better and takes over, v3 is worse and stays out."""
     from mlflow import MlflowClient
-
     from retrains import record_retrain
 
     workdir = tmp_path_factory.mktemp("registry")

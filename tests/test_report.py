@@ -1,4 +1,4 @@
-"""Tests for azdistill.report: comparison ratios, JSON round trip, Markdown, console lines, files."""
+"""Tests for azdistill.evaluation (report, markdown, plot, publish): comparison ratios, JSON round trip, Markdown, console lines, files."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ import math
 
 import pytest
 
-from azdistill.report import (
-    ModelResult,
-    PromotionCheck,
-    Report,
-    comparison,
-    headline_lines,
-    plot_report,
-    render_markdown,
-    report_from_dict,
-    report_to_dict,
-    write_report,
-)
+from azdistill.evaluation.markdown import headline_lines, render_markdown
+from azdistill.evaluation.plot import plot_report
+from azdistill.evaluation.publish import write_report
+from azdistill.evaluation.report import ModelResult, PromotionCheck, Report, comparison, report_from_dict, report_to_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -240,7 +232,7 @@ def test_write_report_replaces_existing(report, tmp_path):
 
 
 def test_failed_plot_leaves_no_partial_file(report, tmp_path, monkeypatch):
-    import azdistill.report as mod
+    import azdistill.evaluation.plot as mod
 
     target = tmp_path / "report.png"
     target.write_bytes(b"old")

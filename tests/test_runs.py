@@ -10,14 +10,13 @@ from click.testing import CliRunner
 
 from azdistill.cli import cli
 from azdistill.errors import UserError
-from azdistill.runs import direction, list_runs, resolve_run, runs_table, ui_compare_url, ui_experiment_url
+from azdistill.tracking.runs import direction, list_runs, resolve_run, runs_table, ui_compare_url, ui_experiment_url
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """v1 becomes champion, v2 beats it, v3 loses to v2."""
     from mlflow import MlflowClient
-
     from retrains import record_retrain
 
     workdir = tmp_path_factory.mktemp("runs")
@@ -238,8 +237,8 @@ def record_azure_retrain(client, workdir, data_version: str, agreement: float, a
 
     from azdistill.azure import injob
     from azdistill.azure.build import pipeline_tags
-    from azdistill.report import write_report
-    from azdistill.tracking import Tracker, log_evaluation
+    from azdistill.evaluation.publish import write_report
+    from azdistill.tracking.tracker import Tracker, log_evaluation
 
     config = retrain_config(workdir, data_version)
     experiment_id = client.get_experiment_by_name(config.experiment_name).experiment_id
@@ -294,7 +293,8 @@ def test_the_workspace_store_holds_the_champion_as_a_tag_only(workspace_store):
 
 def test_champion_version_reads_the_azure_tag_where_the_store_has_no_alias(workspace_store):
     from azdistill.azure.injob import CHAMPION_TAG
-    from azdistill.registry import CHAMPION_TAG as REGISTRY_CHAMPION_TAG, champion_version
+    from azdistill.tracking.registry import CHAMPION_TAG as REGISTRY_CHAMPION_TAG
+    from azdistill.tracking.registry import champion_version
 
     client, _, _ = workspace_store
     assert REGISTRY_CHAMPION_TAG == CHAMPION_TAG  # the reader and the Azure register step agree on the tag
@@ -336,7 +336,7 @@ def test_runs_compare_champion_with_v1_on_a_workspace_shaped_store(workspace_sto
 
 
 def test_runs_workspace_flag_reads_the_workspace_store_and_its_experiment(workspace_store, monkeypatch):
-    import azdistill.runs
+    import azdistill.azure.workspace
 
     _, run_ids, workdir = workspace_store
     asked = []
@@ -345,7 +345,7 @@ def test_runs_workspace_flag_reads_the_workspace_store_and_its_experiment(worksp
         asked.append(azure_config)
         return f"sqlite:///{workdir}/mlflow.db"
 
-    monkeypatch.setattr(azdistill.runs, "workspace_tracking_uri", fake_workspace_tracking_uri)
+    monkeypatch.setattr(azdistill.azure.workspace, "workspace_tracking_uri", fake_workspace_tracking_uri)
     # The config's own store does not exist: --workspace must not read it. The experiment is azure.experiment.
     local = ["--set", "name=other", "--set", f"tracking.uri=sqlite:///{workdir}/none.db", "--set", "azure.experiment=sentiment",
              "--set", "tracking.registered_model=sentiment-student"]
@@ -364,7 +364,7 @@ def test_the_workspace_tracking_uri_is_built_from_subscription_resource_group_an
     from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
 
     import azdistill.azure.workspace as workspace_module
-    from azdistill.runs import workspace_tracking_uri
+    from azdistill.azure.workspace import workspace_tracking_uri
 
     monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
     workspace_env(monkeypatch)
@@ -384,7 +384,7 @@ def test_a_workspace_that_is_not_there_is_a_user_error(monkeypatch):
     from azure_wire import FakeCredential, FakeWorkspace, workspace_env
 
     import azdistill.azure.workspace as workspace_module
-    from azdistill.runs import workspace_tracking_uri
+    from azdistill.azure.workspace import workspace_tracking_uri
 
     monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
     workspace_env(monkeypatch)

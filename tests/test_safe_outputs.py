@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from azdistill.cli import cli
-from azdistill.config import load_config
+from azdistill.config.loading import load_config
 
 HOSTED = """
 teacher:
@@ -170,11 +170,12 @@ def test_evaluate_names_a_student_whose_weights_were_deleted(make_config, tmp_pa
 
 def test_a_checkpoint_cut_short_by_a_kill_is_skipped_and_training_resumes_from_the_one_before(tmp_path, caplog):
     import torch
-
-    from azdistill.config import TrainingConfig
-    from azdistill.models import builtin_teacher_path, load_tokenizer
-    from azdistill.stages.finetune import train_student
     from test_finetune import InterruptAtStep, conversations, tiny_model
+
+    from azdistill.config.sections import TrainingConfig
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.loading import load_tokenizer
+    from azdistill.training.loop import train_student
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(builtin_teacher_path())

@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_teacher_server import FakeTeacherServer  # noqa: E402
 
-from azdistill import secrets  # noqa: E402
-from azdistill.config import TeacherConfig, load_config  # noqa: E402
+from azdistill.config.loading import load_config  # noqa: E402
+from azdistill.config.teacher import TeacherConfig
 from azdistill.errors import UserError  # noqa: E402
-from azdistill.secrets import Credential, redact, register_secret, resolve_credential  # noqa: E402
+from azdistill.secrets import redact, register_secret  # noqa: E402
+from azdistill.teachers import credentials
+from azdistill.teachers.credentials import Credential, resolve_credential
 
 VARIABLE = "AZDISTILL_TEACHER_KEY"
 # Each run of letters and digits is five characters or more, so a partial leak is caught too.
@@ -105,8 +107,8 @@ def test_whitespace_around_a_key_is_removed_with_a_note(caplog):
 
 
 def test_every_way_of_getting_a_key_refuses_one_a_header_cannot_carry(monkeypatch):
-    monkeypatch.setattr(secrets, "_key_vault_secret", lambda url, name: LINE_BREAK_KEY)
-    monkeypatch.setattr(secrets, "_connection_key", lambda auth, azure, environ: NON_LATIN1_KEY)
+    monkeypatch.setattr(credentials, "_key_vault_secret", lambda url, name: LINE_BREAK_KEY)
+    monkeypatch.setattr(credentials, "_connection_key", lambda auth, azure, environ: NON_LATIN1_KEY)
     vault = teacher(method="key_vault", key_vault_url="https://v.vault.azure.net", key_vault_secret="teacher-key")
     with pytest.raises(UserError, match="the key in Key Vault secret teacher-key holds a line break") as caught:
         resolve_credential(vault)

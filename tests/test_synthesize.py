@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from azdistill.config import DistillConfig
+from azdistill.config.schema import DistillConfig
 from azdistill.errors import StageFailed
-from azdistill.generation import Completion
-from azdistill.stages.synthesize import check_answer, synthesize
+from azdistill.models.generation import Completion
+from azdistill.stages.synthesize import synthesize
+from azdistill.synthesis.checks import check_answer
 
 SYSTEM = "Classify the sentiment. Answer positive or negative."
 
@@ -195,7 +196,7 @@ def test_a_reasoning_teachers_trace_is_the_rationale_with_keep_rationale_and_kep
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fake_teacher_server import FakeTeacherServer, default_reasoning
 
-    from azdistill.teacher import hosted_teacher_factory
+    from azdistill.teachers.factory import hosted_teacher_factory
 
     train = [single(text) for text in ["good 1", "bad [[think_inline]] 2", "good [[no_reasoning]] 3", "good [[length]] 4"]]
     with FakeTeacherServer(reasoning=True) as server:
@@ -231,7 +232,7 @@ def test_a_conversation_with_a_reasoning_teacher_shows_it_its_answers_not_its_ra
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from fake_teacher_server import FakeTeacherServer, default_reasoning
 
-    from azdistill.teacher import hosted_teacher_factory
+    from azdistill.teachers.factory import hosted_teacher_factory
 
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "human 1"}, {"role": "user", "content": "How are you?"}]

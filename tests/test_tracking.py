@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-
-from azdistill.tracking import NullTracker, evaluation_metrics, pipeline_run_name, pipeline_tags
 from retrains import make_report, record_retrain, retrain_config
+
+from azdistill.tracking.tracker import NullTracker, evaluation_metrics, pipeline_run_name, pipeline_tags
 
 
 def test_pipeline_runs_are_named_and_tagged_after_the_config_and_its_data_version(tmp_path):
@@ -33,8 +33,8 @@ def test_evaluation_metrics_are_named_role_underscore_metric(tmp_path):
 def test_a_tracker_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: a second config in the same process took it for the
     user's own and tracked into the first config's store (seen when the hosted end-to-end test ran first)."""
-    from azdistill.config import TrackingConfig
-    from azdistill.tracking import Tracker
+    from azdistill.config.sections import TrackingConfig
+    from azdistill.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first, second = (retrain_config(tmp_path / name, "1").model_copy(update={"tracking": TrackingConfig()}) for name in ("a", "b"))
@@ -128,7 +128,7 @@ def tiny_chat_model(folder: Path) -> Path:
 def test_log_student_registers_a_real_transformers_model_with_its_lineage(tmp_path):
     from mlflow import MlflowClient
 
-    from azdistill.tracking import Tracker
+    from azdistill.tracking.tracker import Tracker
 
     config = retrain_config(tmp_path, "7")
     tracker = Tracker(config)

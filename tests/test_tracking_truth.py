@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from azdistill.report import write_report
-from azdistill.tracking import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
 from retrains import QuickTracker, make_report, retrain_config
+
+from azdistill.evaluation.publish import write_report
+from azdistill.tracking.tracker import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ELSEWHERE = """
 import os, signal, sys
 from retrains import retrain_config
-from azdistill.tracking import Tracker, pipeline_run_name, pipeline_tags
+from azdistill.tracking.tracker import Tracker, pipeline_run_name, pipeline_tags
 config = retrain_config(sys.argv[1], "1")
 tracker = Tracker(config)
 with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
@@ -206,7 +206,7 @@ def test_an_interrupted_run_ends_killed_and_a_failed_one_failed(tmp_path):
 def test_run_local_again_with_nothing_changed_says_so_and_adds_no_run(tmp_path, write_dataset, monkeypatch, caplog):
     """`run_local` twice with stand-in stages: the first does the work, the second reuses every stage as the real
     ones do (synthesize and finetune return before their stage, evaluate enters its stage and logs nothing)."""
-    from azdistill import local_runner
+    from azdistill.stages import run as local_runner
     from azdistill.stages import evaluate as evaluate_module
     from azdistill.stages import finetune as finetune_module
     from azdistill.stages import synthesize as synthesize_module

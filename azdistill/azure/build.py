@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-from azdistill.config import PROJECT_ROOT, AzureConfig, ComputeTarget, DistillConfig
+from azdistill.config.azure import AzureConfig, ComputeTarget
+from azdistill.config.schema import DistillConfig
+from azdistill.config.sections import PROJECT_ROOT
 from azdistill.errors import UserError
 
 COMPONENTS_DIR = PROJECT_ROOT / "components"
@@ -264,7 +266,7 @@ def experiment_name(config: DistillConfig) -> str:
 
 def data_has_references(config: DistillConfig) -> bool:
     """Whether the local training data has reference answers (the 'no teacher' baseline needs them)."""
-    from azdistill.data import read_records
+    from azdistill.data.records import read_records
 
     if azure_settings(config).data.train:
         return True  # a data asset: the evaluation.reference_baseline setting decides

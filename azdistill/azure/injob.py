@@ -27,7 +27,7 @@ from azdistill.azure.build import (
     TEACHER_KEY_SECRET_ENV,
 )
 from azdistill.azure.workspace import make_credential, ml_client, resolve_workspace
-from azdistill.data import write_json
+from azdistill.data.files import write_json
 from azdistill.errors import StageFailed, UserError
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ def _add_numbers(total: Any, part: Any) -> Any:
 
 def merge_shards(shards_dir: Path, output: Path, min_success_ratio: float) -> dict:
     """Join finished shard folders, in shard order, into one synthesize stage folder."""
+    from azdistill.data import digests
     from azdistill.stages import state
 
     folders = sorted(path for path in Path(shards_dir).iterdir() if path.is_dir() and path.name.startswith("shard-"))
@@ -217,7 +218,7 @@ def merge_shards(shards_dir: Path, output: Path, min_success_ratio: float) -> di
             f"synthesis.min_success_ratio {min_success_ratio:.0%}); see rejected.jsonl for the reasons"
         )
     summary = {"shards": len(folders), "kept": kept, "rejected": rejected}
-    state.finish(output, state.fingerprint({"shards": [state.read_manifest(folder).get("fingerprint") for folder in folders]}), names, summary)
+    state.finish(output, digests.fingerprint({"shards": [state.read_manifest(folder).get("fingerprint") for folder in folders]}), names, summary)
     return summary
 
 
@@ -305,7 +306,7 @@ def package_model(model_dir: Path, output: Path) -> bool:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from azdistill.models import load_tokenizer
+    from azdistill.models.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(Path(model_dir))
@@ -356,8 +357,8 @@ def register_student(
     (`azdistill.registry.decide`): the champion is the version tagged azdistill.champion=true, read now."""
     from azure.ai.ml.entities import Model
 
-    from azdistill.registry import decide, failed_check_descriptions, metric_from_tags
-    from azdistill.report import report_from_dict
+    from azdistill.evaluation.report import report_from_dict
+    from azdistill.tracking.registry import decide, failed_check_descriptions, metric_from_tags
 
     report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     data_info = json.loads(Path(data_info_path).read_text(encoding="utf-8")) if Path(data_info_path).is_file() else {}

@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 from azdistill.azure.build import build_pipeline
 from azdistill.azure.submit import output_folder, validate_job, write_job_yaml
-from azdistill.config import DistillConfig, ScheduleConfig
+from azdistill.config.azure import ScheduleConfig
+from azdistill.config.schema import DistillConfig
 from azdistill.errors import UserError
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from azdistill.azure.build import SPLITS, azure_settings, build_pipeline, experiment_name, register_environments
 from azdistill.azure.workspace import Workspace, azure_errors, ml_client, plain_sdk_output, resolve_workspace
-from azdistill.config import DistillConfig
+from azdistill.config.schema import DistillConfig
 from azdistill.errors import UserError
 
 

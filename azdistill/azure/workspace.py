@@ -248,3 +248,20 @@ def azure_errors(action: str, workspace: Optional[Workspace] = None) -> Iterator
                 "and AZURE_CLIENT_SECRET (a managed identity is used automatically on Azure)"
             ) from None
         raise
+
+
+def workspace_tracking_uri(azure_config, credential=None) -> str:
+    """The MLflow tracking URI of the Azure ML workspace `submit` uses (`azure_config`, else AZURE_* variables, else
+    config.json; see azure/workspace.py), as the workspace reports it:
+    `azureml://<region>.api.azureml.ms/mlflow/v<n>/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<ws>`.
+
+    Asking the workspace (one GET) rather than assembling the URI gives its region, and registers `credential`
+    with azureml-mlflow, which then signs MLflow's requests to that URI.
+    """
+    workspace = resolve_workspace(azure_config)
+    with azure_errors("reading the workspace's MLflow tracking URI", workspace):
+        found = ml_client(workspace, credential).workspaces.get(workspace.workspace_name)
+    uri = getattr(found, "mlflow_tracking_uri", None)
+    if not uri:
+        raise UserError(f"workspace {workspace} reports no MLflow tracking URI: is azureml-mlflow installed?")
+    return uri

@@ -8,24 +8,32 @@ time; throughput with the whole set answered in batches (those answers are the o
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
-from azdistill.config import DistillConfig, EvaluationConfig, RuntimeConfig
-from azdistill.data import Message, read_records, write_json
-from azdistill.metrics import TASK_METRICS, percentile, score_predictions
-from azdistill.errors import StageFailed, UserError
-from azdistill.report import ModelResult, PromotionCheck, Report, headline_lines, write_report
+from azdistill.config.schema import DistillConfig
+from azdistill.data import digests
+from azdistill.data.files import write_json
+from azdistill.data.records import read_records
+from azdistill.evaluation.markdown import headline_lines
+from azdistill.evaluation.measure import (
+    _device_description,
+    _measure_in_child,
+    _megabytes,
+    local_cost_per_1k_answers,
+    measure_hosted,
+    measure_logged,
+)
+from azdistill.evaluation.metrics import TASK_METRICS, percentile, score_predictions
+from azdistill.evaluation.promotion import promotion_checks
+from azdistill.evaluation.publish import write_report
+from azdistill.evaluation.report import ModelResult, Report
 from azdistill.stages import state
-from azdistill.tracking import NullTracker, log_evaluation
+from azdistill.tracking.tracker import NullTracker, log_evaluation
 
 log = logging.getLogger(__name__)
+
 
 OUTPUTS = ["report.json", "report.md", "report.png", "predictions"]
 # What a rerun under other settings removes. The predictions stay: each model's answers carry the key of what they
@@ -41,7 +49,7 @@ ROLE_NAMES = {
 
 def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> dict[str, str]:
     """Row names a person recognises: the teacher's model name, and what each student row is."""
-    from azdistill.models import BUILTIN_TEACHER_NAME
+    from azdistill.models.builtin import BUILTIN_TEACHER_NAME
 
     teacher_config = config.teacher
     if teacher_config.kind == "local":
@@ -57,7 +65,8 @@ def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> di
     if config.student.model == "pruned-teacher" and models.get("baseline"):
         import json
 
-        from azdistill.models import BUILTIN_TEACHER_NAME as builtin, weights_folder
+        from azdistill.models.builtin import BUILTIN_TEACHER_NAME as builtin
+        from azdistill.models.files import weights_folder
 
         layers = json.loads((weights_folder(Path(models["baseline"])) / "config.json").read_text()).get("num_hidden_layers")
         local = teacher_config.weights
@@ -76,233 +85,8 @@ def teacher_identity(config: DistillConfig, teacher_path: Optional[Path]) -> str
     """What the teacher row's answers depend on: a local teacher's weights, or which endpoint and model answer."""
     if config.teacher.kind == "local":
         assert teacher_path is not None, "a local teacher is evaluated from its folder"
-        return state.folder_digest(teacher_path)
-    return state.fingerprint(config.teacher.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
-
-
-def measure_hosted(config: DistillConfig, conversations: list[list[Message]], description: str = "teacher") -> dict:
-    """Measure a hosted teacher as a client sees it, through the same client that synthesized the data.
-
-    Latency per response: the first `latency_samples` prompts sent one at a time. Quality: every prompt answered
-    with the endpoint's concurrency (greedy, evaluation.max_new_tokens), whose tokens/s is the throughput. Cost:
-    the configured token prices times the tokens the endpoint counted. Size and memory cannot be measured for a
-    hosted model: they stay empty (the report says "hosted"), parameters are the declared count if any.
-    """
-    from azdistill.endpoints import RecordRejected, build_endpoint_teacher
-    from azdistill.progress import Progress
-
-    evaluation = config.evaluation
-    greedy = config.synthesis.model_copy(
-        update={"max_new_tokens": evaluation.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
-                "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_cost": None}
-    )
-    teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy}))
-    try:
-        latencies: list[float] = []
-        timed = conversations[: evaluation.latency_samples]
-        with Progress(len(timed), f"latency {description} (endpoint)", unit="answers") as progress:
-            for messages in timed:
-                started = time.perf_counter()
-                try:
-                    teacher.complete(messages)
-                except RecordRejected:
-                    pass  # a refused prompt tells nothing about latency
-                else:
-                    latencies.append(time.perf_counter() - started)
-                progress.update(1)
-        started = time.perf_counter()
-        with Progress(len(conversations), f"answer {description} (endpoint)", unit="answers") as progress:
-            completions = []
-            for start in range(0, len(conversations), teacher.batch_size):
-                completions += teacher.answer(conversations[start : start + teacher.batch_size])
-                progress.update(len(completions) - progress.count)
-        seconds = time.perf_counter() - started
-    finally:
-        teacher.close()
-    refused = [completion for completion in completions if completion.finish_reason.startswith("refused")]
-    if len(refused) == len(conversations):
-        raise StageFailed(
-            f"evaluate: the teacher endpoint answered none of the {len(conversations)} held-out prompts; first: "
-            f"{refused[0].finish_reason}"
-        )
-    if refused:
-        log.warning("evaluate: the teacher endpoint refused %d of %d held-out prompts (scored as empty answers)", len(refused), len(conversations))
-    prompt_tokens = sum(completion.prompt_tokens for completion in completions)
-    generated_tokens = sum(completion.completion_tokens for completion in completions)
-    priced = config.teacher.price_per_million_prompt_tokens is not None or config.teacher.price_per_million_completion_tokens is not None
-    cost = teacher.budget.cost(prompt_tokens, generated_tokens) if priced else None
-    return {
-        "answers": [completion.text for completion in completions],
-        "latencies_s": latencies,
-        "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
-        "generated_tokens": generated_tokens,
-        "prompt_tokens": prompt_tokens,
-        "seconds": seconds,
-        "parameters": config.teacher.parameters or 0,
-        "weights_bytes": None,
-        "peak_memory_bytes": None,
-        "size_on_disk_bytes": None,
-        "device": "hosted",
-        "hosted": True,
-        "refused": len(refused),
-        "cost": cost,
-        "cost_per_1k_answers": cost / len(conversations) * 1000 if cost is not None else None,
-        "endpoint": teacher.stats.as_dict(),
-    }
-
-
-def measure_logged(records: list) -> dict:
-    """`teacher.kind: logged`: the teacher's answers are the logged ones in the test split; nothing is timed."""
-    answers = [record.reference or "" for record in records]
-    if not any(answers):
-        raise UserError("evaluate: teacher.kind logged takes the teacher's answers from the test split, and none of its records has one")
-    return {
-        "answers": answers, "latencies_s": [], "throughput_tokens_per_s": float("nan"), "generated_tokens": 0, "seconds": 0.0,
-        "parameters": 0, "weights_bytes": None, "peak_memory_bytes": None, "size_on_disk_bytes": None, "device": "logged",
-        "hosted": True, "cost_per_1k_answers": None,
-    }
-
-
-def local_cost_per_1k_answers(settings: EvaluationConfig, seconds: float, answers: int) -> Optional[float]:
-    """A local model's cost per 1,000 answers: the serving machine's hourly price over the measured answering time."""
-    if settings.serving_price_per_hour is None or not answers:
-        return None
-    return settings.serving_price_per_hour * seconds / 3600 / answers * 1000
-
-
-def measure_model(path: str, conversations: list[list[Message]], settings: dict, description: str) -> dict:
-    """Load one model and answer every conversation; runs in a child process (see module docstring)."""
-    import psutil
-
-    from azdistill.cli import configure_logging
-    from azdistill.determinism import make_repeatable
-    from azdistill.generation import GenerationSettings, generate_in_batches, timed_single_answers
-    from azdistill.models import count_parameters, load_model, load_tokenizer, pick_device, size_on_disk, weights_bytes
-    from azdistill.progress import Progress
-
-    configure_logging()
-    import torch
-
-    make_repeatable(0, settings["threads"], settings["deterministic"])  # answers are greedy: the seed is for form's sake
-    device = pick_device()
-    before_load = psutil.Process().memory_info().rss
-    tokenizer = load_tokenizer(Path(path))
-    model = load_model(Path(path), device).eval()
-    generation = GenerationSettings(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
-
-    timed = conversations[: settings["latency_samples"]]
-    with Progress(len(timed), f"latency {description}", unit="answers") as progress:
-        latencies = timed_single_answers(model, tokenizer, timed, generation, progress)
-
-    answers: list[Optional[str]] = [None] * len(conversations)
-    generated_tokens = 0
-    started = time.perf_counter()
-    with Progress(len(conversations), f"answer {description}", unit="answers") as progress:
-        for batch in generate_in_batches(model, tokenizer, conversations, generation):
-            for index, completion in batch:
-                answers[index] = completion.text
-                generated_tokens += completion.completion_tokens
-            progress.update(len(batch))
-    seconds = time.perf_counter() - started
-
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        # Subtract what the process held before loading the model (interpreter, torch), so the figure is the model's.
-        peak = peak_resident_bytes() - before_load
-    return {
-        "answers": answers,
-        "latencies_s": latencies,
-        "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
-        "generated_tokens": generated_tokens,
-        "seconds": seconds,
-        "parameters": count_parameters(model),
-        "weights_bytes": weights_bytes(model),
-        "peak_memory_bytes": max(peak, 0),
-        "size_on_disk_bytes": size_on_disk(Path(path)),
-        "device": device,
-    }
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory.
-
-    Read from VmHWM, which starts afresh with the process image; ru_maxrss would not do: Linux carries it over
-    from the parent across fork and exec, so every child would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.Process().memory_info().rss  # no /proc: current resident memory is the best we have
-
-
-def _measure_in_child(
-    path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str
-) -> dict:
-    # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-        future = pool.submit(
-            measure_model,
-            str(path),
-            conversations,
-            {**{key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")}, **runtime.model_dump()},
-            description,
-        )
-        return future.result()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Make the measuring child end when azdistill does: killed with SIGKILL, the parent cannot stop its pool, and
-    the child would otherwise wait forever holding a model in memory (seen after the kill-at-random test)."""
-    import signal
-
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        return  # not Linux: the child still ends when its work is done
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
-
-
-def _device_description() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
-
-
-def _megabytes(value: Optional[int]) -> float:
-    return float("nan") if value is None else value / 2**20
-
-
-def promotion_checks(config: DistillConfig, models: dict[str, ModelResult], primary: str) -> list[PromotionCheck]:
-    """The gate a student must pass to be promoted: agreement, quality kept, speed, better than baseline."""
-    rules = config.evaluation.promotion
-    teacher, student = models["teacher"], models["student"]
-    checks = [
-        PromotionCheck("agreement", student.metrics.get("agreement", 0.0), rules.min_agreement, ">=",
-                       student.metrics.get("agreement", 0.0) >= rules.min_agreement),
-    ]
-    if teacher.metrics.get(primary):
-        retained = student.metrics.get(primary, 0.0) / teacher.metrics[primary]
-        checks.append(PromotionCheck("quality_retained", retained, rules.min_quality_retained, ">=", retained >= rules.min_quality_retained))
-    if teacher.latency_p50_s > 0:  # NaN (a logged teacher: nothing timed) compares false
-        ratio = student.latency_p50_s / teacher.latency_p50_s
-        checks.append(PromotionCheck("latency_ratio", ratio, rules.max_latency_ratio, "<=", ratio <= rules.max_latency_ratio))
-    if rules.beat_baseline and "baseline" in models:
-        # With references the task metric decides; without them, agreement with the teacher does.
-        metric = primary if primary in student.metrics else "agreement"
-        ours, theirs = student.metrics.get(metric, 0.0), models["baseline"].metrics.get(metric, 0.0)
-        checks.append(PromotionCheck(f"beats_baseline_{metric}", ours, theirs, ">", ours > theirs))
-    return checks
+        return digests.folder_digest(teacher_path)
+    return digests.fingerprint(config.teacher.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
 
 
 def evaluate(
@@ -326,17 +110,17 @@ def evaluate(
     import json
 
     identities = {
-        role: teacher_identity(config, path) if role == "teacher" else state.folder_digest(path)  # type: ignore[arg-type]
+        role: teacher_identity(config, path) if role == "teacher" else digests.folder_digest(path)  # type: ignore[arg-type]
         for role, path in all_models.items()
     }
     answers_depend_on = {
-        "test": state.file_digest(config.data.test),
+        "test": digests.file_digest(config.data.test),
         "max_records": config.data.max_records,
         "task": config.task.type,
         "evaluation": config.evaluation.model_dump(include={"max_new_tokens", "batch_size", "latency_samples"}),
         "runtime": config.runtime.model_dump(),
     }
-    stage_fingerprint = state.fingerprint(
+    stage_fingerprint = digests.fingerprint(
         {
             **answers_depend_on,
             "task": config.task.model_dump(),
@@ -360,7 +144,7 @@ def evaluate(
         measured: dict[str, dict] = {}
         for role, path in all_models.items():
             cached = predictions_dir / f"{role}.json"
-            key = state.fingerprint({**answers_depend_on, "model": identities[role]})
+            key = digests.fingerprint({**answers_depend_on, "model": identities[role]})
             if not force and cached.is_file():
                 try:
                     previous = json.loads(cached.read_text())
@@ -443,6 +227,6 @@ def evaluate(
 def load_report(out_dir: Path) -> Report:
     import json
 
-    from azdistill.report import report_from_dict
+    from azdistill.evaluation.report import report_from_dict
 
     return report_from_dict(json.loads((Path(out_dir) / "report.json").read_text()))

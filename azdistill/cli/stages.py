@@ -1,0 +1,198 @@
+"""`run`, `validate`, `preflight` and one command per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from azdistill.cli.options import _load, config_argument, force_option, output_dir_option, redact_uri, set_option, workdir_lock
+
+
+@click.command()
+@config_argument
+@set_option
+@click.option("--local", "local", is_flag=True, default=True, help="Run every stage on this machine (the default).")
+@force_option
+def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: bool) -> None:
+    """Run the whole distillation: synthesize, finetune, evaluate."""
+    from azdistill.evaluation.markdown import headline_lines
+    from azdistill.stages.run import run_local
+
+    settings = _load(config, overrides)
+    result = run_local(settings, force=force)
+    click.echo("")
+    click.echo(f"Report: {result.report_dir / 'report.md'} (plot: {result.report_dir / 'report.png'})")
+    for line in headline_lines(result.report):
+        click.echo(f"  {line}")
+    if result.stage_seconds:
+        click.echo("  stage seconds: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result.stage_seconds.items()))
+    if result.tracking_uri and not result.new_run:
+        click.echo(f"MLflow: nothing changed since run {result.run_id} in experiment '{settings.experiment_name}': every stage reused, no new run")
+    elif result.tracking_uri:
+        version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
+        click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")
+        if result.promotion is not None:
+            click.echo(f"Registry: {result.promotion.summary()}")
+        uri = redact_uri(result.tracking_uri)
+        if uri.startswith("sqlite:///"):
+            hint = "make ui" if config is None and not overrides else " ".join(
+                ["azdistill ui"] + ([str(config)] if config else []) + [f"--set {item}" for item in overrides]
+            )
+            click.echo(f"Open the MLflow UI with: {hint}  (or: mlflow ui --backend-store-uri {uri})")
+        else:
+            click.echo(f"Runs are on the tracking server {uri}")
+
+
+@click.command()
+@config_argument
+@set_option
+def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
+    """Check a config and its data files without running anything.
+
+    The data is read line by line, never held whole. A file with several bad lines is reported in one line, and
+    all of them are listed in <workdir>/validate-report.jsonl; repeated prompts and small splits are warnings.
+    """
+    from azdistill.data.splits import check_split, split_warnings
+    from azdistill.models.checks import check_models
+
+    settings = _load(config, overrides)
+    check_models(settings)
+    report = settings.workdir / "validate-report.jsonl"
+    if report.is_file():  # an earlier validate's report would describe data that has changed since
+        report.unlink()
+    data, warnings = settings.data, []
+    for split in ("train", "validation", "test"):
+        path = getattr(data, split)
+        summary = check_split(path, settings.task.type, data.max_records, data.max_prompt_chars, report)
+        click.echo(f"{split}: {path} — {summary.records} records, {summary.with_reference} with reference answers")
+        warnings += split_warnings(summary, settings.task.type)
+    for warning in warnings:  # after every split passed: bad input stays one line on stderr
+        click.echo(f"warning: {warning}", err=True)
+    student = settings.student.model
+    if settings.azure is not None and settings.azure.student_model:
+        student += f" (on Azure ML: {settings.azure.student_model})"
+    click.echo(f"config OK: task {settings.task.type}, teacher {settings.teacher.label}, student {student}")
+
+
+@click.command()
+@config_argument
+@set_option
+@force_option
+@output_dir_option
+def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path]) -> None:
+    """Have the teacher answer the train and validation prompts."""
+    from azdistill.data.records import read_records
+    from azdistill.models.builtin import resolve_teacher
+    from azdistill.stages.run import synthesis_teacher
+    from azdistill.stages.state import check_writable
+    from azdistill.stages.synthesize import synthesize as run_stage
+    from azdistill.tracking.tracker import make_tracker
+
+    settings = _load(config, overrides)
+    check_writable(output_dir or settings.stage_dir("synthesize"), "synthesize")
+    teacher = None
+    if settings.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
+        for split in ("train", "validation"):  # report bad data before spending time on the teacher
+            read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
+        teacher = resolve_teacher(settings.teacher.model)
+    factory, identity = synthesis_teacher(settings, teacher)
+    with workdir_lock(settings.workdir):
+        out_dir = run_stage(settings, factory, make_tracker(settings), force, out_dir=output_dir, teacher_identity=identity)
+    click.echo(f"synthetic data: {out_dir}")
+
+
+@click.command()
+@config_argument
+@set_option
+@force_option
+@click.option("--on-references", is_flag=True, help="Train on the data's reference answers instead (the baseline).")
+@output_dir_option
+@click.option("--synthetic-dir", type=click.Path(path_type=Path), default=None, help="A finished synthesize stage's folder (default: the config's).")
+def finetune(
+    config: Optional[Path], overrides: tuple[str, ...], force: bool, on_references: bool, output_dir: Optional[Path], synthetic_dir: Optional[Path]
+) -> None:
+    """Train the student on the teacher's answers (run synthesize first)."""
+    from azdistill.stages.finetune import finetune as run_stage
+    from azdistill.stages.run import prepare_models, require_stage_output
+    from azdistill.stages.state import check_writable
+    from azdistill.tracking.tracker import make_tracker
+
+    settings = _load(config, overrides)
+    synthetic = synthetic_dir or settings.stage_dir("synthesize")
+    stage = "finetune-reference" if on_references else "finetune"
+    check_writable(output_dir or settings.stage_dir(stage), stage)
+    with workdir_lock(settings.workdir):
+        if not on_references:
+            require_stage_output(synthetic, "synthesize")
+        models = prepare_models(settings)
+        out_dir = run_stage(
+            settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, out_dir=output_dir, on_references=on_references
+        )
+    click.echo(f"student: {out_dir / 'model'}")
+
+
+@click.command()
+@config_argument
+@set_option
+@force_option
+@output_dir_option
+@click.option("--student-dir", type=click.Path(path_type=Path), default=None, help="A finished finetune stage's folder (default: the config's).")
+@click.option(
+    "--reference-dir", type=click.Path(path_type=Path), default=None,
+    help="A finished `finetune --on-references` folder (default: the config's, when the data has references).",
+)
+def evaluate(
+    config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path], student_dir: Optional[Path], reference_dir: Optional[Path]
+) -> None:
+    """Compare teacher, student and baselines on the test set (run finetune first)."""
+    from azdistill.evaluation.markdown import headline_lines
+    from azdistill.stages.evaluate import evaluate as run_stage
+    from azdistill.stages.run import prepare_models, require_stage_output, wants_reference_baseline
+    from azdistill.stages.state import check_writable
+    from azdistill.tracking.tracker import make_tracker
+
+    settings = _load(config, overrides)
+    check_writable(output_dir or settings.stage_dir("evaluate"), "evaluate")
+    with workdir_lock(settings.workdir):
+        student = require_stage_output(student_dir or settings.stage_dir("finetune"), "finetune") / "model"
+        reference = None
+        if reference_dir is not None or wants_reference_baseline(settings):
+            reference = require_stage_output(reference_dir or settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
+        models = prepare_models(settings)
+        evaluated = {"student": student, "baseline": models.student_init}
+        if reference is not None:
+            evaluated["reference_sft"] = reference
+        report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force, out_dir=output_dir)
+    click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'}")
+    for line in headline_lines(report):
+        click.echo(f"  {line}")
+
+
+@click.command()
+@config_argument
+@set_option
+def preflight(config: Optional[Path], overrides: tuple[str, ...]) -> None:
+    """Check a hosted teacher before the run: it answers, one sample passes, parameters, cost estimate and budget."""
+    from azdistill.data.records import count_records
+    from azdistill.synthesis.outputs import SPLITS
+    from azdistill.synthesis.preflight import preflight as check
+    from azdistill.synthesis.prompts import check_strategy
+    from azdistill.teachers.hosted import build_endpoint_teacher
+
+    settings = _load(config, overrides)
+    check_strategy(settings.synthesis.prompt_strategy, settings.task.type)
+    counts = {split: count_records(getattr(settings.data, split), settings.task.type, settings.data.max_records) for split in SPLITS}
+    if not settings.teacher.hosted:
+        click.echo(f"teacher.kind {settings.teacher.kind}: no endpoint to check; {counts['train']} train and {counts['validation']} validation records")
+        return
+    teacher = build_endpoint_teacher(settings)
+    try:
+        report = check(settings, teacher, counts)
+    finally:
+        teacher.close()
+    for line in report.lines:
+        click.echo(line)
+    report.raise_for_budget()
+    click.echo("preflight OK" if report.sample_ok else "preflight: the sample answer would be rejected; check the prompt strategy and max_new_tokens")

@@ -1,0 +1,168 @@
+"""The `azure` section: the workspace, compute per stage, data assets and the retrain schedule."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from azdistill.config.sections import Section
+
+
+class ComputeTarget(Section):
+    """Where one Azure ML step runs: a compute cluster of the workspace, or serverless compute of a VM size."""
+
+    cluster: Optional[str] = Field(default=None, description="Name of a compute cluster in the workspace.")
+    instance_type: Optional[str] = Field(
+        default=None,
+        description="Serverless compute: the VM size, e.g. Standard_D4s_v3 or Standard_NC24ads_A100_v4 "
+        "(used when no cluster is named).",
+    )
+    instance_count: int = Field(
+        default=1, ge=1, le=100, description="Nodes: finetune's PyTorch distribution, or the sharded synthesis job."
+    )
+    processes_per_instance: int = Field(
+        default=1, ge=1, le=64, description="finetune: processes per node, one per GPU (torch.distributed)."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "ComputeTarget":
+        if bool(self.cluster) == bool(self.instance_type):
+            raise ValueError("name either a cluster (e.g. cluster: gpu-cluster) or a serverless instance_type, not both or neither")
+        return self
+
+
+class AzureComputeConfig(Section):
+    cpu: ComputeTarget = Field(
+        default_factory=lambda: ComputeTarget(cluster="cpu-cluster"),
+        description="Default for the CPU steps (validate, synthesize, merge_shards, register).",
+    )
+    gpu: ComputeTarget = Field(
+        default_factory=lambda: ComputeTarget(cluster="gpu-cluster"), description="Default for finetune and evaluate."
+    )
+    synthesize: Optional[ComputeTarget] = Field(default=None, description="Overrides cpu for synthesis.")
+    finetune: Optional[ComputeTarget] = Field(default=None, description="Overrides gpu for fine-tuning.")
+    evaluate: Optional[ComputeTarget] = Field(default=None, description="Overrides gpu for evaluation (e.g. a CPU cluster).")
+
+
+class AzureDataConfig(Section):
+    train: Optional[str] = Field(
+        default=None,
+        description="Registered data asset for the train split: 'azureml:name:version' or 'azureml:name@latest'. "
+        "Default: the config's local file, uploaded on submit.",
+    )
+    validation: Optional[str] = Field(default=None, description="Data asset for the validation split (as train).")
+    test: Optional[str] = Field(default=None, description="Data asset for the test split (as train).")
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _asset_reference(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^azureml:[A-Za-z0-9_.-]+([:@][A-Za-z0-9_.-]+)$", value):
+            raise ValueError("use 'azureml:<name>:<version>' or 'azureml:<name>@latest'")
+        return value
+
+
+class ScheduleConfig(Section):
+    name: Optional[str] = Field(default=None, description="Schedule name. Default: <name>-retrain.")
+    cron: Optional[str] = Field(default=None, description="Cron expression, e.g. '0 3 * * 1' (Mondays 03:00).")
+    frequency: Optional[Literal["minute", "hour", "day", "week", "month"]] = Field(
+        default=None, description="Recurrence unit (instead of cron)."
+    )
+    interval: int = Field(default=1, ge=1, description="Recurrence: every `interval` units of `frequency`.")
+    hours: Optional[list[int]] = Field(default=None, description="Recurrence: hours of the day (0-23) it fires at.")
+    minutes: Optional[list[int]] = Field(default=None, description="Recurrence: minutes of the hour (0-59).")
+    week_days: Optional[list[Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]]] = (
+        Field(default=None, description="Recurrence with frequency week: the days it fires on.")
+    )
+    time_zone: str = Field(default="UTC", description="Time zone of the trigger, e.g. 'W. Europe Standard Time'.")
+    start_time: Optional[str] = Field(default=None, description="ISO 8601 time of the first trigger. Default: now.")
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> "ScheduleConfig":
+        if bool(self.cron) == bool(self.frequency):
+            raise ValueError("give either cron (e.g. '0 3 * * 1') or frequency (minute, hour, day, week, month)")
+        if self.cron and len(self.cron.split()) != 5:
+            raise ValueError(f"cron needs 5 fields (minute hour day month weekday), got '{self.cron}'")
+        if self.cron and (self.hours or self.minutes or self.week_days):
+            raise ValueError("hours, minutes and week_days belong to a recurrence (frequency), not to cron")
+        if any(not 0 <= hour <= 23 for hour in self.hours or []) or any(not 0 <= m <= 59 for m in self.minutes or []):
+            raise ValueError("hours must be 0-23 and minutes 0-59")
+        return self
+
+
+class AzureConfig(Section):
+    subscription_id: Optional[str] = Field(
+        default=None, description="Workspace subscription. Default: AZURE_SUBSCRIPTION_ID, else an Azure ML config.json."
+    )
+    resource_group: Optional[str] = Field(
+        default=None, description="Workspace resource group. Default: AZURE_RESOURCE_GROUP, else config.json."
+    )
+    workspace_name: Optional[str] = Field(
+        default=None, description="Workspace name. Default: AZUREML_WORKSPACE_NAME, else config.json."
+    )
+    experiment: Optional[str] = Field(default=None, description="Azure ML experiment. Default: the config name.")
+    pipeline: Literal["distill", "retrain"] = Field(
+        default="distill",
+        description="Pipeline definition `submit` builds: distill (the three stages on the given data) or retrain "
+        "(latest data asset versions read when the job runs, champion/challenger promotion; what schedules run).",
+    )
+    compute: AzureComputeConfig = Field(default_factory=AzureComputeConfig)
+    data: AzureDataConfig = Field(default_factory=AzureDataConfig)
+    synthesis_shards: int = Field(
+        default=1, ge=1, le=1000, description="Split synthesis into this many shards run as an Azure ML parallel job."
+    )
+    student_model: Optional[str] = Field(
+        default=None,
+        description="Base student as an MLflow model of the workspace (azureml:<name>:<version>, azureml:<name>@latest) "
+        "or of a registry (azureml://registries/<registry>/models/<name>/versions/<version>), bound as an mlflow_model "
+        "input and loaded from its mounted folder. Default: the config's student.model.",
+    )
+    teacher_connection: Optional[str] = Field(
+        default=None,
+        description="Workspace connection holding the teacher's endpoint and key; the job reads it with its managed "
+        "identity. The key itself never appears in a config, job or YAML.",
+    )
+    teacher_key_secret: Optional[str] = Field(
+        default=None,
+        description="Key Vault secret holding the teacher key: https://<vault>.vault.azure.net/secrets/<name>, read "
+        "by the job's managed identity.",
+    )
+    identity_client_id: Optional[str] = Field(
+        default=None,
+        description="Client id of the user-assigned managed identity the clusters run as (the infra output "
+        "identityClientId); jobs authenticate with it.",
+    )
+    schedule: Optional[ScheduleConfig] = Field(default=None, description="Recurring retrain (azdistill schedule create).")
+
+    @field_validator("teacher_key_secret")
+    @classmethod
+    def _secret_is_a_reference(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^https://[A-Za-z0-9-]+\.vault\.azure\.(net|cn|us)/secrets/[A-Za-z0-9-]+(/[0-9a-f]{32})?$", value):
+            from pydantic_core import PydanticCustomError
+
+            # Its own error type, so the error message never echoes the value (it may be the key itself).
+            raise PydanticCustomError(
+                "secret_literal",
+                "must be a Key Vault secret reference https://<vault>.vault.azure.net/secrets/<name>, never the key itself",
+            )
+        return value
+
+    @field_validator("student_model")
+    @classmethod
+    def _model_reference(cls, value: Optional[str]) -> Optional[str]:
+        name, version = r"[A-Za-z0-9][A-Za-z0-9_.-]*", r"[A-Za-z0-9_.-]+"
+        forms = (rf"azureml:{name}:{version}", rf"azureml:{name}@latest", rf"azureml://registries/{name}/models/{name}/versions/{version}")
+        if value is not None and not any(re.fullmatch(form, value) for form in forms):
+            raise ValueError(
+                "use a model asset: 'azureml:<name>:<version>', 'azureml:<name>@latest' or "
+                "'azureml://registries/<registry>/models/<name>/versions/<version>' "
+                "(e.g. azureml://registries/azureml/models/Phi-4-mini-instruct/versions/1)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_teacher_secret(self) -> "AzureConfig":
+        if self.teacher_connection and self.teacher_key_secret:
+            raise ValueError("give teacher_connection or teacher_key_secret, not both")
+        return self

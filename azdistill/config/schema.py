@@ -1,0 +1,145 @@
+"""The whole config (`DistillConfig`) and the combinations of settings that cannot work together."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, field_validator
+
+from azdistill.config.azure import AzureConfig
+from azdistill.config.sections import (
+    DataConfig,
+    EvaluationConfig,
+    RuntimeConfig,
+    Section,
+    StudentConfig,
+    SynthesisConfig,
+    TaskConfig,
+    TrackingConfig,
+    TrainingConfig,
+)
+from azdistill.config.teacher import TeacherConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class DistillConfig(Section):
+    name: str = Field(description="Name of this distillation; names runs, folders and the registered model.")
+    workdir: Path = Field(default=Path(".azdistill"), description="Folder for stage outputs and the MLflow store.")
+    task: TaskConfig
+    data: DataConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Threads and determinism of torch in local stages.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    azure: Optional[AzureConfig] = Field(default=None, description="Azure ML workspace, compute and schedule (azdistill submit).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not re.match(NAME_PATTERN, value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)")
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_can_be_a_folder(cls, value: Path) -> Path:
+        # Checked when the config loads, so that `validate` refuses what would stop `run` later; nothing is created.
+        import os
+
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder; set workdir to a folder or to a path that does not exist yet")
+        existing = value
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise ValueError(f"{existing} is a file, so no folder can be made inside it; set workdir to a folder")
+        if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+            made = "" if existing == value else f", so {value} cannot be created"
+            raise ValueError(f"{existing} is not writable{made}; set workdir to a folder you can write to")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder holding this distillation's stage outputs."""
+        return self.workdir / "runs" / self.name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    @property
+    def tracking_uri(self) -> str:
+        import os
+
+        if self.tracking.uri:
+            return self.tracking.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"{self.name}-student"
+
+
+
+
+def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
+    """Settings that are each valid but cannot work together, as (key path, what to do instead).
+
+    Checked when a config is loaded (so `validate` and `submit --dry-run` refuse them), before any teacher call is
+    paid for. Checks that need the model files (vocabularies) are in `models.check_model_combinations`.
+    """
+    teacher, training = config.teacher, config.training
+    problems: list[tuple[str, str]] = []
+    has_weights = teacher.weights is not None
+    # On Azure ML azure.student_model replaces student.model (a registered model, bound as the job's input).
+    registered_student = config.azure is not None and config.azure.student_model is not None
+    if config.student.model == "pruned-teacher" and not has_weights and not registered_student:
+        problems.append((
+            "student.model",
+            f"pruned-teacher (the default) copies layers of the teacher's weights, and teacher.kind {teacher.kind} has none here: set "
+            "student.model to a local model folder (e.g. a Phi-4-mini or Llama-3.1-8B-Instruct download) or set "
+            "teacher.local_copy to a local copy of the teacher",
+        ))
+    needs = [name for name in ("kd_weight", "hidden_weight", "on_policy_ratio") if getattr(training, name) > 0]
+    if needs and not has_weights:
+        problems.append((
+            f"training.{needs[0]}",
+            f"training.{', training.'.join(needs)} need{'s' if len(needs) == 1 else ''} the teacher's logits or hidden "
+            f"states in-process, and teacher.kind {teacher.kind} has no local weights: set "
+            f"{' and '.join(f'training.{name}' for name in needs)} to 0 (training.topk_weight with "
+            "synthesis.top_logprobs distils a hosted teacher's log-probabilities) or set teacher.local_copy",
+        ))
+    if training.hidden_weight > 0 and (config.student.model != "pruned-teacher" or registered_student):
+        problems.append((
+            "training.hidden_weight",
+            "hidden-state matching pairs each student layer with the teacher layer it was copied from, which needs "
+            "student.model: pruned-teacher; set training.hidden_weight to 0 for a separate student",
+        ))
+    synthesis = config.synthesis
+    if synthesis.keep_rationale and not (
+        synthesis.prompt_strategy == "chain_of_thought" or (synthesis.prompt_strategy == "plain" and teacher.hosted)
+    ):
+        problems.append((
+            "synthesis.keep_rationale",
+            "needs a rationale to keep: prompt_strategy chain_of_thought (its 'reason' is kept), or prompt_strategy plain "
+            "with a hosted reasoning teacher (its reasoning trace is kept); or set synthesis.keep_rationale: false",
+        ))
+    if training.topk_weight > 0 and not (teacher.hosted and config.synthesis.top_logprobs > 0):
+        fix = "set synthesis.top_logprobs (e.g. 5)" if teacher.hosted else "use a hosted teacher with synthesis.top_logprobs, or training.kd_weight with a local teacher"
+        problems.append((
+            "training.topk_weight",
+            f"the top-k loss learns from the log-probabilities a hosted teacher returns with its answers: {fix}, or set "
+            "training.topk_weight to 0",
+        ))
+    return problems

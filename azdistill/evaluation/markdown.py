@@ -1,0 +1,367 @@
+"""The report as people read it: `report.md` (the case-study table, the promotion checks, sample answers) and the
+few console lines that end a run."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from azdistill.evaluation.report import (
+    FAILED_SIGN,
+    METRIC_LABELS,
+    RAW_SCALE_METRICS,
+    ModelResult,
+    Report,
+    comparison,
+    is_finite,
+    is_fraction_metric,
+    metric_label,
+    model_of,
+)
+
+_MAX_SAMPLES = 5
+_MAX_CELL_CHARS = 300
+
+
+def _metric_names(report: Report) -> list[str]:
+    """Union of metrics over models: primary first, then agreement, then the rest sorted."""
+    names = {k for m in report.models for k in m.metrics}
+    ordered = [k for k in (report.primary_metric, "agreement") if k in names]
+    return ordered + sorted(names - set(ordered))
+
+
+
+def _fmt_metric(value: float | None, fraction: bool, metric: str) -> str:
+    if not is_finite(value):
+        return "n/a"
+    if metric in RAW_SCALE_METRICS:
+        return f"{value:.1f}"
+    if fraction:
+        return f"{value * 100:.1f}%"
+    return f"{value:.3g}"
+
+
+def _fmt_params_m(parameters: int) -> str:
+    # One decimal in millions, but tiny test models would all read "0.0".
+    m = parameters / 1e6
+    return f"{m:,.1f}" if m >= 0.1 or m == 0 else f"{m:.3f}"
+
+
+def _fmt_params_short(parameters: int) -> str:
+    if parameters >= 1e9:
+        return f"{parameters / 1e9:.2f}B"
+    if parameters >= 1e5:
+        return f"{parameters / 1e6:.1f}M"
+    return f"{parameters / 1e3:.1f}K"
+
+
+def _fmt_num(value: float, decimals: int = 1) -> str:
+    return f"{value:,.{decimals}f}" if is_finite(value) else "n/a"
+
+
+def _fmt_cost(value: Optional[float]) -> str:
+    """A cost per 1,000 answers: cents matter for a small student, so keep three significant digits."""
+    if not is_finite(value):
+        return "n/a"
+    return f"{value:,.2f}" if value >= 10 else f"{value:.3g}"
+
+
+def _fmt_hosted(model: "ModelResult", value: float) -> str:
+    """Size and memory of a model: measured, or "hosted" where only an endpoint was seen."""
+    return "hosted" if model.hosted and not is_finite(value) else _fmt_num(value)
+
+
+def _fmt_parameters(model: "ModelResult") -> str:
+    if model.hosted:
+        return f"{_fmt_params_m(model.parameters)} (declared)" if model.parameters else "hosted"
+    return _fmt_params_m(model.parameters)
+
+
+def _fmt_latency(value: float) -> str:
+    if not is_finite(value):
+        return "n/a"
+    # Small students answer in tens of milliseconds; keep three significant digits.
+    return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
+
+
+def _fmt_check_value(value: float) -> str:
+    if not is_finite(value):
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:.0f}%"
+
+
+def _less_or_more(ratio: float, what: str) -> str:
+    """0.15 -> '85% less latency'; 1.2 -> '20% more latency'."""
+    change = (1 - ratio) * 100
+    if round(change) == 0:
+        return f"about the same {what}"
+    return f"{abs(change):.0f}% {'less' if change > 0 else 'more'} {what}"
+
+
+def _times(x: float) -> str:
+    return f"{x:.1f}x" if x < 100 else f"{x:,.0f}x"
+
+
+def _cell(text: Any, limit: int = _MAX_CELL_CHARS) -> str:
+    """Make any text safe inside one Markdown table cell."""
+    if text is None:
+        return "—"
+    s = str(text).strip()
+    if len(s) > limit:
+        s = s[: limit - 1].rstrip() + "…"
+    s = s.replace("\\", "\\\\").replace("|", "\\|")
+    s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+    return s or " "
+
+
+def _table(header: list[str], rows: Iterable[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or ["l"] * len(header)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+
+
+def _metric_in_sentence(name: str) -> str:
+    label = metric_label(name)
+    # Acronyms keep their case ("ROUGE-L", "F1"); ordinary words go lower case mid-sentence.
+    return label if label[:2].isupper() else label.lower()
+
+
+def _cost_phrase(report: Report, ratio: float) -> str:
+    teacher, student = model_of(report, "teacher"), model_of(report, "student")
+    assert teacher is not None and student is not None
+    figures = f"{_fmt_cost(student.cost_per_1k_answers)} vs {_fmt_cost(teacher.cost_per_1k_answers)}"
+    if ratio <= 0:
+        return f"{figures}"
+    return f"{figures}, {_times(1 / ratio)} cheaper" if ratio < 1 else f"{figures}, {_times(ratio)} dearer"
+
+
+def _headline_phrase(report: Report, comp: dict[str, float]) -> str:
+    parts = []
+    if "latency_ratio" in comp:
+        parts.append(_less_or_more(comp["latency_ratio"], "latency"))
+    if "memory_ratio" in comp:
+        parts.append(_less_or_more(comp["memory_ratio"], "memory"))
+    if "quality_retained" in comp:
+        parts.append(
+            f"{_pct(comp['quality_retained'])} of the teacher's {_metric_in_sentence(report.primary_metric)} kept"
+        )
+    return ", ".join(parts)
+
+
+def render_markdown(report: Report) -> str:
+    """The human-readable ``report.md``: side-by-side table, student-vs-teacher headline,
+    promotion checks and a few sample answers; links the plot ``report.png``."""
+    comp = comparison(report)
+    metrics = _metric_names(report)
+    fractions = {k: is_fraction_metric(report, k) for k in metrics}
+    out: list[str] = []
+
+    out.append(f"# Distillation report: {report.pipeline}")
+    out.append("")
+    out.append(
+        f"**Task:** {report.task} · **Data version:** {report.data_version} · "
+        f"**Date:** {report.created} · **Device:** {report.device}"
+    )
+    out.append("")
+
+    # --- side-by-side table -------------------------------------------------------------
+    out.append("## Models side by side")
+    out.append("")
+    header = [
+        "Model",
+        "Parameters (M)",
+        "Size on disk (MB)",
+        "Peak memory (MB)",
+        "Latency p50 (s)",
+        "Latency p95 (s)",
+        "Throughput (tok/s)",
+        "Cost / 1k answers",
+    ]
+    header += [metric_label(k) for k in metrics]
+    rows = []
+    for m in report.models:
+        name = _cell(m.name)
+        if m.role == "student":
+            name = f"**{name}**"
+        rows.append(
+            [
+                name,
+                _fmt_parameters(m),
+                _fmt_hosted(m, m.size_on_disk_mb),
+                _fmt_hosted(m, m.peak_memory_mb),
+                _fmt_latency(m.latency_p50_s),
+                _fmt_latency(m.latency_p95_s),
+                _fmt_num(m.throughput_tokens_per_s),
+                _fmt_cost(m.cost_per_1k_answers),
+            ]
+            + [_fmt_metric(m.metrics.get(k), fractions[k], k) for k in metrics]
+        )
+    out += _table(header, rows, ["l"] + ["r"] * (len(header) - 1))
+    out.append("")
+    ns = {m.n for m in report.models}
+    if len(ns) == 1:
+        answered = f"each model answered the same {ns.pop()} held-out records"
+    else:
+        answered = "held-out records answered: " + ", ".join(f"{_cell(m.name)} {m.n}" for m in report.models)
+    out.append(
+        f"Latency is seconds per response with prompts answered one at a time; throughput is generated "
+        f"tokens per second answering in batches; peak memory is the resident memory of the process "
+        f"that loaded the model; {answered}."
+        + (" Agreement is how often a model's answer matches the teacher's." if "agreement" in metrics else "")
+        + (
+            " A hosted model is measured as a client sees it, through its endpoint: latency includes the network, "
+            "and its size and memory are not visible (parameters as declared)."
+            if any(m.hosted for m in report.models) else ""
+        )
+        + (
+            " Cost per 1,000 answers: token prices times measured tokens for a hosted model; the serving machine's "
+            "hourly price times the measured answering time for a local one."
+            if any(is_finite(m.cost_per_1k_answers) for m in report.models) else ""
+        )
+    )
+    out.append("")
+    out.append("![Teacher, student and baselines compared](report.png)")
+    out.append("")
+
+    # --- headline ------------------------------------------------------------------------
+    out.append("## Student vs teacher")
+    out.append("")
+    phrase = _headline_phrase(report, comp)
+    if phrase:
+        out.append(f"**{phrase[0].upper() + phrase[1:]}.**")
+        out.append("")
+    bullets = []
+    if "param_ratio" in comp:
+        bullets.append(f"Parameters: {_pct(comp['param_ratio'])} of the teacher's")
+    if "speedup" in comp:
+        bullets.append(f"Latency per response (p50): {_times(comp['speedup'])} faster than the teacher")
+    if "memory_ratio" in comp:
+        bullets.append(f"Peak memory: {_pct(comp['memory_ratio'])} of the teacher's")
+    if "weights_memory_ratio" in comp:
+        bullets.append(f"Weights memory: {_pct(comp['weights_memory_ratio'])} of the teacher's")
+    if "throughput_ratio" in comp:
+        bullets.append(f"Throughput: {_times(comp['throughput_ratio'])} the teacher's tokens per second")
+    if "cost_ratio" in comp:
+        bullets.append(f"Cost per 1,000 answers: {_cost_phrase(report, comp['cost_ratio'])}")
+    if "quality_retained" in comp:
+        bullets.append(
+            f"{metric_label(report.primary_metric)}: {_pct(comp['quality_retained'])} of the teacher's kept"
+        )
+    if not bullets:
+        bullets.append("No teacher/student pair to compare.")
+    out += [f"- {b}" for b in bullets]
+    out.append("")
+
+    # --- promotion -----------------------------------------------------------------------
+    out.append(f"## Promotion: {'PROMOTE' if report.promote else 'KEEP CURRENT'}")
+    out.append("")
+    if report.checks:
+        out += _table(
+            ["Check", "Value", "Threshold", "Result"],
+            (
+                [
+                    _cell(c.name),
+                    _fmt_check_value(c.value),
+                    f"{_cell(c.comparison)} {_fmt_check_value(c.threshold)}",
+                    "pass" if c.passed else "**FAIL**",
+                ]
+                for c in report.checks
+            ),
+            ["l", "r", "r", "l"],
+        )
+    else:
+        out.append("No promotion checks were configured.")
+    out.append("")
+
+    # --- samples -------------------------------------------------------------------------
+    samples = report.samples[:_MAX_SAMPLES]
+    if samples:
+        out.append("## Sample answers")
+        out.append("")
+        known = ["prompt", "reference", "teacher", "student", "baseline"]
+        present = {k for s in samples for k, v in s.items() if v is not None}
+        cols = [k for k in known if k in present]
+        cols += sorted(present - set(known))
+        out += _table(
+            [metric_label(c) if c in METRIC_LABELS else c.replace("_", " ").capitalize() for c in cols],
+            ([_cell(s.get(c)) for c in cols] for s in samples),
+        )
+        out.append("")
+
+    return "\n".join(out)
+
+
+def headline_lines(report: Report) -> list[str]:
+    """A few plain-text lines summarising the run for the console."""
+    comp = comparison(report)
+    teacher, student = model_of(report, "teacher"), model_of(report, "student")
+    baseline = model_of(report, "baseline")
+    lines: list[str] = []
+
+    if teacher and student:
+        parts = [f"student: {_fmt_params_short(student.parameters)} params"]
+        if "param_ratio" in comp:
+            parts[0] += f" ({_pct(comp['param_ratio'])} of teacher)"
+        if "speedup" in comp:
+            s = comp["speedup"]
+            word = f"{_times(s)} faster" if s >= 1 else f"{_times(1 / s)} slower"
+            parts.append(
+                f"{word} per response (p50 {student.latency_p50_s:.2f} s vs {teacher.latency_p50_s:.2f} s)"
+            )
+        lines.append(", ".join(parts))
+
+        mem = []
+        if is_finite(student.peak_memory_mb) and is_finite(teacher.peak_memory_mb):
+            mem.append(f"peak memory {student.peak_memory_mb:,.0f} MB vs {teacher.peak_memory_mb:,.0f} MB")
+            if "memory_ratio" in comp:
+                mem[-1] += f" ({_less_or_more(comp['memory_ratio'], 'memory').replace(' memory', '')})"
+        if "throughput_ratio" in comp:
+            mem.append(f"throughput {_times(comp['throughput_ratio'])} the teacher's")
+        if mem:
+            lines.append("; ".join(mem))
+        if "cost_ratio" in comp:
+            lines.append(f"cost per 1,000 answers: {_cost_phrase(report, comp['cost_ratio'])} (student vs teacher)")
+
+    if student and is_finite(student.metrics.get("agreement")):
+        line = f"agreement with teacher: {student.metrics['agreement'] * 100:.1f}%"
+        if baseline and is_finite(baseline.metrics.get("agreement")):
+            line += f" (baseline {baseline.metrics['agreement'] * 100:.1f}%)"
+        lines.append(line)
+
+    pm = report.primary_metric
+    if pm and pm != "agreement":
+        fraction = is_fraction_metric(report, pm)
+        # Student first: it is the model this line is about.
+        rank = {"student": 0, "teacher": 1, "baseline": 2, "reference_sft": 3}
+        ordered = sorted(
+            (m for m in report.models if is_finite(m.metrics.get(pm))), key=lambda m: rank.get(m.role, 4)
+        )
+        if ordered:
+            shown = ", ".join(
+                f"{m.role.replace('_', ' ')} {_fmt_metric(m.metrics[pm], fraction, pm)}" for m in ordered
+            )
+            lines.append(f"{pm}: {shown}")
+
+    decision = "PROMOTE" if report.promote else "KEEP CURRENT"
+    failed = [c for c in report.checks if not c.passed]
+    if not report.checks:
+        lines.append(f"promotion: {decision} (no checks configured)")
+    elif not failed:
+        lines.append(f"promotion: {decision} (all {len(report.checks)} checks passed)")
+    else:
+        why = "; ".join(
+            f"{c.name} {_fmt_check_value(c.value)} {FAILED_SIGN.get(c.comparison, 'vs')} "
+            f"{_fmt_check_value(c.threshold)}"
+            for c in failed
+        )
+        lines.append(f"promotion: {decision} (failed: {why})")
+    return lines

@@ -1,0 +1,207 @@
+"""The local runner: synthesize -> finetune (-> finetune on references) -> evaluate, in this process.
+
+The same stage functions run inside the Azure ML components; here they are chained under one MLflow parent
+run with a nested run per stage. A stage whose inputs and settings are unchanged is skipped; an interrupted
+one continues from what it had written. A rerun that skips every stage leaves no MLflow run: it says which
+earlier run holds its results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from azdistill.config.schema import DistillConfig
+from azdistill.data.files import write_json
+from azdistill.data.records import read_records
+from azdistill.errors import UserError
+from azdistill.evaluation.report import Report
+from azdistill.tracking.tracker import NullTracker, make_tracker, pipeline_run_name, pipeline_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    report: Report
+    report_dir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    registered_version: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    run_id: Optional[str] = None
+    promotion: Optional[object] = None  # registry.PromotionDecision: champion or challenger, and why
+    # Whether this run left a new MLflow run: not with tracking off, nor when every stage reused its outputs and
+    # nothing was logged (run_id is then the earlier run holding those outputs).
+    new_run: bool = True
+
+
+@dataclass
+class Models:
+    """Where the teacher's weights and the student's starting point live for a config."""
+
+    teacher: Optional[Path]  # a local teacher, or a hosted teacher's local_copy; None: the teacher is only an endpoint
+    student_init: Path
+
+
+def prepare_models(config: DistillConfig) -> Models:
+    from azdistill.models.builtin import resolve_teacher
+    from azdistill.models.checks import check_vocabularies
+    from azdistill.models.files import file_lock
+    from azdistill.models.students import resolve_student
+
+    weights = config.teacher.weights
+    teacher = resolve_teacher(weights, config.teacher.weights_key) if weights is not None else None
+    # Under torchrun every process gets here: the first builds the pruned student, the others then reuse it.
+    with file_lock(config.run_dir / ".student-init.lock"):
+        student_init = resolve_student(config.student.model, teacher, config.student.keep_layers, config.run_dir / "student-init")
+    check_vocabularies(config, teacher, student_init)
+    return Models(teacher, student_init)
+
+
+def synthesis_teacher(config: DistillConfig, teacher_path: Optional[Path]):
+    """The teacher that answers the prompts, and its identity for the stage's fingerprint.
+
+    A local teacher is loaded from its folder (whose digest makes new weights behind the same name count as a
+    change); a hosted or logged one is built from the config's teacher section, which is its identity.
+    """
+    if config.teacher.kind == "local":
+        assert teacher_path is not None, "a local teacher answers from its folder"
+        return local_teacher_factory(config, teacher_path), teacher_identity(teacher_path)
+    from azdistill.teachers.factory import hosted_teacher_factory
+
+    return hosted_teacher_factory(config), None
+
+
+def local_teacher_factory(config: DistillConfig, teacher_path: Path):
+    def build():
+        from azdistill.models.loading import pick_device
+        from azdistill.teachers.local import LocalTeacher
+
+        return LocalTeacher(teacher_path, config.synthesis, pick_device(), config.runtime)
+
+    return build
+
+
+def wants_reference_baseline(config: DistillConfig) -> bool:
+    """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
+    if not config.evaluation.reference_baseline:
+        return False
+    records = read_records(config.data.train, config.task.type, config.data.max_records)
+    return any(record.reference is not None for record in records)
+
+
+def teacher_identity(teacher_path: Path) -> str:
+    from azdistill.data.digests import folder_digest
+
+    return folder_digest(teacher_path)
+
+
+def require_stage_output(stage_dir: Path, stage: str) -> Path:
+    """A finished stage's folder; a missing, failed or interrupted one is a user error naming the command to run."""
+    from azdistill.stages.state import DONE_FILE, verify_outputs
+
+    if not (stage_dir / DONE_FILE).is_file():
+        raise UserError(f"{stage_dir} holds no finished {stage} stage: run `azdistill {stage}` with this config first (or `azdistill run`)")
+    verify_outputs(stage_dir, stage.split()[0])  # as that stage wrote them: never a truncated or emptied output
+    return stage_dir
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.monotonic()
+    yield
+    seconds[stage] = round(time.monotonic() - started, 1)
+
+
+def register_student(config: DistillConfig, tracker: NullTracker, student: Path, report: Report) -> Optional[str]:
+    """Register the student in the model registry, once per distinct model: a rerun that changed nothing
+    reuses the version registered before instead of piling up identical versions."""
+    from azdistill.data.digests import folder_digest
+    from azdistill.data.files import write_json
+
+    marker = config.run_dir / "registered.json"
+    digest = folder_digest(student)
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous == {**previous, "digest": digest, "tracking_uri": config.tracking_uri, "name": config.registered_model_name}:
+            log.info("register: this student is already version %s of '%s'", previous["version"], config.registered_model_name)
+            return previous["version"]
+    metrics = next(model for model in report.models if model.role == "student").metrics
+    version = tracker.log_student(
+        student,
+        {
+            "teacher": config.teacher.label,
+            "data_version": config.data.version,
+            "promote": str(report.promote).lower(),
+            **{f"metric.{name}": f"{value:.4f}" for name, value in metrics.items()},
+        },
+    )
+    write_json(marker, {"digest": digest, "version": version, "tracking_uri": config.tracking_uri, "name": config.registered_model_name})
+    return version
+
+
+def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None) -> RunResult:
+    """Run every stage of a distillation on this machine; returns the evaluation report and stage timings.
+
+    The workdir is held for the whole run (`state.workdir_lock`): a second run on it is refused, not raced."""
+    from azdistill.stages.state import workdir_lock
+
+    with workdir_lock(config.workdir):
+        return _run_stages(config, force, tracker)
+
+
+def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracker]) -> RunResult:
+    from azdistill.stages.evaluate import evaluate
+    from azdistill.stages.finetune import finetune
+    from azdistill.stages.synthesize import synthesize
+
+    for split in ("train", "validation", "test"):  # fail on bad data before loading any model
+        read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+    tracker = tracker or make_tracker(config)
+    seconds: dict[str, float] = {}
+    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config, mode="local")):
+        with _timed(seconds, "prepare"):
+            models = prepare_models(config)
+        with _timed(seconds, "synthesize"):
+            factory, identity = synthesis_teacher(config, models.teacher)
+            synthetic = synthesize(config, factory, tracker, force, teacher_identity=identity)
+        with _timed(seconds, "finetune"):
+            student = finetune(config, models.student_init, models.teacher, synthetic, tracker, force) / "model"
+        evaluated = {"student": student, "baseline": models.student_init}
+        if wants_reference_baseline(config):
+            with _timed(seconds, "finetune-reference"):
+                evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
+        with _timed(seconds, "evaluate"):
+            report = evaluate(config, models.teacher, evaluated, tracker, force)
+        version = promotion = None
+        if config.tracking.enabled:
+            with _timed(seconds, "register"):
+                version = register_student(config, tracker, student, report)
+                # No run started yet: every stage reused its outputs and this student was registered before, so the
+                # run that made them decided its promotion; deciding again would start a run that records nothing new.
+                if version is not None and tracker.run_id is not None:
+                    promotion = tracker.promote_student(version, report)
+        run_id = tracker.run_id
+        if run_id is not None:
+            tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
+    new_run = run_id is not None
+    if config.tracking.enabled and not new_run:
+        run_id = _say_nothing_changed(tracker, pipeline_tags(config, mode="local"))
+    write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})
+    tracking_uri = config.tracking_uri if config.tracking.enabled else None
+    return RunResult(report, config.stage_dir("evaluate"), seconds, version, tracking_uri, run_id, promotion, new_run)
+
+
+def _say_nothing_changed(tracker: NullTracker, tags: dict[str, str]) -> Optional[str]:
+    """Log that a rerun reused every stage and left no run; returns the id of the earlier run holding the results."""
+    previous = tracker.last_pipeline_run(tags)
+    if previous is None:
+        log.info("nothing changed: every stage reused; no new MLflow run")
+        return None
+    log.info("nothing changed since run %s (%s): every stage reused; no new MLflow run", previous.info.run_id, previous.info.run_name)
+    return previous.info.run_id

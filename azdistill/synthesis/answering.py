@@ -1,0 +1,286 @@
+"""Asking the teacher: local teachers in batches, hosted teachers concurrently under their rate limits,
+conversations turn by turn with the teacher's own earlier answers in the history."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from azdistill.config.schema import DistillConfig
+from azdistill.console import Progress
+from azdistill.data.records import Record
+from azdistill.models.generation import Completion
+from azdistill.synthesis.checks import judge
+from azdistill.synthesis.journal import Journal, SafeLog
+from azdistill.synthesis.prompts import teacher_system_prompt
+from azdistill.teachers.base import Teacher
+
+
+@dataclass
+class _Item:
+    index: int
+    line: int
+    messages: list  # the record's messages, system replaced by synthesis.system_prompt if set
+    user_turns: list  # positions of user messages in `messages`
+    teacher_system: str  # the system message the teacher sees (with the prompt strategy's instructions)
+    answers: list = field(default_factory=list)  # training target of each answered turn
+    raw_answers: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    reasoning: list = field(default_factory=list)  # a reasoning model's trace for each answered turn, or None
+    plain: bool = True  # prompt_strategy plain: the teacher's history holds its answers, never a rationale put before them
+    rationale_from_trace: bool = False  # keep_rationale with plain: the trace is the rationale of the target
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rejected: Optional[tuple] = None  # (reason, the answer that failed)
+    rejected_reasoning: Optional[str] = None  # the trace of the answer that failed
+    retryable: bool = False  # given up on after transient faults: asked again on the next run
+
+    def teacher_prompt(self) -> list[dict]:
+        """What the teacher is asked for the next turn: its system message, the turns so far with its own answers."""
+        history = [{"role": "system", "content": self.teacher_system}]
+        for turn, answer in enumerate(self.raw_answers if self.plain else self.answers):
+            history += [self.messages[self.user_turns[turn]], {"role": "assistant", "content": answer}]
+        history.append(self.messages[self.user_turns[len(self.answers)]])
+        return history
+
+    def training_messages(self) -> list[dict]:
+        history = [self.messages[0]]
+        for turn, answer in enumerate(self.answers):
+            history += [self.messages[self.user_turns[turn]], {"role": "assistant", "content": answer}]
+        return history
+
+    @property
+    def finished(self) -> bool:
+        return len(self.answers) == len(self.user_turns)
+
+    def take(self, completion: Completion, config: DistillConfig) -> Optional[str]:
+        """Add the answer to the next turn; returns why it was rejected, or None."""
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        target, reason = judge(completion, config)
+        if reason:
+            where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
+            self.rejected = (where + reason, completion.text)
+            self.rejected_reasoning = completion.reasoning
+            return reason
+        self.answers.append(target)
+        self.raw_answers.append(completion.text)
+        self.reasoning.append(completion.reasoning)
+        logprobs = getattr(completion, "logprobs", None)
+        if logprobs is not None:
+            self.logprobs.append({"turn": len(self.answers), "text": completion.text, "content": logprobs})
+        return None
+
+    def row(self) -> dict:
+        row = {"index": self.index, "line": self.line, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        if self.rejected:
+            reason, answer = self.rejected
+            prompt = self.messages if self.messages[-1]["role"] != "assistant" else self.messages[:-1]
+            row.update(status="rejected", reason=reason, answer=answer, messages=prompt)
+            if self.rejected_reasoning:
+                row["reasoning"] = self.rejected_reasoning
+            if self.retryable:
+                row["retryable"] = True
+        else:
+            row.update(status="ok", messages=self.training_messages())
+            if self.logprobs:
+                row["logprobs"] = self.logprobs
+            if any(self.reasoning):
+                row["reasoning"] = self.reasoning  # one per assistant turn, None where the teacher gave none
+            if self.rationale_from_trace and not all(self.reasoning):
+                row["without_rationale"] = sum(1 for trace in self.reasoning if not trace)
+        return row
+
+    def reject(self, reason: str, retryable: bool = False) -> None:
+        where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
+        self.rejected = (where + reason, "")
+        self.retryable = retryable
+
+
+def _start(record: Record, index: int, config: DistillConfig, partials: Optional[list[dict]] = None) -> _Item:
+    messages = [dict(message) for message in record.messages]
+    if config.synthesis.system_prompt is not None:
+        messages[0] = {"role": "system", "content": config.synthesis.system_prompt}
+    user_turns = [position for position, message in enumerate(messages) if message["role"] == "user"]
+    system = teacher_system_prompt(
+        messages[0]["content"], config.synthesis.prompt_strategy, config.task.type, config.task.labels,
+        config.synthesis.density_iterations, config.synthesis.max_summary_words,
+    )
+    plain = config.synthesis.prompt_strategy == "plain"
+    item = _Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system,
+                 plain=plain, rationale_from_trace=plain and config.synthesis.keep_rationale)
+    for partial in sorted(partials or [], key=lambda row: row["turn"]):
+        if partial["turn"] == len(item.answers) + 1:  # resume a conversation after its answered turns
+            item.answers.append(partial["answer"])
+            item.raw_answers.append(partial.get("raw", partial["answer"]))
+            item.reasoning.append(partial.get("reasoning"))
+            if partial.get("logprobs") is not None:
+                item.logprobs.append(partial["logprobs"])
+    return item
+
+
+# Drivers: a local model in batches, a hosted endpoint concurrently, or answers already in the data
+
+
+class _Context:
+    def __init__(self, config: DistillConfig, progress: Progress):
+        self.config = config
+        self.progress = progress
+        self.rejected = 0
+
+    def finished(self, journal, row: dict) -> None:
+        journal.append(row)
+        self.rejected += row["status"] != "ok"
+        self.progress.update(1, rejected=self.rejected)
+
+
+def _too_long(record: Record, index: int, journal, context: _Context) -> bool:
+    """Reject a record whose prompt is past data.max_prompt_chars before any model sees it (a 10 MB prompt would
+    make a local teacher allocate gigabytes and a hosted one bill for it)."""
+    from azdistill.data.records import check_prompt_length
+
+    reason = check_prompt_length(record.messages, context.config.data.max_prompt_chars)
+    if reason is None:
+        return False
+    item = _start(record, index, context.config)
+    item.reject(reason)
+    context.finished(journal, item.row())
+    return True
+
+
+def _run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, teacher: Teacher, context: _Context) -> None:
+    """A local teacher: chunks of `batch_size` records, all turns of a chunk before the next chunk."""
+    chunk: list[_Item] = []
+    for index, record in records:
+        if done.is_done(index):
+            continue
+        if _too_long(record, index, journal, context):
+            continue
+        chunk.append(_start(record, index, context.config, done.partials.get(index)))
+        if len(chunk) == teacher.batch_size:
+            _answer_chunk(chunk, journal, teacher, context)
+            chunk = []
+    if chunk:
+        _answer_chunk(chunk, journal, teacher, context)
+
+
+def _answer_chunk(chunk: list[_Item], journal, teacher: Teacher, context: _Context) -> None:
+    from_record = getattr(teacher, "answers_from_record", False)
+    rejected: set[int] = set()
+    while True:
+        active = [item for item in chunk if not item.finished and item.index not in rejected]
+        if not active:
+            break
+        if from_record:
+            completions = [teacher.logged_answer(item.messages, item.user_turns[len(item.answers)]) for item in active]
+        else:
+            completions = teacher.answer([item.teacher_prompt() for item in active])
+        if len(completions) != len(active):
+            raise RuntimeError(f"teacher {teacher.name} returned {len(completions)} answers for {len(active)} prompts")
+        for item, completion in zip(active, completions):
+            if item.take(completion, context.config):
+                rejected.add(item.index)
+    for item in chunk:
+        context.finished(journal, item.row())
+
+
+def _answer_item(item: _Item, teacher, context: _Context, journal: SafeLog, stop: threading.Event) -> dict:
+    """All remaining turns of one record against a hosted teacher (runs in a worker thread)."""
+    from azdistill.teachers.base import RecordRejected
+
+    while not item.finished:
+        try:
+            completion = teacher.complete(item.teacher_prompt(), stop)
+        except RecordRejected as error:
+            item.reject(str(error), retryable=error.retryable)
+            break
+        if item.take(completion, context.config):
+            break
+        if not item.finished:  # journal each answered turn of a conversation, so a kill loses at most one turn
+            partial = {
+                "index": item.index, "partial": True, "turn": len(item.answers), "answer": item.answers[-1],
+                "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            }
+            if item.raw_answers[-1] != item.answers[-1]:
+                partial["raw"] = item.raw_answers[-1]
+            if getattr(completion, "logprobs", None) is not None:
+                partial["logprobs"] = item.logprobs[-1]
+            if item.reasoning[-1]:
+                partial["reasoning"] = item.reasoning[-1]
+            journal.append(partial)
+            # Tokens of journaled turns are counted there; the final row carries only the rest.
+            item.prompt_tokens -= completion.prompt_tokens
+            item.completion_tokens -= completion.completion_tokens
+    return item.row()
+
+
+def _run_concurrent(records: Iterator[tuple[int, Record]], done: Journal, journal: SafeLog, teacher, context: _Context) -> None:
+    """A hosted teacher: `max_concurrency` worker threads, a bounded window of records in flight."""
+    stop = threading.Event()
+    jobs: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        while not stop.is_set():
+            item = jobs.get()
+            if item is None:
+                return
+            try:
+                results.put((_answer_item(item, teacher, context, journal, stop), None))
+            except BaseException as error:  # handed to the main thread, which decides
+                results.put((None, error))
+
+    # Daemon threads: a worker blocked in a slow request must not keep a stopped run's process alive.
+    workers = [threading.Thread(target=work, name=f"teacher-{n}", daemon=True) for n in range(teacher.concurrency)]
+    for worker in workers:
+        worker.start()
+    window = max(4, 2 * teacher.concurrency)
+    in_flight = 0
+
+    def collect(block: bool) -> None:
+        nonlocal in_flight
+        row, error = results.get() if block else results.get_nowait()
+        in_flight -= 1
+        if error is not None:
+            raise error
+        context.finished(journal, row)
+
+    try:
+        for index, record in records:
+            if done.is_done(index):
+                continue
+            if _too_long(record, index, journal, context):
+                continue
+            while in_flight >= window:
+                collect(block=True)
+            jobs.put(_start(record, index, context.config, done.partials.get(index)))
+            in_flight += 1
+        while in_flight:
+            collect(block=True)
+    except BaseException as failure:
+        stop.set()
+        # Nothing new is sent; requests already sent are paid for, so wait for them (a while) and journal what
+        # comes back. What does not come back in time is asked again on the next run.
+        while True:
+            try:
+                jobs.get_nowait()
+                in_flight -= 1
+            except queue.Empty:
+                break
+        deadline = time.monotonic() + (2.0 if isinstance(failure, KeyboardInterrupt) else teacher.timeout_s + 1.0)
+        while in_flight > 0 and time.monotonic() < deadline:
+            try:
+                row, error = results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            in_flight -= 1
+            if error is None:
+                context.finished(journal, row)
+        raise
+    finally:
+        stop.set()
+        for _ in workers:
+            jobs.put(None)

@@ -1,0 +1,94 @@
+"""From the journal to the final files: input order, duplicates dropped, rejected records with their reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO
+
+from azdistill.config.schema import DistillConfig
+from azdistill.data.files import atomic_writer
+from azdistill.synthesis.journal import Journal
+
+SPLITS = ("train", "validation")
+
+
+
+
+def _read_row(handle: IO[bytes], offset: int) -> dict:
+    handle.seek(offset)
+    return json.loads(handle.readline())
+
+
+def _example_hash(messages: list) -> int:
+    digest = hashlib.blake2b(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def _duplicates(handle: IO[bytes], offsets: array) -> "object":
+    """For each record, the index of the earlier record it exactly duplicates, or -1 (numpy, 16 bytes a record)."""
+    import numpy as np
+
+    hashes = np.zeros(len(offsets), dtype=np.uint64)
+    for index, offset in enumerate(offsets):
+        if offset >= 0:
+            row = _read_row(handle, offset)
+            if row["status"] == "ok":
+                hashes[index] = _example_hash(row["messages"])
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    same = np.concatenate(([False], (ordered[1:] == ordered[:-1]) & (ordered[1:] != 0)))
+    run_start = np.maximum.accumulate(np.where(~same, np.arange(len(order)), 0))
+    duplicate_of = np.full(len(offsets), -1, dtype=np.int64)
+    positions = np.nonzero(same)[0]
+    duplicate_of[order[positions]] = order[run_start[positions]]
+    return duplicate_of
+
+
+def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool) -> dict:
+    """Write `<split>.jsonl` (and the logprobs sidecar) in input order from the journal; returns the split's stats."""
+    done = Journal.scan(journal_path, records)
+    missing = [index for index in range(records) if done.offsets[index] < 0]
+    if missing:  # cannot happen unless the journal was edited: never write a set with holes
+        raise RuntimeError(f"synthesize {split}: {len(missing)} records have no answer in {journal_path} (e.g. #{missing[0]})")
+    reasons: dict[str, int] = {}
+    accepted = without_rationale = 0
+    with ExitStack() as files:
+        handle = files.enter_context(journal_path.open("rb"))
+        out = files.enter_context(atomic_writer(out_dir / f"{split}.jsonl"))
+        sidecar = files.enter_context(atomic_writer(out_dir / f"{split}.logprobs.jsonl")) if logprobs else None
+        duplicate_of = _duplicates(handle, done.offsets) if config.synthesis.reject_duplicates else None
+        for index in range(records):
+            row = _read_row(handle, done.offsets[index])
+            if row["status"] == "ok" and duplicate_of is not None and duplicate_of[index] >= 0:
+                first = _read_row(handle, done.offsets[int(duplicate_of[index])])
+                row = {**row, "status": "rejected", "answer": row["messages"][-1]["content"],
+                       "reason": f"exact duplicate of the example from input line {first['line']}",
+                       "messages": row["messages"][:-1], "reasoning": (row.get("reasoning") or [None])[-1]}
+            if row["status"] == "ok":
+                out.write(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n")
+                if sidecar is not None:
+                    sidecar.write(json.dumps({"row": accepted, "index": index, "line": row["line"], "turns": row.get("logprobs") or []}, ensure_ascii=False) + "\n")
+                accepted += 1
+                without_rationale += row.get("without_rationale", 0)
+            else:
+                rejected = {"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}}
+                if row.get("reasoning"):
+                    rejected["reasoning"] = row["reasoning"]
+                rejected_out.write(json.dumps(rejected, ensure_ascii=False) + "\n")
+                key = row["reason"].split(";")[0].split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+    stats = {
+        "records": records,
+        "accepted": accepted,
+        "rejected": records - accepted,
+        "rejected_by_reason": reasons,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+    }
+    if config.synthesis.keep_rationale and config.synthesis.prompt_strategy == "plain":
+        stats["trained_without_rationale"] = without_rationale  # answers that came with no reasoning trace
+    return stats

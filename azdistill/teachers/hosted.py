@@ -1,0 +1,460 @@
+"""A chat-completions client for hosted teachers that keeps to the endpoint's limits and survives its faults.
+
+One `EndpointTeacher` serves any OpenAI-style `/chat/completions` endpoint: Azure OpenAI deployments, Azure AI
+Foundry serverless (models-as-a-service) endpoints, Azure ML managed online endpoints and OpenAI-compatible
+servers such as vLLM. Requests go out from a thread pool through one `AdaptiveRateLimiter`, which
+
+- paces requests (never faster than `requests_per_minute`, and otherwise finds the endpoint's limit itself:
+  it speeds up while answers come back and slows down on each 429),
+- stops every worker until the time a 429 names in `retry-after-ms` or `Retry-After` has passed,
+- keeps a token bucket for `tokens_per_minute`.
+
+Faults that retrying can fix (429, 408, 5xx, timeouts, dropped connections) are retried with exponential
+backoff and jitter. Faults it cannot fix are not retried: a 400 from a content filter or a too-long prompt
+rejects that record (`RecordRejected`), 401/403/404 stop the run at once (`UserError`). A hard budget
+(`Budget`) reserves the worst-case price of each request before sending it, so the spend never passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Sequence
+
+from azdistill.data.records import Message
+from azdistill.errors import UserError
+from azdistill.models.generation import Completion
+from azdistill.secrets import redact
+from azdistill.teachers.base import EndpointCompletion, RecordRejected, Stopped, TransientError
+from azdistill.teachers.credentials import Credential
+from azdistill.teachers.limits import (
+    THROTTLE_RETRY_FACTOR,
+    AdaptiveRateLimiter,
+    Budget,
+    ClientStats,
+    estimate_tokens,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# After this many non-retryable 400s in a row with no answer in between, the settings are wrong, not the records.
+MAX_CONSECUTIVE_BAD_REQUESTS = 25
+
+
+def request_url(kind: str, endpoint: str, deployment: Optional[str], api_version: Optional[str]) -> str:
+    """The chat-completions URL of an endpoint of this kind."""
+    if endpoint.endswith("/chat/completions"):
+        url = endpoint
+    elif kind == "azure_openai":
+        if api_version == "v1":
+            return f"{endpoint}/openai/v1/chat/completions"
+        return f"{endpoint}/openai/deployments/{deployment}/chat/completions?api-version={api_version}"
+    elif kind == "online_endpoint" and not endpoint.endswith("/v1"):
+        url = f"{endpoint}/v1/chat/completions"
+    else:
+        url = f"{endpoint}/chat/completions"
+    if api_version and kind == "serverless":
+        url += ("&" if "?" in url else "?") + f"api-version={api_version}"
+    return url
+
+
+class EndpointTeacher:
+    """A hosted teacher. `complete()` answers one conversation (thread-safe); `answer()` answers a batch."""
+
+    def __init__(
+        self,
+        kind: str,
+        endpoint: str,
+        credential: Credential,
+        model: Optional[str] = None,
+        deployment: Optional[str] = None,
+        api_version: Optional[str] = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: Optional[int] = None,
+        top_logprobs: int = 0,
+        max_tokens_field: str = "max_tokens",
+        reasoning_effort: Optional[str] = None,
+        sampling_parameters: bool = True,
+        timeout_s: float = 120.0,
+        max_concurrency: int = 32,
+        max_retries: int = 8,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 60.0,
+        limiter: Optional[AdaptiveRateLimiter] = None,
+        budget: Optional[Budget] = None,
+    ):
+        self.kind = kind
+        self.url = request_url(kind, endpoint, deployment, api_version)
+        self.name = deployment if kind == "azure_openai" else (model or endpoint)
+        self.credential = credential
+        self.deployment = deployment
+        self.concurrency = max_concurrency
+        self.batch_size = max_concurrency
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.limiter = limiter or AdaptiveRateLimiter()
+        self.budget = budget or Budget(None, None, None)
+        self.stats = ClientStats()
+        # Reasoning models (o-series) refuse max_tokens and want max_completion_tokens, which counts their thinking too.
+        self.body: dict[str, Any] = {max_tokens_field: max_new_tokens}
+        if sampling_parameters:  # o-series answer 400 'Unsupported parameter' to any of these, even at their defaults
+            self.body.update(temperature=temperature, top_p=top_p)
+            if presence_penalty:
+                self.body["presence_penalty"] = presence_penalty
+            if frequency_penalty:
+                self.body["frequency_penalty"] = frequency_penalty
+        if reasoning_effort:
+            self.body["reasoning_effort"] = reasoning_effort
+        if seed is not None:
+            self.body["seed"] = seed
+        if kind == "azure_openai" and api_version == "v1":
+            self.body["model"] = deployment
+        elif kind != "azure_openai" and model and model != "builtin":
+            self.body["model"] = model
+        if top_logprobs:
+            self.body["logprobs"] = True
+            self.body["top_logprobs"] = top_logprobs
+        self._local = threading.local()
+        self._sessions: list = []
+        self._sessions_lock = threading.Lock()
+        self._bad_requests_in_a_row = 0
+        self._prompt_token_ratio = 1.0  # real/estimated prompt tokens, learned from answers
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
+            session = requests.Session()
+            # Our own retry loop decides what to retry; the adapter must not retry behind its back.
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        secret = self.credential.secret()
+        if secret:
+            if self.kind == "azure_openai" and not self.credential.is_token:
+                headers["api-key"] = secret
+            else:
+                headers["Authorization"] = f"Bearer {secret}"
+        if self.kind == "online_endpoint" and self.deployment:
+            headers["azureml-model-deployment"] = self.deployment
+        return headers
+
+    def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
+        ceiling = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter": never zero, never in lockstep
+        if retry_after is not None:
+            delay = min(max(retry_after, 0.0), self.max_backoff_s * 10) + random.uniform(0, 0.05)
+        return delay
+
+    # -- one request -----------------------------------------------------------------------------------
+
+    def _send(self, messages: Sequence[Message]) -> EndpointCompletion:
+        import requests
+
+        body = dict(self.body, messages=list(messages))
+        self.stats.count(requests=1)
+        try:
+            response = self._session().post(
+                self.url, data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                headers=self.headers(), timeout=(min(10.0, self.timeout_s), self.timeout_s),
+            )
+        except requests.Timeout:
+            raise TransientError(f"no answer within {self.timeout_s:g} s") from None
+        except requests.ConnectionError as error:
+            raise TransientError(f"connection failed: {redact(type(error).__name__)}") from None
+        except requests.exceptions.InvalidHeader as error:
+            # requests prints the refused header value through repr(): the key, escaped. No retry can fix it.
+            message = redact(str(error))
+            raise UserError(self._unsendable_header(message != str(error), message)) from None
+        except UnicodeEncodeError as error:
+            # http.client encodes headers as Latin-1; its error holds the whole header value in `object`.
+            secret = self.credential.secret() or ""
+            raise UserError(self._unsendable_header(bool(secret) and secret in str(error.object), "a character outside Latin-1")) from None
+        except requests.RequestException as error:
+            raise TransientError(f"request failed: {redact(str(error))[:200]}") from None
+        status = response.status_code
+        if status == 200:
+            return self._parse(response)
+        text = redact(response.text or "")[:2000]
+        # Again once decoded: a key echoed inside a JSON string is escaped twice (JSON over repr), once after decoding.
+        detail = redact(_error_detail(text))
+        if status == 429:
+            raise TransientError("HTTP 429 (rate limited)", parse_retry_after(response.headers), throttled=True)
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise TransientError(f"HTTP {status}: {detail}"[:300], parse_retry_after(response.headers))
+        if status in (401, 403):
+            raise UserError(
+                f"teacher endpoint {self.url.split('?')[0]} refused the credential from {self.credential.source} "
+                f"(HTTP {status}: {detail[:200]}); check teacher.auth and that the identity may call this endpoint"
+            )
+        if status == 404:
+            raise UserError(
+                f"teacher endpoint {self.url.split('?')[0]} answered 404 ({detail[:200]}); check teacher.endpoint, "
+                f"teacher.deployment / teacher.model and teacher.api_version"
+            )
+        fix = _unsupported_setting_fix(text)
+        if fix:  # the same for every record: the settings are wrong, not this record
+            raise UserError(f"teacher endpoint {self.url.split('?')[0]} refused a request setting (HTTP {status}: {detail[:300]}); {fix}")
+        raise RecordRejected(_rejection_reason(status, text, detail))
+
+    def _unsendable_header(self, is_credential: bool, detail: str) -> str:
+        """The error for a request header the HTTP library refuses to send (never its value)."""
+        url = self.url.split("?")[0]
+        if is_credential:
+            return (
+                f"teacher endpoint {url}: the credential from {self.credential.source} cannot go into an HTTP header (it "
+                f"holds a line break, a control character or a character outside Latin-1); set it again without it"
+            )
+        return f"teacher endpoint {url}: a request header cannot be sent ({detail[:200]}); check teacher.deployment"
+
+    def _parse(self, response) -> EndpointCompletion:
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise TransientError("unreadable answer (not a chat completion)") from None
+        content = message.get("content")
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        answer, thought = split_think_block(content or "")
+        # DeepSeek and vLLM's reasoning parser return the thinking as reasoning_content; newer vLLM, Ollama and
+        # OpenRouter as reasoning (vLLM sent both, alike, while it renamed the field). R1 served without a reasoning
+        # parser leaves it in the content as <think>...</think>.
+        traces = [message.get("reasoning_content"), message.get("reasoning"), thought]
+        traces = [trace.strip() for trace in traces if isinstance(trace, str) and trace.strip()]
+        reasoning = "\n\n".join(dict.fromkeys(traces)) or None
+        usage = data.get("usage") or {}
+        logprobs = None
+        if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
+            logprobs = [
+                {
+                    "token": entry.get("token"),
+                    "logprob": entry.get("logprob"),
+                    "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")} for top in entry.get("top_logprobs") or []],
+                }
+                for entry in choice["logprobs"]["content"]
+            ]
+        return EndpointCompletion(
+            text=answer.strip(),
+            finish_reason=choice.get("finish_reason") or "unknown",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning=reasoning,
+            logprobs=logprobs,
+        )
+
+    def complete(self, messages: Sequence[Message], stop: Optional[threading.Event] = None) -> EndpointCompletion:
+        """Answer one conversation, retrying what can be retried. Raises RecordRejected, UserError, BudgetExceeded or Stopped."""
+        estimate = max(1, int(estimate_tokens(messages) * self._prompt_token_ratio))
+        reserved = self.budget.reserve(estimate, self.max_new_tokens)
+        faults = throttles = 0
+        last_fault = ""
+        try:
+            while True:
+                if stop is not None and stop.is_set():
+                    raise Stopped()
+                self.limiter.acquire(estimate + self.max_new_tokens, stop)
+                try:
+                    completion = self._send(messages)
+                except TransientError as error:
+                    self.limiter.refund(estimate + self.max_new_tokens)
+                    if error.throttled:
+                        throttles += 1
+                        self.stats.count(throttled=1)
+                        self.limiter.on_throttle(error.retry_after)
+                        if throttles > self.max_retries * THROTTLE_RETRY_FACTOR + THROTTLE_RETRY_FACTOR:
+                            raise RecordRejected(f"teacher kept answering 429 (rate limited) {throttles} times; gave up", retryable=True) from None
+                        continue  # the limiter holds everyone back until the server's hint has passed
+                    self.limiter.on_accepted()  # a fault after admission still counted against the limit
+                    faults += 1
+                    last_fault = str(error)
+                    self.stats.fault(last_fault.split(":")[0].split(" (")[0])
+                    if faults > self.max_retries:
+                        raise RecordRejected(f"teacher failed {faults} times in a row; last: {last_fault}", retryable=True) from None
+                    self.stats.count(retries=1)
+                    delay = self._backoff(faults - 1, error.retry_after)
+                    log.debug("teacher fault (%s); retry %d in %.2f s", last_fault, faults, delay)
+                    if stop is not None:
+                        if stop.wait(delay):
+                            raise Stopped() from None
+                    else:
+                        time.sleep(delay)
+                    continue
+                except RecordRejected:
+                    self.limiter.on_accepted()
+                    self.limiter.refund(estimate + self.max_new_tokens)
+                    with self._sessions_lock:
+                        self._bad_requests_in_a_row += 1
+                        too_many = self._bad_requests_in_a_row >= MAX_CONSECUTIVE_BAD_REQUESTS
+                    self.stats.count(rejected=1)
+                    if too_many:
+                        raise UserError(
+                            f"the teacher endpoint refused {MAX_CONSECUTIVE_BAD_REQUESTS} requests in a row with no answer in "
+                            f"between; the settings are likely wrong (run `azdistill preflight` to see one refusal)"
+                        ) from None
+                    raise
+                with self._sessions_lock:
+                    self._bad_requests_in_a_row = 0
+                self.limiter.on_accepted()
+                self.limiter.on_success()
+                used = completion.prompt_tokens + completion.completion_tokens
+                self.limiter.refund(estimate + self.max_new_tokens - used)
+                if completion.prompt_tokens:
+                    # Learn how our character-based estimate compares with the endpoint's tokenizer.
+                    self._prompt_token_ratio = 0.9 * self._prompt_token_ratio + 0.1 * (completion.prompt_tokens / max(1, estimate_tokens(messages)))
+                else:
+                    completion.prompt_tokens = estimate
+                self.stats.count(answered=1)
+                self.budget.settle(reserved, completion.prompt_tokens, completion.completion_tokens)
+                reserved = 0.0
+                return completion
+        finally:
+            if reserved:
+                self.budget.release(reserved)
+
+    def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]:
+        """The `Teacher` interface: answer a batch concurrently, in order. A refused record gets an empty answer."""
+        def one(messages):
+            try:
+                return self.complete(messages)
+            except RecordRejected as error:
+                return EndpointCompletion(text="", finish_reason=f"refused: {error}", prompt_tokens=0, completion_tokens=0)
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(conversations)))) as pool:
+            return list(pool.map(one, conversations))
+
+
+def split_think_block(content: str) -> tuple[str, Optional[str]]:
+    """`(answer, thinking)` of an answer that starts with a `<think>...</think>` block, else `(content, None)`.
+
+    A block never closed (the answer was cut off while thinking) is all thinking. An answer holding only the closing
+    tag is thinking up to it: R1's newer chat templates open the `<think>` in the prompt, so the model never writes it.
+    """
+    stripped = content.lstrip()
+    if stripped.startswith("<think>"):
+        thought, closed, answer = stripped[len("<think>") :].partition("</think>")
+        return (answer, thought) if closed else ("", thought)
+    if "<think>" not in content and "</think>" in content:
+        thought, _, answer = content.partition("</think>")
+        return answer, thought
+    return content, None
+
+
+def _error_detail(text: str) -> str:
+    """The message of an OpenAI-style error body (`{"error": {"code", "message"}}`), else the start of the body."""
+    try:
+        data = json.loads(text)
+        error = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(error, dict):
+            code, message = error.get("code"), error.get("message")
+            if message:
+                return f"{code}: {message}" if code else str(message)
+        elif isinstance(error, str):
+            return error
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(text.split())[:300] or "no details"
+
+
+def _unsupported_setting_fix(text: str) -> Optional[str]:
+    """How to fix a request key the model refuses (OpenAI's `unsupported_parameter` / `unsupported_value`), else None."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(error, dict) or error.get("code") not in ("unsupported_parameter", "unsupported_value"):
+        return None
+    param = str(error.get("param") or "")
+    if param == "max_tokens":
+        return "set teacher.max_tokens_field: max_completion_tokens (reasoning models need it)"
+    if param in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        return "set teacher.sampling_parameters: false (reasoning models take no sampling parameters)"
+    if param == "reasoning_effort":
+        return "remove teacher.reasoning_effort or pick a level this model supports"
+    if param in ("logprobs", "top_logprobs"):
+        return "set synthesis.top_logprobs: 0 (this model returns no log-probabilities)"
+    return "check the teacher and synthesis settings against what this model supports"
+
+
+def _rejection_reason(status: int, text: str, detail: str) -> str:
+    try:
+        error = json.loads(text).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    code = str(error.get("code") or "") if isinstance(error, dict) else ""
+    inner = error.get("innererror") or {} if isinstance(error, dict) else {}
+    if code == "content_filter" or "content_filter" in text or "ResponsibleAIPolicyViolation" in text:
+        results = inner.get("content_filter_result") or {}
+        categories = sorted(name for name, verdict in results.items() if isinstance(verdict, dict) and verdict.get("filtered"))
+        return "content filter rejected the prompt" + (f" ({', '.join(categories)})" if categories else "")
+    if code == "context_length_exceeded" or "maximum context length" in text:
+        return "prompt too long for the teacher (context_length_exceeded); shorten it or lower synthesis.max_new_tokens"
+    return f"teacher refused the request (HTTP {status}: {detail[:300]})"
+
+
+def build_endpoint_teacher(config, credential: Optional[Credential] = None, spent: float = 0.0) -> EndpointTeacher:
+    """An `EndpointTeacher` for a config whose teacher is hosted (the credential resolved from teacher.auth)."""
+    from azdistill.teachers.credentials import resolve_credential
+
+    teacher, synthesis = config.teacher, config.synthesis
+    if credential is None:
+        credential = resolve_credential(teacher, getattr(config, "azure", None))
+    priced = teacher.price_per_million_prompt_tokens is not None or teacher.price_per_million_completion_tokens is not None
+    if synthesis.max_cost is not None and not priced:
+        raise UserError("synthesis.max_cost needs teacher.price_per_million_prompt_tokens and teacher.price_per_million_completion_tokens")
+    return EndpointTeacher(
+        kind=teacher.kind,
+        endpoint=teacher.endpoint,
+        credential=credential,
+        model=teacher.model,
+        deployment=teacher.deployment,
+        api_version=teacher.api_version,
+        max_new_tokens=synthesis.max_new_tokens,
+        temperature=synthesis.temperature,
+        top_p=synthesis.top_p,
+        presence_penalty=synthesis.presence_penalty,
+        frequency_penalty=synthesis.frequency_penalty,
+        seed=synthesis.seed,
+        top_logprobs=synthesis.top_logprobs,
+        max_tokens_field=teacher.max_tokens_field,
+        reasoning_effort=teacher.reasoning_effort,
+        sampling_parameters=teacher.sampling_parameters,
+        timeout_s=teacher.timeout_s,
+        max_concurrency=teacher.max_concurrency,
+        max_retries=teacher.max_retries,
+        backoff_s=teacher.backoff_s,
+        max_backoff_s=teacher.max_backoff_s,
+        limiter=AdaptiveRateLimiter(teacher.requests_per_minute, teacher.tokens_per_minute),
+        budget=Budget(teacher.price_per_million_prompt_tokens, teacher.price_per_million_completion_tokens, synthesis.max_cost, spent),
+    )

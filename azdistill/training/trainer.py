@@ -1,0 +1,295 @@
+"""The distillation trainer: a `transformers.Trainer` whose loss mixes SFT, logit KD, top-k KD and hidden-state
+matching, computing logits only where an answer token is predicted."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from azdistill.config.sections import TrainingConfig
+from azdistill.console import Progress
+from azdistill.errors import UserError
+from azdistill.tracking.tracker import NullTracker
+from azdistill.training.examples import IGNORE_INDEX, pad_batch
+
+LOSS_NAMES = ("sft", "kd", "topk", "hidden")
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer) -> None:
+    """Token-level distillation compares distributions over the same tokens: the vocabularies must match."""
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise UserError(
+            "training.kd_weight > 0 and training.on_policy_ratio > 0 need the teacher and the student to share a "
+            f"vocabulary, and they differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); set them "
+            "to 0 or use a student with the teacher's tokenizer (training.topk_weight works across tokenizers)"
+        )
+
+
+# Hidden-state matching: which teacher layer each student layer came from
+
+
+def teacher_layer_map(student_path: Path, teacher_num_layers: int, student_num_layers: int) -> list[int]:
+    """For each student layer, the teacher layer it was copied from, read from the pruned student's pruned-from.json."""
+    from azdistill.models.students import kept_layer_indices
+
+    marker = Path(student_path) / "pruned-from.json"
+    if not marker.is_file():
+        raise UserError(
+            f"training.hidden_weight > 0 needs a student pruned from the teacher (student.model: pruned-teacher); "
+            f"{student_path} has no pruned-from.json to say which teacher layer each of its layers came from"
+        )
+    origin = json.loads(marker.read_text())
+    kept = origin.get("kept_layers") or kept_layer_indices(teacher_num_layers, float(origin["keep_layers"]))
+    if len(kept) != student_num_layers or max(kept) >= teacher_num_layers:
+        raise UserError(
+            f"{marker}: the student has {student_num_layers} layers but its record names teacher layers {kept} of "
+            f"{teacher_num_layers}; rebuild the pruned student from this teacher"
+        )
+    return list(kept)
+
+
+def decoder_layers(model):
+    """The decoder's list of layers, through peft and DDP wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UserError(f"training.hidden_weight > 0 needs a decoder with .layers (Llama, Mistral, Qwen, Phi-3 style); {type(model).__name__} has none")
+    return layers
+
+
+class LayerOutputs:
+    """Keeps the latest output of chosen layers through forward hooks (hooks see the layer output even when the
+    model returns no hidden states, and work the same under peft and gradient checkpointing)."""
+
+    def __init__(self, layers, indices: list[int]):
+        self.outputs: dict[int, object] = {}
+        self.indices = indices
+        self._handles = [layers[index].register_forward_hook(self._hook(index)) for index in indices]
+
+    def _hook(self, index: int):
+        def keep(module, args, output):
+            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    def take(self) -> list:
+        outputs = [self.outputs.pop(index) for index in self.indices]
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+
+
+@dataclass
+class LossSettings:
+    sft: float
+    kd: float
+    topk: float
+    hidden: float
+    kd_loss: str
+    kd_beta: float
+    temperature: float
+    hidden_loss: str
+    on_policy_ratio: float
+    on_policy_max_new_tokens: int
+    on_policy_temperature: float
+
+    @classmethod
+    def from_config(cls, settings: TrainingConfig) -> "LossSettings":
+        return cls(
+            sft=settings.effective_sft_weight, kd=settings.kd_weight, topk=settings.topk_weight, hidden=settings.hidden_weight,
+            kd_loss=settings.kd_loss, kd_beta=settings.kd_beta, temperature=settings.kd_temperature, hidden_loss=settings.hidden_loss,
+            on_policy_ratio=settings.on_policy_ratio, on_policy_max_new_tokens=settings.on_policy_max_new_tokens,
+            on_policy_temperature=settings.on_policy_temperature,
+        )
+
+
+def predicting_positions(labels):
+    """[rows, width] bool: positions whose next token is an answer token (position t predicts token t+1)."""
+    import torch
+
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def answer_forward(model, batch: dict, predict):
+    """Run a causal LM and return its logits at the `predict` positions only, as [N, vocab].
+
+    The vocabulary projection is the largest single matrix product of a small model (49152 x 576 for SmolLM2):
+    sparing it on prompt and padding positions is most of our speed-up over a plain Trainer. Models whose forward
+    takes no `logits_to_keep` get the full projection, then the selection.
+    """
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}  # a cache would also hide packed boundaries
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if _accepts_logits_to_keep(type(inner)):
+        return model(**inputs, logits_to_keep=predict).logits
+    return model(**inputs).logits[predict]
+
+
+@functools.lru_cache(maxsize=None)
+def distillation_trainer_class():
+    """The Trainer subclass (built on first use, so importing this module does not import transformers)."""
+    import torch
+    from transformers import Trainer
+
+    from azdistill.training import losses
+
+    class DistillationTrainer(Trainer):
+        """Trainer whose loss is a weighted sum of SFT, logit, top-k and hidden-state distillation terms."""
+
+        # Each term is a mean over its micro-batch, so the Trainer must divide the sum by the accumulation steps.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, teacher=None, loss_settings: LossSettings, layer_map: Optional[list[int]] = None, seed: int = 0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher
+            self.weights = loss_settings
+            self.student_layers = self.teacher_layers = None
+            if layer_map is not None:
+                self.student_layers = LayerOutputs(decoder_layers(self.model), list(range(len(layer_map))))
+                self.teacher_layers = LayerOutputs(decoder_layers(teacher), layer_map)
+            self.rng = random.Random(seed + self.args.process_index)
+            self._sums = {"train": {}, "eval": {}}
+            self.on_policy_batches = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            training = model.training
+            on_policy = False
+            if training and self.weights.on_policy_ratio > 0 and self.rng.random() < self.weights.on_policy_ratio:
+                inputs = self.on_policy_batch(model, inputs)
+                on_policy = True
+                self.on_policy_batches += 1
+            labels = inputs["labels"]
+            predict = predicting_positions(labels)
+            targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+            logits = answer_forward(model, inputs, predict)
+            # Positions of real tokens, for hidden states: every token of a packed row, else the attention mask.
+            real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(labels, dtype=torch.bool)
+            terms = {}
+            weights = self.weights
+            if weights.sft > 0 and not on_policy:  # the student's own answers are no SFT target
+                terms["sft"] = losses.cross_entropy(logits, targets)
+            if weights.topk > 0 and not on_policy and "topk_logprobs" in inputs:
+                present = torch.isfinite(inputs["topk_logprobs"][..., 0])[predict]
+                terms["topk"] = losses.topk_divergence(
+                    logits[present], inputs["topk_ids"][predict][present], inputs["topk_logprobs"][predict][present], weights.temperature
+                )
+            if self.teacher is not None and (weights.kd > 0 or weights.hidden > 0):
+                with torch.no_grad():
+                    # Hidden states alone need no teacher logits: an empty selection skips its projection.
+                    teacher_logits = answer_forward(self.teacher, inputs, predict if weights.kd > 0 else torch.zeros_like(predict))
+                if weights.kd > 0:
+                    terms["kd"] = losses.logit_divergence(logits, teacher_logits, weights.kd_loss, weights.temperature, weights.kd_beta)
+                if weights.hidden > 0:
+                    student_states = [state[real] for state in self.student_layers.take()]
+                    teacher_states = [state[real] for state in self.teacher_layers.take()]
+                    terms["hidden"] = losses.hidden_state_distance(student_states, teacher_states, weights.hidden_loss)
+            # A batch can lack every weighted term (e.g. no top-k in it): a zero that still reaches every parameter.
+            loss = sum((getattr(weights, name) * value for name, value in terms.items()), logits.sum() * 0.0)
+            sums = self._sums["train" if training else "eval"]
+            for name, value in terms.items():
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + value.detach(), count + 1)
+            return (loss, {}) if return_outputs else loss
+
+        def on_policy_batch(self, model, inputs: dict) -> dict:
+            """The batch's prompts with answers the student samples now; labels on the sampled tokens (GKD)."""
+            unwrapped = self.accelerator.unwrap_model(model)
+            tokenizer = self.processing_class
+            prompts = []
+            for row in range(inputs["input_ids"].shape[0]):
+                answer = (inputs["labels"][row] != IGNORE_INDEX).nonzero().flatten().tolist()
+                start = answer[-1]
+                while start - 1 in answer:  # the start of the last answer: earlier turns stay as context
+                    start -= 1
+                prompts.append(inputs["input_ids"][row, :start])
+            width = max(len(prompt) for prompt in prompts)
+            device = inputs["input_ids"].device
+            left = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros_like(left)
+            for row, prompt in enumerate(prompts):
+                left[row, width - len(prompt):] = prompt
+                mask[row, width - len(prompt):] = 1
+            eos = unwrapped.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+            was_training = unwrapped.training
+            unwrapped.eval()
+            with torch.no_grad():
+                generated = unwrapped.generate(
+                    input_ids=left, attention_mask=mask, do_sample=True, temperature=self.weights.on_policy_temperature,
+                    top_k=0, top_p=1.0, max_new_tokens=self.weights.on_policy_max_new_tokens, use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                )[:, width:]
+            unwrapped.train(was_training)
+            examples = []
+            for prompt, answer in zip(prompts, generated.tolist()):
+                cut = next((i + 1 for i, token in enumerate(answer) if token in eos), len(answer))
+                answer = answer[:cut]
+                examples.append({"input_ids": prompt.tolist() + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+            return {key: value.to(device) for key, value in pad_batch(examples, tokenizer.pad_token_id).items()}
+
+        def log(self, logs: dict, start_time=None) -> None:
+            kind = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+            prefix = "eval_" if kind == "eval" else ""
+            for name, (total, count) in self._sums[kind].items():
+                logs[f"{prefix}loss_{name}"] = round(float(total) / max(count, 1), 6)
+            self._sums[kind] = {}
+            super().log(logs, start_time)
+
+    return DistillationTrainer
+
+
+def _tracking_callback(tracker: NullTracker, total_steps: int, show_progress: bool):
+    from transformers import TrainerCallback
+
+    class LogToTracker(TrainerCallback):
+        """Sends losses to the stage's MLflow run as metric histories, and shows progress."""
+
+        def __init__(self) -> None:
+            self.progress: Optional[Progress] = None
+
+        def on_train_begin(self, args, state_, control, **kwargs):
+            if show_progress:
+                self.progress = Progress(total_steps, "finetune", unit="steps")
+                self.progress.update(state_.global_step)
+
+        def on_step_end(self, args, state_, control, **kwargs):
+            if self.progress is not None:
+                loss = next((entry["loss"] for entry in reversed(state_.log_history) if "loss" in entry), None)
+                self.progress.update(1, **({"loss": f"{loss:.3f}"} if loss is not None else {}))
+
+        def on_log(self, args, state_, control, logs=None, **kwargs):
+            metrics = {}
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)) and (key in ("loss", "eval_loss", "learning_rate", "grad_norm") or "loss_" in key):
+                    metrics["train_loss" if key == "loss" else key] = value
+            tracker.log_metrics(metrics, step=state_.global_step)
+
+        def on_train_end(self, args, state_, control, **kwargs):
+            if self.progress is not None:
+                self.progress.close()
+
+    return LogToTracker()

@@ -42,7 +42,7 @@ lock: $(LOCK_VENV)/.installed
 	$(PYTHON) environments/requirements_from_lock.py
 
 demo: $(STAMP)
-	$(BIN)/azdistill run --local
+	$(BIN)/azdistill run
 
 # The whole suite, and its ten slowest tests at the end (speed is measured in bench/, this only shows where
 # the suite's time goes).

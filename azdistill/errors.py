@@ -1,4 +1,5 @@
-"""The one exception type that reaches users as a one-line message and exit status 2."""
+"""The two exceptions that reach users as one line and an exit status, never a traceback: `UserError` (bad input,
+exit 2) and `StageFailed` (a stage ran but its result is unusable, exit 1)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ the training set; time is the wall time of `trainer.train()`. Tokens per CPU-sec
 the same call) measures the work itself, which other programs on a shared machine disturb less than wall time.
 
 The baseline is what a plain script does: `Trainer` with `DataCollatorForSeq2Seq` (pad to the longest in the
-batch), random batches, the model's own loss over full logits. Ours is `azdistill.stages.finetune.train_student`
+batch), random batches, the model's own loss over full logits. Ours is `azdistill.training.loop.train_student`
 with the config's defaults (length-grouped batches, logits only where an answer token is predicted); `--batching`
 measures its other batching modes, and `--with-kd` adds a run with token-level distillation from the teacher.
 """

@@ -1,6 +1,7 @@
 """Shared fixtures: small valid datasets and configs written into a temporary folder.
 
-Nothing here is autouse, so fixtures only affect the tests that ask for them.
+One fixture is autouse: `no_network` fails any test that opens a non-loopback connection. The others only affect
+the tests that ask for them.
 
 - `write_dataset(task=..., folder=...)` writes valid train/validation/test JSONL splits for a task type.
 - `write_lines(name, lines)` writes a JSONL file line by line (dicts are JSON-encoded, strings written as is),

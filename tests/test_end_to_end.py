@@ -24,7 +24,7 @@ def finished_run(tmp_path_factory):
         # A dozen records is too few for the 70% floor to mean anything with a 135M teacher.
         "synthesis.min_success_ratio=0.2",
     ]
-    args = ["run", "--local"] + [item for override in overrides for item in ("--set", override)]
+    args = ["run"] + [item for override in overrides for item in ("--set", override)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     return workdir, args, result
 

@@ -32,7 +32,6 @@ from azdistill.errors import StageFailed, UserError
 
 log = logging.getLogger(__name__)
 
-CHAMPION_TAG = "azdistill.champion"
 DATASTORE_URI = re.compile(r"^azureml://.*?/datastores/(?P<datastore>[^/]+)/paths/(?P<path>.+)$")
 ASSET_REFERENCE = re.compile(r"^azureml:(?P<name>[A-Za-z0-9_.-]+)(?:(?::(?P<version>[A-Za-z0-9_.-]+))|(?:@(?P<label>[A-Za-z0-9_.-]+)))$")
 
@@ -354,11 +353,11 @@ def register_student(
     client_factory=job_client,
 ) -> dict:
     """Register the student with its lineage tags, then apply the champion/challenger rule
-    (`azdistill.registry.decide`): the champion is the version tagged azdistill.champion=true, read now."""
+    (`azdistill.tracking.registry.decide`): the champion is the version tagged azdistill.champion=true, read now."""
     from azure.ai.ml.entities import Model
 
     from azdistill.evaluation.report import report_from_dict
-    from azdistill.tracking.registry import decide, failed_check_descriptions, metric_from_tags
+    from azdistill.tracking.registry import CHAMPION_TAG, REPLACED_BY_TAG, decide, failed_check_descriptions, metric_from_tags
 
     report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     data_info = json.loads(Path(data_info_path).read_text(encoding="utf-8")) if Path(data_info_path).is_file() else {}
@@ -393,7 +392,7 @@ def register_student(
         registered.tags = {**(registered.tags or {}), **decision.version_tags(), CHAMPION_TAG: str(decision.promoted).lower()}
         client.models.create_or_update(registered)
         if decision.promoted and champion is not None:
-            champion.tags = {**(champion.tags or {}), CHAMPION_TAG: "false", "promotion.replaced_by": version}
+            champion.tags = {**(champion.tags or {}), CHAMPION_TAG: "false", REPLACED_BY_TAG: version}
             client.models.create_or_update(champion)
         result.update(promoted=decision.promoted, reason=decision.reason, champion_before=decision.champion_version)
     write_json(Path(output) / "decision.json", result)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from azdistill.cli.options import _load, config_argument, set_option
+from azdistill.cli.options import config_argument, load_settings, set_option
 from azdistill.errors import UserError
 
 
@@ -56,7 +56,7 @@ def export_command(config: Optional[Path], overrides: tuple[str, ...], export_fo
     """
     from azdistill.data.export import export_azure
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     summary = export_azure(settings, out_dir)
     for line in summary.lines():
         click.echo(line)

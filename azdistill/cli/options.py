@@ -7,14 +7,6 @@ from typing import Optional
 
 import click
 
-
-def workdir_lock(workdir: Path):
-    """The workdir held by this command (see stages/state.py), imported when a command needs it."""
-    from azdistill.stages.state import workdir_lock as lock
-
-    return lock(workdir)
-
-
 config_argument = click.argument("config", required=False, type=click.Path(path_type=Path))
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
@@ -28,14 +20,8 @@ output_dir_option = click.option(
 )
 
 
-def redact_uri(uri: str) -> str:
-    """Hide a password in a tracking URI (postgresql://user:secret@host/db) before it is printed or stored."""
-    import re
-
-    return re.sub(r"(//[^/:@]+):[^/@]+@", r"\1:***@", uri)
-
-
-def _load(config: Optional[Path], overrides: tuple[str, ...]):
+def load_settings(config: Optional[Path], overrides: tuple[str, ...]):
+    """The config a command was given (or the embedded demo config), with its --set overrides applied."""
     from azdistill.config.loading import load_config
 
     return load_config(config, overrides)

@@ -12,8 +12,9 @@ from typing import Optional
 
 import click
 
-from azdistill.cli.options import _load, config_argument, redact_uri, set_option
+from azdistill.cli.options import config_argument, load_settings, set_option
 from azdistill.errors import UserError
+from azdistill.tracking.store import local_store_path, redact_uri, require_runs
 
 workspace_option = click.option(
     "--workspace", is_flag=True,
@@ -74,7 +75,7 @@ def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int,
 
     from azdistill.tracking.runs import decision_lines, list_runs, open_client, runs_table, ui_address, ui_experiment_url
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     tracking_uri, experiment = _store(settings, workspace)
     client = open_client(tracking_uri)
     rows = list_runs(client, experiment, settings.registered_model_name)
@@ -93,7 +94,7 @@ def list_command(config: Optional[Path], overrides: tuple[str, ...], limit: int,
         for line in decisions:
             console.print(f"  {escape(line)}")
     console.print(f"Store: {redact_uri(tracking_uri)}; registered model: '{settings.registered_model_name}'")
-    if not workspace and tracking_uri.startswith("sqlite:///"):
+    if not workspace and local_store_path(tracking_uri) is not None:
         url = ui_experiment_url(rows[0].experiment_id, ui_address(ui_port))
         console.print(f"In the MLflow UI ({_ui_label(ui_port)}): {url}", soft_wrap=True)
 
@@ -115,7 +116,7 @@ def compare_command(
     """
     from azdistill.tracking.runs import compare_tables, list_runs, open_client, resolve_run, ui_address, ui_compare_url
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     tracking_uri, experiment = _store(settings, workspace)
     client = open_client(tracking_uri)
     rows = list_runs(client, experiment, settings.registered_model_name)
@@ -126,7 +127,7 @@ def compare_command(
     console = _console()
     for table in compare_tables(first, second, settings.evaluation.promotion.champion_metric):
         console.print(table)
-    if not workspace and tracking_uri.startswith("sqlite:///"):
+    if not workspace and local_store_path(tracking_uri) is not None:
         url = ui_compare_url([first, second], ui_address(ui_port))
         console.print(f"Same comparison in the MLflow UI ({_ui_label(ui_port)}): {url}", soft_wrap=True)
 
@@ -140,10 +141,9 @@ def ui(config: Optional[Path], overrides: tuple[str, ...], port: int) -> None:
     import shutil
     import subprocess
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
-        raise UserError(f"no runs yet: {uri[len('sqlite:///'):]} does not exist; run `azdistill run` first")
+    require_runs(uri)
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow is None:
         raise UserError("the mlflow command is not installed in this environment")

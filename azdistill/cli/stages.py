@@ -7,20 +7,20 @@ from typing import Optional
 
 import click
 
-from azdistill.cli.options import _load, config_argument, force_option, output_dir_option, redact_uri, set_option, workdir_lock
+from azdistill.cli.options import config_argument, force_option, load_settings, output_dir_option, set_option
+from azdistill.tracking.store import local_store_path, redact_uri
 
 
 @click.command()
 @config_argument
 @set_option
-@click.option("--local", "local", is_flag=True, default=True, help="Run every stage on this machine (the default).")
 @force_option
-def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: bool) -> None:
-    """Run the whole distillation: synthesize, finetune, evaluate."""
+def run(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+    """Run the whole distillation on this machine: synthesize, finetune, evaluate (`submit` runs it on Azure ML)."""
     from azdistill.evaluation.markdown import headline_lines
     from azdistill.stages.run import run_local
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     result = run_local(settings, force=force)
     click.echo("")
     click.echo(f"Report: {result.report_dir / 'report.md'} (plot: {result.report_dir / 'report.png'})")
@@ -36,7 +36,7 @@ def run(config: Optional[Path], overrides: tuple[str, ...], local: bool, force: 
         if result.promotion is not None:
             click.echo(f"Registry: {result.promotion.summary()}")
         uri = redact_uri(result.tracking_uri)
-        if uri.startswith("sqlite:///"):
+        if local_store_path(uri) is not None:
             hint = "make ui" if config is None and not overrides else " ".join(
                 ["azdistill ui"] + ([str(config)] if config else []) + [f"--set {item}" for item in overrides]
             )
@@ -57,7 +57,7 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
     from azdistill.data.splits import check_split, split_warnings
     from azdistill.models.checks import check_models
 
-    settings = _load(config, overrides)
+    settings = load_settings(config, overrides)
     check_models(settings)
     report = settings.workdir / "validate-report.jsonl"
     if report.is_file():  # an earlier validate's report would describe data that has changed since
@@ -83,23 +83,9 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
 @output_dir_option
 def synthesize(config: Optional[Path], overrides: tuple[str, ...], force: bool, output_dir: Optional[Path]) -> None:
     """Have the teacher answer the train and validation prompts."""
-    from azdistill.data.records import read_records
-    from azdistill.models.builtin import resolve_teacher
-    from azdistill.stages.run import synthesis_teacher
-    from azdistill.stages.state import check_writable
-    from azdistill.stages.synthesize import synthesize as run_stage
-    from azdistill.tracking.tracker import make_tracker
+    from azdistill.stages.run import run_synthesize
 
-    settings = _load(config, overrides)
-    check_writable(output_dir or settings.stage_dir("synthesize"), "synthesize")
-    teacher = None
-    if settings.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
-        for split in ("train", "validation"):  # report bad data before spending time on the teacher
-            read_records(getattr(settings.data, split), settings.task.type, settings.data.max_records)
-        teacher = resolve_teacher(settings.teacher.model)
-    factory, identity = synthesis_teacher(settings, teacher)
-    with workdir_lock(settings.workdir):
-        out_dir = run_stage(settings, factory, make_tracker(settings), force, out_dir=output_dir, teacher_identity=identity)
+    out_dir = run_synthesize(load_settings(config, overrides), force, out_dir=output_dir)
     click.echo(f"synthetic data: {out_dir}")
 
 
@@ -114,22 +100,9 @@ def finetune(
     config: Optional[Path], overrides: tuple[str, ...], force: bool, on_references: bool, output_dir: Optional[Path], synthetic_dir: Optional[Path]
 ) -> None:
     """Train the student on the teacher's answers (run synthesize first)."""
-    from azdistill.stages.finetune import finetune as run_stage
-    from azdistill.stages.run import prepare_models, require_stage_output
-    from azdistill.stages.state import check_writable
-    from azdistill.tracking.tracker import make_tracker
+    from azdistill.stages.run import run_finetune
 
-    settings = _load(config, overrides)
-    synthetic = synthetic_dir or settings.stage_dir("synthesize")
-    stage = "finetune-reference" if on_references else "finetune"
-    check_writable(output_dir or settings.stage_dir(stage), stage)
-    with workdir_lock(settings.workdir):
-        if not on_references:
-            require_stage_output(synthetic, "synthesize")
-        models = prepare_models(settings)
-        out_dir = run_stage(
-            settings, models.student_init, models.teacher, synthetic, make_tracker(settings), force, out_dir=output_dir, on_references=on_references
-        )
+    out_dir = run_finetune(load_settings(config, overrides), force, output_dir, on_references, synthetic_dir)
     click.echo(f"student: {out_dir / 'model'}")
 
 
@@ -148,23 +121,10 @@ def evaluate(
 ) -> None:
     """Compare teacher, student and baselines on the test set (run finetune first)."""
     from azdistill.evaluation.markdown import headline_lines
-    from azdistill.stages.evaluate import evaluate as run_stage
-    from azdistill.stages.run import prepare_models, require_stage_output, wants_reference_baseline
-    from azdistill.stages.state import check_writable
-    from azdistill.tracking.tracker import make_tracker
+    from azdistill.stages.run import run_evaluate
 
-    settings = _load(config, overrides)
-    check_writable(output_dir or settings.stage_dir("evaluate"), "evaluate")
-    with workdir_lock(settings.workdir):
-        student = require_stage_output(student_dir or settings.stage_dir("finetune"), "finetune") / "model"
-        reference = None
-        if reference_dir is not None or wants_reference_baseline(settings):
-            reference = require_stage_output(reference_dir or settings.stage_dir("finetune-reference"), "finetune --on-references") / "model"
-        models = prepare_models(settings)
-        evaluated = {"student": student, "baseline": models.student_init}
-        if reference is not None:
-            evaluated["reference_sft"] = reference
-        report = run_stage(settings, models.teacher, evaluated, make_tracker(settings), force, out_dir=output_dir)
+    settings = load_settings(config, overrides)
+    report = run_evaluate(settings, force, output_dir, student_dir, reference_dir)
     click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'}")
     for line in headline_lines(report):
         click.echo(f"  {line}")
@@ -175,23 +135,13 @@ def evaluate(
 @set_option
 def preflight(config: Optional[Path], overrides: tuple[str, ...]) -> None:
     """Check a hosted teacher before the run: it answers, one sample passes, parameters, cost estimate and budget."""
-    from azdistill.data.records import count_records
-    from azdistill.synthesis.outputs import SPLITS
-    from azdistill.synthesis.preflight import preflight as check
-    from azdistill.synthesis.prompts import check_strategy
-    from azdistill.teachers.hosted import build_endpoint_teacher
+    from azdistill.stages.run import run_preflight
 
-    settings = _load(config, overrides)
-    check_strategy(settings.synthesis.prompt_strategy, settings.task.type)
-    counts = {split: count_records(getattr(settings.data, split), settings.task.type, settings.data.max_records) for split in SPLITS}
-    if not settings.teacher.hosted:
+    settings = load_settings(config, overrides)
+    counts, report = run_preflight(settings)
+    if report is None:
         click.echo(f"teacher.kind {settings.teacher.kind}: no endpoint to check; {counts['train']} train and {counts['validation']} validation records")
         return
-    teacher = build_endpoint_teacher(settings)
-    try:
-        report = check(settings, teacher, counts)
-    finally:
-        teacher.close()
     for line in report.lines:
         click.echo(line)
     report.raise_for_budget()

@@ -13,7 +13,6 @@ DEMO_CONFIG = PACKAGE_DIR / "defaults" / "demo.yaml"
 
 TaskType = Literal["nli", "qa", "conversation", "math", "summarization", "chat"]
 TASK_TYPES: tuple[str, ...] = TaskType.__args__  # type: ignore[attr-defined]
-LABELLED_TASKS = ("nli", "math")
 SINGLE_TURN_TASKS = ("nli", "qa", "math", "summarization")
 
 

@@ -1,4 +1,5 @@
-"""The local runner: synthesize -> finetune (-> finetune on references) -> evaluate, in this process.
+"""Running stages on this machine: the whole distillation (synthesize -> finetune (-> finetune on references) ->
+evaluate) in this process, or one stage as its command runs it, with the models and teacher it needs.
 
 The same stage functions run inside the Azure ML components; here they are chained under one MLflow parent
 run with a nested run per stage. A stage whose inputs and settings are unchanged is skipped; an interrupted
@@ -21,6 +22,7 @@ from azdistill.data.files import write_json
 from azdistill.data.records import read_records
 from azdistill.errors import UserError
 from azdistill.evaluation.report import Report
+from azdistill.teachers.factory import synthesis_teacher
 from azdistill.tracking.tracker import NullTracker, make_tracker, pipeline_run_name, pipeline_tags
 
 log = logging.getLogger(__name__)
@@ -63,29 +65,6 @@ def prepare_models(config: DistillConfig) -> Models:
     return Models(teacher, student_init)
 
 
-def synthesis_teacher(config: DistillConfig, teacher_path: Optional[Path]):
-    """The teacher that answers the prompts, and its identity for the stage's fingerprint.
-
-    A local teacher is loaded from its folder (whose digest makes new weights behind the same name count as a
-    change); a hosted or logged one is built from the config's teacher section, which is its identity.
-    """
-    if config.teacher.kind == "local":
-        assert teacher_path is not None, "a local teacher answers from its folder"
-        return local_teacher_factory(config, teacher_path), teacher_identity(teacher_path)
-    from azdistill.teachers.factory import hosted_teacher_factory
-
-    return hosted_teacher_factory(config), None
-
-
-def local_teacher_factory(config: DistillConfig, teacher_path: Path):
-    def build():
-        from azdistill.models.loading import pick_device
-        from azdistill.teachers.local import LocalTeacher
-
-        return LocalTeacher(teacher_path, config.synthesis, pick_device(), config.runtime)
-
-    return build
-
 
 def wants_reference_baseline(config: DistillConfig) -> bool:
     """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
@@ -94,11 +73,6 @@ def wants_reference_baseline(config: DistillConfig) -> bool:
     records = read_records(config.data.train, config.task.type, config.data.max_records)
     return any(record.reference is not None for record in records)
 
-
-def teacher_identity(teacher_path: Path) -> str:
-    from azdistill.data.digests import folder_digest
-
-    return folder_digest(teacher_path)
 
 
 def require_stage_output(stage_dir: Path, stage: str) -> Path:
@@ -205,3 +179,85 @@ def _say_nothing_changed(tracker: NullTracker, tags: dict[str, str]) -> Optional
         return None
     log.info("nothing changed since run %s (%s): every stage reused; no new MLflow run", previous.info.run_id, previous.info.run_name)
     return previous.info.run_id
+
+
+# One stage at a time, as `azdistill synthesize | finetune | evaluate | preflight` run them (and the Azure ML components
+# that call those commands): each checks its output folder is writable, holds the workdir, and wires the models.
+
+
+def run_synthesize(config: DistillConfig, force: bool = False, out_dir: Optional[Path] = None) -> Path:
+    """The synthesize stage on its own; returns its output folder."""
+    from azdistill.models.builtin import resolve_teacher
+    from azdistill.stages.state import check_writable, workdir_lock
+    from azdistill.stages.synthesize import synthesize
+
+    check_writable(out_dir or config.stage_dir("synthesize"), "synthesize")
+    teacher = None
+    if config.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
+        for split in ("train", "validation"):  # report bad data before spending time on the teacher
+            read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+        teacher = resolve_teacher(config.teacher.model)
+    factory, identity = synthesis_teacher(config, teacher)
+    with workdir_lock(config.workdir):
+        return synthesize(config, factory, make_tracker(config), force, out_dir=out_dir, teacher_identity=identity)
+
+
+def run_finetune(
+    config: DistillConfig, force: bool = False, out_dir: Optional[Path] = None, on_references: bool = False,
+    synthetic_dir: Optional[Path] = None,
+) -> Path:
+    """The finetune stage on its own (on the teacher's answers, or on the data's references); returns its folder."""
+    from azdistill.stages.finetune import finetune
+    from azdistill.stages.state import check_writable, workdir_lock
+
+    synthetic = synthetic_dir or config.stage_dir("synthesize")
+    stage = "finetune-reference" if on_references else "finetune"
+    check_writable(out_dir or config.stage_dir(stage), stage)
+    with workdir_lock(config.workdir):
+        if not on_references:
+            require_stage_output(synthetic, "synthesize")
+        models = prepare_models(config)
+        return finetune(
+            config, models.student_init, models.teacher, synthetic, make_tracker(config), force, out_dir=out_dir, on_references=on_references
+        )
+
+
+def run_evaluate(
+    config: DistillConfig, force: bool = False, out_dir: Optional[Path] = None, student_dir: Optional[Path] = None,
+    reference_dir: Optional[Path] = None,
+) -> Report:
+    """The evaluate stage on its own: teacher, the finished student and the baselines; returns the report."""
+    from azdistill.stages.evaluate import evaluate
+    from azdistill.stages.state import check_writable, workdir_lock
+
+    check_writable(out_dir or config.stage_dir("evaluate"), "evaluate")
+    with workdir_lock(config.workdir):
+        student = require_stage_output(student_dir or config.stage_dir("finetune"), "finetune") / "model"
+        reference = None
+        if reference_dir is not None or wants_reference_baseline(config):
+            reference = require_stage_output(reference_dir or config.stage_dir("finetune-reference"), "finetune --on-references") / "model"
+        models = prepare_models(config)
+        evaluated = {"student": student, "baseline": models.student_init}
+        if reference is not None:
+            evaluated["reference_sft"] = reference
+        return evaluate(config, models.teacher, evaluated, make_tracker(config), force, out_dir=out_dir)
+
+
+def run_preflight(config: DistillConfig):
+    """A hosted teacher checked before the run (see synthesis/preflight.py): the records per split, and the
+    preflight report (None for a teacher with no endpoint)."""
+    from azdistill.data.splits import check_split
+    from azdistill.synthesis.outputs import SPLITS
+    from azdistill.synthesis.preflight import preflight
+    from azdistill.synthesis.prompts import check_strategy
+    from azdistill.teachers.hosted import build_endpoint_teacher
+
+    check_strategy(config.synthesis.prompt_strategy, config.task.type)
+    counts = {split: check_split(getattr(config.data, split), config.task.type, config.data.max_records).records for split in SPLITS}
+    if not config.teacher.hosted:
+        return counts, None
+    teacher = build_endpoint_teacher(config)
+    try:
+        return counts, preflight(config, teacher, counts)
+    finally:
+        teacher.close()

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from azdistill.errors import UserError
 from azdistill.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, REASON_TAG, REPLACED_BY_TAG, champion_among
+from azdistill.tracking.store import require_runs
 from azdistill.tracking.tracker import STAGE_TAG, SUMMARY_STAGES
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -80,10 +81,7 @@ class RunSummary:
 
 def open_client(tracking_uri: str):
     """A client on `tracking_uri`; a local SQLite store that does not exist yet is a user error."""
-    from pathlib import Path
-
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
-        raise UserError(f"no runs yet: {tracking_uri[len('sqlite:///'):]} does not exist; run `azdistill run` first")
+    require_runs(tracking_uri)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

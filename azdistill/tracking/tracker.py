@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional
 from azdistill.config.loading import config_to_params
 from azdistill.config.schema import DistillConfig
 from azdistill.evaluation.report import is_finite
+from azdistill.tracking.store import local_artifact_location, local_store_path
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,9 @@ class Tracker(NullTracker):
         for name in ("mlflow", "mlflow.transformers", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
         uri = config.tracking_uri
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        store = local_store_path(uri)
+        if store is not None:
+            store.parent.mkdir(parents=True, exist_ok=True)
         exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
         # MLflow also exports the URI to the environment; a later config in this process (two runs from one notebook,
@@ -179,12 +181,9 @@ class Tracker(NullTracker):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = exported
-        # Artifacts of a local SQLite store go beside it, not into ./mlruns of whatever folder we run from.
         experiment = mlflow.get_experiment_by_name(config.experiment_name)
         if experiment is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+            location = local_artifact_location(uri)
             # The kind tells MLflow 3's UI this is model training, not a GenAI app (its default view).
             mlflow.create_experiment(
                 config.experiment_name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}

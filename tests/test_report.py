@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from azdistill.evaluation.publish import write_report
 from azdistill.evaluation.report import ModelResult, PromotionCheck, Report, comparison, report_from_dict, report_to_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The expected `report.md` of the fixtures below, written by the code as it was before render_markdown was split.
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def _model(role, name, parameters, peak, p50, p95, tput, metrics, disk=100.0, weights=200.0, n=80):
@@ -78,6 +81,27 @@ def freeform_report(report) -> Report:
     r.models[2].metrics = {"agreement": 0.1}
     r.models = r.models[:3]
     r.samples = [{"prompt": "Write a haiku", "reference": None, "teacher": "a\nb", "student": "c", "baseline": "d"}]
+    return r
+
+
+@pytest.fixture
+def hosted_report(report) -> Report:
+    """A hosted teacher priced per token, a student priced per serving hour, a failed check and wide samples."""
+    r = copy.deepcopy(report)
+    teacher = r.models[0]
+    teacher.hosted = True
+    teacher.parameters = 70_000_000_000  # declared
+    teacher.size_on_disk_mb = teacher.weights_memory_mb = teacher.peak_memory_mb = float("nan")
+    teacher.cost_per_1k_answers = 1.234
+    r.models[1].cost_per_1k_answers = 0.0123
+    r.models[1].n = 79
+    r.models[1].metrics["bleu"] = 0.5
+    r.promote = False
+    r.checks[0] = PromotionCheck("agreement", 0.71, 0.8, ">=", False)
+    r.samples = [
+        {"prompt": "p" * 400, "reference": "r\r\nq", "teacher": "t", "student": None, "baseline": "b",
+         "reference_sft": "s", "extra_column": "x"},
+    ] * 7
     return r
 
 
@@ -182,6 +206,14 @@ def test_markdown_headline_promotion_samples(report):
     md = render_markdown(report)
     assert "## Promotion: KEEP CURRENT" in md
     assert "| agreement | 0.71 | >= 0.80 | **FAIL** |" in md
+
+
+@pytest.mark.parametrize("fixture", ["report", "freeform_report", "hosted_report"])
+def test_markdown_whole_text_is_unchanged(fixture, request):
+    """Every line of `report.md`, byte for byte, against the text kept in tests/golden/: the checks above look at
+    parts of it, this one catches any other change a refactor might bring."""
+    md = render_markdown(request.getfixturevalue(fixture))
+    assert md == (GOLDEN / f"{fixture}.md").read_bytes().decode("utf-8")
 
 
 def test_markdown_bleu_one_decimal(report):

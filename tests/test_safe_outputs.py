@@ -275,7 +275,7 @@ def test_evaluation_reuses_answers_after_a_threshold_or_price_change(make_config
                 "generated_tokens": 10, "seconds": 1.0, "parameters": 10, "weights_bytes": 40, "peak_memory_bytes": 100,
                 "size_on_disk_bytes": 40, "device": "cpu"}
 
-    monkeypatch.setattr(stage, "_measure_in_child", fake_measure)
+    monkeypatch.setattr(stage, "measure_in_child", fake_measure)
     models = {}
     for role in ("teacher", "student", "baseline", "reference_sft"):
         folder = tmp_path / role

@@ -11,12 +11,13 @@ from azdistill.config.schema import DistillConfig
 from azdistill.errors import StageFailed
 from azdistill.models.generation import Completion
 from azdistill.stages.synthesize import synthesize
-from azdistill.synthesis.checks import check_answer
+from azdistill.synthesis.checks import check_completion, check_target
+from azdistill.teachers.base import Teacher
 
 SYSTEM = "Classify the sentiment. Answer positive or negative."
 
 
-class ScriptedTeacher:
+class ScriptedTeacher(Teacher):
     """Answers from a function of the conversation; records every batch it was sent."""
 
     name = "scripted"
@@ -79,13 +80,15 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_check_answer_names_each_reason():
-    assert check_answer(stop("Positive!"), "nli", ["positive", "negative"]) is None
-    assert check_answer(stop("  "), "nli", ["positive", "negative"]) == "empty answer"
-    assert "cut off" in check_answer(Completion("The", "length", 1, 1), "qa", None)
-    assert "labels" in check_answer(stop("positive or negative"), "nli", ["positive", "negative"])
-    assert check_answer(stop("no idea"), "math", None) == "answer has no number"
-    assert check_answer(stop("so 3 + 4 = 7. Answer: 7"), "math", None) is None
+def test_the_answer_checks_name_each_reason():
+    assert check_completion(stop("Positive!")) is None and check_target("Positive!", "nli", ["positive", "negative"]) is None
+    assert check_completion(stop("  ")) == "empty answer"
+    assert "cut off" in check_completion(Completion("The", "length", 1, 1))
+    assert check_completion(stop("positive or negative")) is None
+    assert "labels" in check_target("positive or negative", "nli", ["positive", "negative"])
+    assert check_completion(stop("no idea")) is None and check_target("no idea", "math", None) == "answer has no number"
+    worked = "so 3 + 4 = 7. Answer: 7"
+    assert check_completion(stop(worked)) is None and check_target(worked, "math", None) is None
 
 
 def test_outputs_follow_input_order_and_rejects_carry_reasons(tmp_path):

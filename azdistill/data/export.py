@@ -185,7 +185,7 @@ def export_azure(config: DistillConfig, out_dir: Path) -> ExportSummary:
     Every split is read and converted before anything is written; the files are written to a temporary folder beside
     `out_dir`, which replaces it only when all of them are complete. Bad data is a UserError naming file and line.
     """
-    from azdistill.data.files import _current_umask, write_json, write_jsonl
+    from azdistill.data.files import current_umask, write_json, write_jsonl
 
     task = config.task.type
     azure_task = AZURE_TASK_TYPES[task]
@@ -229,7 +229,7 @@ def export_azure(config: DistillConfig, out_dir: Path) -> ExportSummary:
         raise UserError(f"--out {out_dir}: cannot be created ({error.strerror})") from None
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
     try:
-        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private; the export is an ordinary folder
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the export is an ordinary folder
         for item, (_, rows, references) in zip(summary.splits, converted.values()):
             write_jsonl(staging / f"{item.split}.jsonl", rows)
             if item.references_file:

@@ -28,7 +28,7 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     # mkstemp creates files readable by the owner only; outputs should get the usual permissions.
-    os.chmod(temporary, 0o666 & ~_current_umask())
+    os.chmod(temporary, 0o666 & ~current_umask())
     try:
         with os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
@@ -40,7 +40,8 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[Any]:
         raise
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

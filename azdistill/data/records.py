@@ -13,6 +13,7 @@ import stat
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -204,49 +205,52 @@ class _BadLines:
         )
 
 
-def read_records(path: Path, task_type: str, limit: Optional[int] = None, report: Optional[Path] = None) -> list[Record]:
-    """Read and validate a JSONL dataset, for the stages (`check_split` validates without holding the records).
+def stream_records(
+    path: Path, task_type: str, limit: Optional[int] = None, max_prompt_chars: Optional[int] = None, report: Optional[Path] = None
+) -> Iterator[Record]:
+    """The records of a JSONL dataset that are used (the first `limit`), one at a time, every line checked.
 
-    Bad lines make one UserError line: the first one as `file:line: what is wrong`, with their count and the report
-    that lists them all (`report`, default a temporary file) when there are several. Prompt lengths are left to the
-    stages, which reject an over-long record with `check_prompt_length`.
+    Every line is read and checked, also past `limit`; a record is yielded only while no bad line has come before it.
+    Once the file is read, bad lines make one UserError line: the first one as `file:line: what is wrong`, with their
+    count and the report that lists them all (`report`, default a temporary file) when there are several; a file with
+    no record is one too. One line is held at a time, so memory does not grow with the file.
     """
     path = Path(path)
-    records: list[Record] = []
-    seen = 0
+    seen = used = 0
     with _BadLines(path, report) as bad_lines:
-        for item in scan_records(path, task_type):
+        for item in scan_records(path, task_type, max_prompt_chars):
             if isinstance(item, BadLine):
                 bad_lines.add(item)
                 continue
             seen += 1
-            if not bad_lines.count and (not limit or len(records) < limit):
-                records.append(item)
+            if not bad_lines.count and (not limit or used < limit):
+                used += 1
+                yield item
     error = bad_lines.error()
     if error is not None:
         raise error
     if not seen:
         raise UserError(f"{path}: no records (the file is empty)")
-    return records
 
 
-def iter_records(path: Path, task_type: str, limit: Optional[int] = None) -> Iterator[Record]:
-    """Records of a JSONL split one at a time (validated by `count_records` first)."""
-    with Path(path).open("rb") as handle:
-        count = 0
-        for number, raw_bytes in enumerate(handle, start=1):
-            if limit is not None and count >= limit:
-                return
-            raw = raw_bytes.decode("utf-8").rstrip("\r\n")
-            if not raw.strip():
-                continue
-            row = json.loads(raw)
-            count += 1
-            yield Record(messages=row["messages"], line=number, extra={k: v for k, v in row.items() if k != "messages"})
+def read_records(path: Path, task_type: str, limit: Optional[int] = None, report: Optional[Path] = None) -> list[Record]:
+    """Read and validate a JSONL dataset, for the stages (`data.splits.check_split` validates without holding the records).
+
+    The errors are those of `stream_records`. Prompt lengths are left to the stages, which reject an over-long record
+    with `check_prompt_length`.
+    """
+    return list(stream_records(path, task_type, limit, report=report))
 
 
 def count_records(path: Path, task_type: str, limit: Optional[int] = None) -> int:
-    """Validate a split line by line without holding it in memory; the one-line errors of `data.check_split`."""
-    from azdistill.data.splits import check_split
+    """Validate a split line by line without holding it in memory; the number of records used (at most `limit`).
 
-    return check_split(path, task_type, limit).records
+    The errors are those of `stream_records`, as `data.splits.check_split` (what `validate` runs) gives them.
+    """
+    return sum(1 for _ in stream_records(path, task_type, limit))
+
+
+def iter_records(path: Path, task_type: str, limit: Optional[int] = None) -> Iterator[Record]:
+    """The first `limit` records of a split `count_records` has validated, one at a time: the same reading as
+    `stream_records`, stopped after the last record used (the rest of the file was checked already)."""
+    return islice(stream_records(path, task_type, limit), limit)

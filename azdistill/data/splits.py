@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from azdistill.data.records import BadLine, Record, _BadLines, scan_records
-from azdistill.errors import UserError
+from azdistill.data.records import Record, scan_records, stream_records
 
 # Azure ML's distillation refuses smaller sets; fewer records rarely make a useful student.
 AZURE_MINIMUM_RECORDS = {"math": 40}
@@ -39,7 +38,8 @@ def _prompt_digest(record: Record) -> int:
 def check_split(
     path: Path, task_type: str, limit: Optional[int] = None, max_prompt_chars: Optional[int] = None, report: Optional[Path] = None
 ) -> SplitSummary:
-    """Validate a split line by line without holding its records (what `validate` runs); see `read_records`.
+    """Validate a split line by line without holding its records (what `validate` runs); the errors are those of
+    `stream_records`.
 
     Every line is checked, also past `limit`. Memory grows only by one 64-bit hash per distinct prompt, to count
     repeated prompts (about 100 bytes a record, where holding the records takes over 1 KB).
@@ -48,31 +48,18 @@ def check_split(
     summary = SplitSummary(path)
     prompts: set[int] = set()
     first_repeated: Optional[int] = None
-    seen = 0
-    with _BadLines(path, report) as bad_lines:
-        for item in scan_records(path, task_type, max_prompt_chars):
-            if isinstance(item, BadLine):
-                bad_lines.add(item)
-                continue
-            seen += 1
-            if bad_lines.count or (limit and summary.records >= limit):
-                continue
-            summary.records += 1
-            summary.with_reference += item.reference is not None
-            digest = _prompt_digest(item)
-            if digest not in prompts:
-                prompts.add(digest)
-                continue
-            summary.duplicates += 1
-            if len(summary.duplicate_lines) < MAX_DUPLICATE_LINES:
-                summary.duplicate_lines.append(item.line)
-            if first_repeated is None:
-                first_repeated = digest
-    error = bad_lines.error()
-    if error is not None:
-        raise error
-    if not seen:
-        raise UserError(f"{path}: no records (the file is empty)")
+    for record in stream_records(path, task_type, limit, max_prompt_chars, report):
+        summary.records += 1
+        summary.with_reference += record.reference is not None
+        digest = _prompt_digest(record)
+        if digest not in prompts:
+            prompts.add(digest)
+            continue
+        summary.duplicates += 1
+        if len(summary.duplicate_lines) < MAX_DUPLICATE_LINES:
+            summary.duplicate_lines.append(record.line)
+        if first_repeated is None:
+            first_repeated = digest
     if first_repeated is not None:  # a second pass, up to that prompt's first line, rather than a line per prompt held
         summary.first_duplicate_of = next(
             item.line for item in scan_records(path, task_type) if isinstance(item, Record) and _prompt_digest(item) == first_repeated

@@ -160,22 +160,28 @@ def _headline_phrase(report: Report, comp: dict[str, float]) -> str:
 def render_markdown(report: Report) -> str:
     """The human-readable ``report.md``: side-by-side table, student-vs-teacher headline,
     promotion checks and a few sample answers; links the plot ``report.png``."""
-    comp = comparison(report)
     metrics = _metric_names(report)
-    fractions = {k: is_fraction_metric(report, k) for k in metrics}
-    out: list[str] = []
+    out = _title_section(report)
+    out += _models_section(report, metrics)
+    out += _student_vs_teacher_section(report, comparison(report))
+    out += _promotion_section(report)
+    out += _samples_section(report)
+    return "\n".join(out)
 
-    out.append(f"# Distillation report: {report.pipeline}")
-    out.append("")
-    out.append(
+
+def _title_section(report: Report) -> list[str]:
+    """The title and the one line that says which task, data, date and device the report is about."""
+    return [
+        f"# Distillation report: {report.pipeline}",
+        "",
         f"**Task:** {report.task} · **Data version:** {report.data_version} · "
-        f"**Date:** {report.created} · **Device:** {report.device}"
-    )
-    out.append("")
+        f"**Date:** {report.created} · **Device:** {report.device}",
+        "",
+    ]
 
-    # --- side-by-side table -------------------------------------------------------------
-    out.append("## Models side by side")
-    out.append("")
+
+def _models_section(report: Report, metrics: list[str]) -> list[str]:
+    """The side-by-side table, the paragraph that says how each column was measured, and the plot."""
     header = [
         "Model",
         "Parameters (M)",
@@ -187,32 +193,43 @@ def render_markdown(report: Report) -> str:
         "Cost / 1k answers",
     ]
     header += [metric_label(k) for k in metrics]
-    rows = []
-    for m in report.models:
-        name = _cell(m.name)
-        if m.role == "student":
-            name = f"**{name}**"
-        rows.append(
-            [
-                name,
-                _fmt_parameters(m),
-                _fmt_hosted(m, m.size_on_disk_mb),
-                _fmt_hosted(m, m.peak_memory_mb),
-                _fmt_latency(m.latency_p50_s),
-                _fmt_latency(m.latency_p95_s),
-                _fmt_num(m.throughput_tokens_per_s),
-                _fmt_cost(m.cost_per_1k_answers),
-            ]
-            + [_fmt_metric(m.metrics.get(k), fractions[k], k) for k in metrics]
-        )
+    fractions = {k: is_fraction_metric(report, k) for k in metrics}
+    rows = [_model_row(m, metrics, fractions) for m in report.models]
+    out = ["## Models side by side", ""]
     out += _table(header, rows, ["l"] + ["r"] * (len(header) - 1))
     out.append("")
+    out.append(_measurement_notes(report, metrics))
+    out.append("")
+    out.append("![Teacher, student and baselines compared](report.png)")
+    out.append("")
+    return out
+
+
+def _model_row(m: ModelResult, metrics: list[str], fractions: dict[str, bool]) -> list[str]:
+    """One model's cells of the side-by-side table; the student's name in bold, the row a reader looks for."""
+    name = _cell(m.name)
+    if m.role == "student":
+        name = f"**{name}**"
+    return [
+        name,
+        _fmt_parameters(m),
+        _fmt_hosted(m, m.size_on_disk_mb),
+        _fmt_hosted(m, m.peak_memory_mb),
+        _fmt_latency(m.latency_p50_s),
+        _fmt_latency(m.latency_p95_s),
+        _fmt_num(m.throughput_tokens_per_s),
+        _fmt_cost(m.cost_per_1k_answers),
+    ] + [_fmt_metric(m.metrics.get(k), fractions[k], k) for k in metrics]
+
+
+def _measurement_notes(report: Report, metrics: list[str]) -> str:
+    """How latency, throughput, memory (and agreement, hosted models, cost where the table shows them) were measured."""
     ns = {m.n for m in report.models}
     if len(ns) == 1:
         answered = f"each model answered the same {ns.pop()} held-out records"
     else:
         answered = "held-out records answered: " + ", ".join(f"{_cell(m.name)} {m.n}" for m in report.models)
-    out.append(
+    return (
         f"Latency is seconds per response with prompts answered one at a time; throughput is generated "
         f"tokens per second answering in batches; peak memory is the resident memory of the process "
         f"that loaded the model; {answered}."
@@ -228,13 +245,11 @@ def render_markdown(report: Report) -> str:
             if any(is_finite(m.cost_per_1k_answers) for m in report.models) else ""
         )
     )
-    out.append("")
-    out.append("![Teacher, student and baselines compared](report.png)")
-    out.append("")
 
-    # --- headline ------------------------------------------------------------------------
-    out.append("## Student vs teacher")
-    out.append("")
+
+def _student_vs_teacher_section(report: Report, comp: dict[str, float]) -> list[str]:
+    """The headline sentence and one bullet per ratio of student to teacher that could be worked out."""
+    out = ["## Student vs teacher", ""]
     phrase = _headline_phrase(report, comp)
     if phrase:
         out.append(f"**{phrase[0].upper() + phrase[1:]}.**")
@@ -260,10 +275,12 @@ def render_markdown(report: Report) -> str:
         bullets.append("No teacher/student pair to compare.")
     out += [f"- {b}" for b in bullets]
     out.append("")
+    return out
 
-    # --- promotion -----------------------------------------------------------------------
-    out.append(f"## Promotion: {'PROMOTE' if report.promote else 'KEEP CURRENT'}")
-    out.append("")
+
+def _promotion_section(report: Report) -> list[str]:
+    """The decision, and each promotion check with its value, threshold and result."""
+    out = [f"## Promotion: {'PROMOTE' if report.promote else 'KEEP CURRENT'}", ""]
     if report.checks:
         out += _table(
             ["Check", "Value", "Threshold", "Result"],
@@ -281,23 +298,25 @@ def render_markdown(report: Report) -> str:
     else:
         out.append("No promotion checks were configured.")
     out.append("")
+    return out
 
-    # --- samples -------------------------------------------------------------------------
+
+def _samples_section(report: Report) -> list[str]:
+    """A few prompts with every model's answer side by side; nothing when the report has no samples."""
     samples = report.samples[:_MAX_SAMPLES]
-    if samples:
-        out.append("## Sample answers")
-        out.append("")
-        known = ["prompt", "reference", "teacher", "student", "baseline"]
-        present = {k for s in samples for k, v in s.items() if v is not None}
-        cols = [k for k in known if k in present]
-        cols += sorted(present - set(known))
-        out += _table(
-            [metric_label(c) if c in METRIC_LABELS else c.replace("_", " ").capitalize() for c in cols],
-            ([_cell(s.get(c)) for c in cols] for s in samples),
-        )
-        out.append("")
-
-    return "\n".join(out)
+    if not samples:
+        return []
+    known = ["prompt", "reference", "teacher", "student", "baseline"]
+    present = {k for s in samples for k, v in s.items() if v is not None}
+    cols = [k for k in known if k in present]
+    cols += sorted(present - set(known))
+    out = ["## Sample answers", ""]
+    out += _table(
+        [metric_label(c) if c in METRIC_LABELS else c.replace("_", " ").capitalize() for c in cols],
+        ([_cell(s.get(c)) for c in cols] for s in samples),
+    )
+    out.append("")
+    return out
 
 
 def headline_lines(report: Report) -> list[str]:

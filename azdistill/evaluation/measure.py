@@ -185,9 +185,10 @@ def peak_resident_bytes() -> int:
     return psutil.Process().memory_info().rss  # no /proc: current resident memory is the best we have
 
 
-def _measure_in_child(
+def measure_in_child(
     path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str
 ) -> dict:
+    """`measure_model` for the model in `path`, run in a fresh child process so its peak memory is its own."""
     # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         future = pool.submit(
@@ -215,7 +216,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _device_description() -> str:
+def device_description() -> str:
+    """The device the local models were measured on, as the report names it: the GPU's name, or the CPU's cores."""
     import torch
 
     if torch.cuda.is_available():
@@ -223,5 +225,6 @@ def _device_description() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def _megabytes(value: Optional[int]) -> float:
+def megabytes(value: Optional[int]) -> float:
+    """Bytes as MB (2**20) for the report; NaN for a size that was not measured (a hosted or logged teacher)."""
     return float("nan") if value is None else value / 2**20

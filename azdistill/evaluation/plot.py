@@ -23,6 +23,9 @@ ROLE_COLORS = {
 }
 _OTHER_COLOR = "#8172B3"
 
+# A panel of one measurement: title, unit on the x axis, one value per model, and how a bar's value label reads.
+Panel = tuple[str, str, list[float | None], Callable[[float], str]]
+
 
 
 
@@ -44,94 +47,126 @@ def _quality_series(report: Report) -> list[tuple[str, bool, list[float | None]]
 
 
 def _build_figure(report: Report):
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
+    """The figure `report.png` holds: a quality panel (when some model has a quality figure), then latency, peak
+    memory and parameters, one bar per model in each; one legend of the role colours and a title for the whole."""
     models = report.models
-    labels = [m.name for m in models]
-    colors = [_role_color(m.role) for m in models]
-    ys = list(range(len(models)))
     quality = _quality_series(report)
+    panels = _measurement_panels(report)
+    fig, axes = _figure_with_axes(len(panels) + (1 if quality else 0), len(models))
+    index = 0
+    if quality:
+        _draw_quality_panel(axes[index], report, quality)
+        index += 1
+    for panel in panels:
+        _draw_measurement_panel(axes[index], report, panel)
+        index += 1
+    for ax in axes[index:]:
+        ax.set_visible(False)
+    _add_legend_and_title(fig, report)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
 
-    panels: list[tuple[str, str, list[float | None], Callable[[float], str]]] = [
+
+def _measurement_panels(report: Report) -> list[Panel]:
+    """The panels every report has, whatever the task: latency, peak memory and parameters."""
+    models = report.models
+    return [
         ("Latency per response (p50)", "seconds", [m.latency_p50_s for m in models], lambda v: f"{v:.3g} s"),
         ("Peak memory", "MB", [m.peak_memory_mb for m in models], lambda v: f"{v:,.0f} MB"),
         ("Parameters", "millions", [m.parameters / 1e6 for m in models], lambda v: f"{v:,.1f}M"),
     ]
-    n_panels = len(panels) + (1 if quality else 0)
+
+
+def _figure_with_axes(panel_count: int, model_count: int):
+    """An empty figure sized for the panels and models, and its axes in reading order (a grid of them, flattened)."""
+    from matplotlib.figure import Figure
+
     # 2x2 for four panels; three sit in one row rather than leaving a hole.
-    ncols = 2 if n_panels == 4 else n_panels
-    nrows = math.ceil(n_panels / ncols)
+    ncols = 2 if panel_count == 4 else panel_count
+    nrows = math.ceil(panel_count / ncols)
     # Height grows with the number of models so bars and labels never crowd.
-    fig = Figure(figsize=(13, 1.2 + nrows * (0.55 * len(models) + 1.5)), dpi=110)
+    fig = Figure(figsize=(13, 1.2 + nrows * (0.55 * model_count + 1.5)), dpi=110)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
+    return fig, axes
 
-    def finish(ax, title, xlabel, max_value):
-        ax.set_title(title, fontsize=11, fontweight="bold", loc="left")
-        ax.set_xlabel(xlabel, fontsize=9)
-        ax.set_yticks(ys)
-        ax.set_yticklabels(labels, fontsize=9)
-        # Shared y axis: inverting twice would flip it back, so only once (teacher on top).
-        if not ax.yaxis_inverted():
-            ax.invert_yaxis()
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_axisbelow(True)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-        # Room on the right for the value labels.
-        ax.set_xlim(0, (max_value or 1.0) * 1.28)
-        ax.tick_params(axis="x", labelsize=8)
 
-    def value_labels(ax, y_positions, values, fmt, max_value):
-        for y, v in zip(y_positions, values):
-            text = fmt(v) if is_finite(v) else "n/a"
-            x = v if is_finite(v) else 0.0
-            ax.text(x + (max_value or 1.0) * 0.015, y, text, va="center", fontsize=8)
+def _draw_quality_panel(ax, report: Report, quality: list[tuple[str, bool, list[float | None]]]) -> None:
+    """Side-by-side bars per model for the primary metric (solid) and agreement (hatched), on a 0-100 scale."""
+    models = report.models
+    colors = [_role_color(m.role) for m in models]
+    ys = list(range(len(models)))
+    height = 0.8 / len(quality)
+    hatches = ["", "///"]
+    max_value = max(v for _, _, vals in quality for v in vals if v is not None)
+    scale_max = 100.0 if max_value <= 100 else max_value
+    for j, (metric, percent, values) in enumerate(quality):
+        offset = (j - (len(quality) - 1) / 2) * height
+        ypos = [y + offset for y in ys]
+        ax.barh(
+            ypos,
+            [v if v is not None else 0.0 for v in values],
+            height=height * 0.92,
+            color=colors,
+            hatch=hatches[j % 2],
+            edgecolor="white",
+            alpha=1.0 if j == 0 else 0.65,
+        )
+        fmt = (lambda v: f"{v:.1f}%") if percent else (lambda v: f"{v:.3g}")
+        _value_labels(ax, ypos, values, fmt, scale_max)
+    # The title doubles as the legend: fewer boxes to overlap the bars.
+    names = " (solid) and ".join(metric_label(m) for m, _, _ in quality)
+    if len(quality) > 1:
+        names += " (hatched)"
+    _finish_panel(ax, report, f"Quality: {names}", "score (0-100, higher is better)", scale_max)
+    if scale_max == 100.0:
+        ax.set_xticks(range(0, 101, 20))
 
-    idx = 0
-    if quality:
-        ax = axes[idx]
-        idx += 1
-        height = 0.8 / len(quality)
-        hatches = ["", "///"]
-        max_value = max(v for _, _, vals in quality for v in vals if v is not None)
-        scale_max = 100.0 if max_value <= 100 else max_value
-        for j, (metric, percent, values) in enumerate(quality):
-            offset = (j - (len(quality) - 1) / 2) * height
-            ypos = [y + offset for y in ys]
-            ax.barh(
-                ypos,
-                [v if v is not None else 0.0 for v in values],
-                height=height * 0.92,
-                color=colors,
-                hatch=hatches[j % 2],
-                edgecolor="white",
-                alpha=1.0 if j == 0 else 0.65,
-            )
-            fmt = (lambda v: f"{v:.1f}%") if percent else (lambda v: f"{v:.3g}")
-            value_labels(ax, ypos, values, fmt, scale_max)
-        # The title doubles as the legend: fewer boxes to overlap the bars.
-        names = " (solid) and ".join(metric_label(m) for m, _, _ in quality)
-        if len(quality) > 1:
-            names += " (hatched)"
-        finish(ax, f"Quality: {names}", "score (0-100, higher is better)", scale_max)
-        if scale_max == 100.0:
-            ax.set_xticks(range(0, 101, 20))
 
-    for title, unit, values, fmt in panels:
-        ax = axes[idx]
-        idx += 1
-        finite = [v for v in values if is_finite(v)]
-        max_value = max(finite) if finite else 1.0
-        ax.barh(ys, [v if is_finite(v) else 0.0 for v in values], height=0.7, color=colors)
-        value_labels(ax, ys, values, fmt, max_value)
-        finish(ax, title, f"{unit} (lower is better)" if title != "Parameters" else unit, max_value)
+def _draw_measurement_panel(ax, report: Report, panel: Panel) -> None:
+    """One bar per model for one measurement; a missing value draws no bar and reads "n/a"."""
+    title, unit, values, fmt = panel
+    models = report.models
+    ys = list(range(len(models)))
+    finite = [v for v in values if is_finite(v)]
+    max_value = max(finite) if finite else 1.0
+    ax.barh(ys, [v if is_finite(v) else 0.0 for v in values], height=0.7, color=[_role_color(m.role) for m in models])
+    _value_labels(ax, ys, values, fmt, max_value)
+    _finish_panel(ax, report, title, f"{unit} (lower is better)" if title != "Parameters" else unit, max_value)
 
-    for ax in axes[idx:]:
-        ax.set_visible(False)
 
-    # One legend for the role colours, shared by every panel.
-    roles = list(dict.fromkeys(m.role for m in models))
+def _finish_panel(ax, report: Report, title: str, xlabel: str, max_value: float) -> None:
+    """Title, axis labels (the model names down the side), grid and room for the value labels, the same in every panel."""
+    ax.set_title(title, fontsize=11, fontweight="bold", loc="left")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_yticks(list(range(len(report.models))))
+    ax.set_yticklabels([m.name for m in report.models], fontsize=9)
+    # Shared y axis: inverting twice would flip it back, so only once (teacher on top).
+    if not ax.yaxis_inverted():
+        ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    # Room on the right for the value labels.
+    ax.set_xlim(0, (max_value or 1.0) * 1.28)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _value_labels(
+    ax, y_positions: list[float], values: list[float | None], fmt: Callable[[float], str], max_value: float
+) -> None:
+    """Each bar's value written just past its end ("n/a" at zero where the value is missing)."""
+    for y, v in zip(y_positions, values):
+        text = fmt(v) if is_finite(v) else "n/a"
+        x = v if is_finite(v) else 0.0
+        ax.text(x + (max_value or 1.0) * 0.015, y, text, va="center", fontsize=8)
+
+
+def _add_legend_and_title(fig, report: Report) -> None:
+    """One legend for the role colours, shared by every panel, and the figure's title: pipeline, task, data."""
+    from matplotlib.patches import Patch
+
+    roles = list(dict.fromkeys(m.role for m in report.models))
     fig.legend(
         handles=[Patch(facecolor=_role_color(r), label=r.replace("_", " ")) for r in roles],
         loc="upper right",
@@ -146,8 +181,6 @@ def _build_figure(report: Report):
         fontsize=12,
         fontweight="bold",
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return fig
 
 
 def plot_report(report: Report, path: Path) -> Path:

@@ -7,6 +7,7 @@ time; throughput with the whole set answered in batches (those answers are the o
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,17 +19,17 @@ from azdistill.data.files import write_json
 from azdistill.data.records import read_records
 from azdistill.evaluation.markdown import headline_lines
 from azdistill.evaluation.measure import (
-    _device_description,
-    _measure_in_child,
-    _megabytes,
+    device_description,
     local_cost_per_1k_answers,
     measure_hosted,
+    measure_in_child,
     measure_logged,
+    megabytes,
 )
 from azdistill.evaluation.metrics import TASK_METRICS, percentile, score_predictions
 from azdistill.evaluation.promotion import promotion_checks
 from azdistill.evaluation.publish import write_report
-from azdistill.evaluation.report import ModelResult, Report
+from azdistill.evaluation.report import ModelResult, Report, report_from_dict
 from azdistill.stages import state
 from azdistill.tracking.tracker import NullTracker, log_evaluation
 
@@ -63,8 +64,6 @@ def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> di
         teacher = str(teacher).rstrip("/").rsplit("/", 1)[-1]  # meta-llama/Llama-3.1-405B-Instruct, or a served folder's path
         teacher_row = f"{teacher} (teacher, {teacher_config.kind} endpoint)"
     if config.student.model == "pruned-teacher" and models.get("baseline"):
-        import json
-
         from azdistill.models.builtin import BUILTIN_TEACHER_NAME as builtin
         from azdistill.models.files import weights_folder
 
@@ -104,129 +103,197 @@ def evaluate(
     """
     out_dir = Path(out_dir or config.stage_dir("evaluate"))
     records = read_records(config.data.test, config.task.type, config.data.max_records)
-    conversations = [record.prompt for record in records]
-    references = [record.reference for record in records]
     all_models: dict[str, Optional[Path]] = {"teacher": teacher_path if config.teacher.kind == "local" else None, **models}
-    import json
+    identities = _model_identities(config, all_models)
+    answers_depend_on = _what_answers_depend_on(config)
+    stage_fingerprint = _stage_fingerprint(config, answers_depend_on, identities)
+    if not force and state.is_done(out_dir, stage_fingerprint, "evaluate"):
+        log.info("evaluate: models, data and settings unchanged, reusing %s (use --force to rerun)", out_dir)
+        report = load_report(out_dir)
+        _log_headline(report)
+        return report
+    state.begin(out_dir, stage_fingerprint, force, "evaluate", OWNED)
+    predictions_dir = out_dir / "predictions"
+    _remove_stale_predictions(predictions_dir, all_models)
+    with tracker.stage("evaluate"):
+        measured: dict[str, dict] = {}
+        for role, path in all_models.items():
+            key = digests.fingerprint({**answers_depend_on, "model": identities[role]})
+            measured[role] = _answers_of(config, role, path, records, predictions_dir / f"{role}.json", key, force)
+        report = _build_report(config, all_models, measured, records)
+        paths = write_report(report, out_dir)
+        log_evaluation(tracker, report, paths)  # metric names shared by every retrain: see tracking.py
+        tracker.log_artifact(predictions_dir, "predictions")
+        state.finish(out_dir, stage_fingerprint, OUTPUTS, {"promote": report.promote}, stage="evaluate")
+    _log_headline(report)
+    return report
 
-    identities = {
+
+def _model_identities(config: DistillConfig, all_models: dict[str, Optional[Path]]) -> dict[str, str]:
+    """Per role, what its answers depend on on the model's side: the digest of its folder (the teacher's: see
+    `teacher_identity`)."""
+    return {
         role: teacher_identity(config, path) if role == "teacher" else digests.folder_digest(path)  # type: ignore[arg-type]
         for role, path in all_models.items()
     }
-    answers_depend_on = {
+
+
+def _what_answers_depend_on(config: DistillConfig) -> dict:
+    """The data and settings every model's answers depend on; a model's saved answers are reused while these and
+    its identity are the same."""
+    return {
         "test": digests.file_digest(config.data.test),
         "max_records": config.data.max_records,
         "task": config.task.type,
         "evaluation": config.evaluation.model_dump(include={"max_new_tokens", "batch_size", "latency_samples"}),
         "runtime": config.runtime.model_dump(),
     }
-    stage_fingerprint = digests.fingerprint(
+
+
+def _stage_fingerprint(config: DistillConfig, answers_depend_on: dict, identities: dict[str, str]) -> str:
+    """What the whole report depends on: the answers' inputs, and also the thresholds, metrics and prices that
+    only change how the answers are scored and judged."""
+    return digests.fingerprint(
         {
             **answers_depend_on,
             "task": config.task.model_dump(),
             "models": identities,
             "evaluation": config.evaluation.model_dump(),
-            "prices": config.teacher.model_dump(include={"price_per_million_prompt_tokens", "price_per_million_completion_tokens"}),
+            "prices": config.teacher.model_dump(
+                include={"price_per_million_prompt_tokens", "price_per_million_completion_tokens"}
+            ),
         }
     )
-    if not force and state.is_done(out_dir, stage_fingerprint, "evaluate"):
-        log.info("evaluate: models, data and settings unchanged, reusing %s (use --force to rerun)", out_dir)
-        report = load_report(out_dir)
-        for line in headline_lines(report):
-            log.info("%s", line)
-        return report
-    state.begin(out_dir, stage_fingerprint, force, "evaluate", OWNED)
-    predictions_dir = out_dir / "predictions"
+
+
+def _remove_stale_predictions(predictions_dir: Path, all_models: dict[str, Optional[Path]]) -> None:
+    """Delete the saved answers of a model no longer evaluated (e.g. reference_baseline turned off)."""
     for stale in predictions_dir.glob("*.json"):
         if stale.stem not in all_models:
-            stale.unlink()  # a model no longer evaluated (e.g. reference_baseline turned off)
-    with tracker.stage("evaluate"):
-        measured: dict[str, dict] = {}
-        for role, path in all_models.items():
-            cached = predictions_dir / f"{role}.json"
-            key = digests.fingerprint({**answers_depend_on, "model": identities[role]})
-            if not force and cached.is_file():
-                try:
-                    previous = json.loads(cached.read_text())
-                except ValueError:
-                    previous = {}  # cut short by a kill: measured again
-                if previous.get("key") == key:
-                    measured[role] = previous
-                    log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
-                    continue
-            if path is None:
-                where = config.teacher.label
-                log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
-                measured[role] = measure_logged(records) if config.teacher.kind == "logged" else measure_hosted(config, conversations)
-            else:
-                log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
-                measured[role] = _measure_in_child(path, conversations, config.evaluation, config.runtime, role)
-            write_json(cached, {"path": str(path) if path is not None else config.teacher.label, "key": key, **measured[role]})
+            stale.unlink()
 
-        teacher_answers = measured["teacher"]["answers"]
-        has_references = any(reference is not None for reference in references)
-        primary = TASK_METRICS[config.task.type][0] if has_references else "agreement"
-        results: dict[str, ModelResult] = {}
-        labels = model_labels(config, all_models)
-        for role, data in measured.items():
-            metrics = score_predictions(
-                config.task.type,
-                data["answers"],
-                references,
-                None if role == "teacher" else teacher_answers,
-                config.task.labels,
-            )
-            hosted = bool(data.get("hosted"))
-            cost = data.get("cost_per_1k_answers") if hosted else local_cost_per_1k_answers(config.evaluation, data["seconds"], len(data["answers"]))
-            results[role] = ModelResult(
-                role=role,
-                name=labels[role],
-                path=str(all_models[role]) if all_models[role] is not None else config.teacher.label,
-                parameters=data["parameters"],
-                size_on_disk_mb=_megabytes(data["size_on_disk_bytes"]),
-                weights_memory_mb=_megabytes(data["weights_bytes"]),
-                peak_memory_mb=_megabytes(data["peak_memory_bytes"]),
-                latency_p50_s=percentile(data["latencies_s"], 50) if data["latencies_s"] else float("nan"),
-                latency_p95_s=percentile(data["latencies_s"], 95) if data["latencies_s"] else float("nan"),
-                throughput_tokens_per_s=data["throughput_tokens_per_s"],
-                n=len(data["answers"]),
-                metrics=metrics,
-                cost_per_1k_answers=cost,
-                hosted=hosted,
-            )
-        checks = promotion_checks(config, results, primary)
-        samples = [
-            {
-                "prompt": conversations[index][-1]["content"],
-                "reference": references[index],
-                **{role: measured[role]["answers"][index] for role in measured},
-            }
-            for index in range(min(5, len(records)))
-        ]
-        report = Report(
-            pipeline=config.name,
-            task=config.task.type,
-            data_version=config.data.version,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            primary_metric=primary,
-            models=[results[role] for role in ("teacher", "student", "baseline", "reference_sft") if role in results],
-            promote=all(check.passed for check in checks),
-            checks=checks,
-            device=_device_description(),
-            samples=samples,
+
+def _answers_of(
+    config: DistillConfig, role: str, path: Optional[Path], records: list, cached: Path, key: str, force: bool
+) -> dict:
+    """One model's answers and measurements: the saved ones in `cached` while their `key` holds, else measured
+    afresh and saved there."""
+    if not force:
+        previous = _saved_answers(cached, key)
+        if previous is not None:
+            log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
+            return previous
+    measured = _measure(config, role, path, records)
+    write_json(cached, {"path": str(path) if path is not None else config.teacher.label, "key": key, **measured})
+    return measured
+
+
+def _saved_answers(cached: Path, key: str) -> Optional[dict]:
+    """The answers saved in `cached` if they were measured under `key`; None if there are none, or other ones."""
+    if not cached.is_file():
+        return None
+    try:
+        previous = json.loads(cached.read_text())
+    except ValueError:
+        return None  # cut short by a kill: measured again
+    return previous if previous.get("key") == key else None
+
+
+def _measure(config: DistillConfig, role: str, path: Optional[Path], records: list) -> dict:
+    """Measure one model: a local one in a child process; a teacher without a folder through its endpoint, or
+    from the logged answers."""
+    conversations = [record.prompt for record in records]
+    if path is None:
+        where = config.teacher.label
+        log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
+        return measure_logged(records) if config.teacher.kind == "logged" else measure_hosted(config, conversations)
+    log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
+    return measure_in_child(path, conversations, config.evaluation, config.runtime, role)
+
+
+def _build_report(
+    config: DistillConfig, all_models: dict[str, Optional[Path]], measured: dict[str, dict], records: list
+) -> Report:
+    """Score every model's answers, run the promotion checks on the scores, and gather it all into the report."""
+    references = [record.reference for record in records]
+    teacher_answers = measured["teacher"]["answers"]
+    has_references = any(reference is not None for reference in references)
+    primary = TASK_METRICS[config.task.type][0] if has_references else "agreement"
+    labels = model_labels(config, all_models)
+    results = {
+        # The teacher's row is scored against the references only: agreement is with the teacher's answers.
+        role: _model_result(
+            config, role, labels[role], all_models[role], data, references, None if role == "teacher" else teacher_answers
         )
-        paths = write_report(report, out_dir)
-        log_evaluation(tracker, report, paths)  # metric names shared by every retrain: see tracking.py
-        tracker.log_artifact(predictions_dir, "predictions")
-        state.finish(out_dir, stage_fingerprint, OUTPUTS, {"promote": report.promote}, stage="evaluate")
+        for role, data in measured.items()
+    }
+    checks = promotion_checks(config, results, primary)
+    return Report(
+        pipeline=config.name,
+        task=config.task.type,
+        data_version=config.data.version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        primary_metric=primary,
+        models=[results[role] for role in ("teacher", "student", "baseline", "reference_sft") if role in results],
+        promote=all(check.passed for check in checks),
+        checks=checks,
+        device=device_description(),
+        samples=_samples(records, measured),
+    )
+
+
+def _model_result(
+    config: DistillConfig,
+    role: str,
+    name: str,
+    path: Optional[Path],
+    data: dict,
+    references: list,
+    teacher_answers: Optional[list],
+) -> ModelResult:
+    """One row of the report: a model's scores, speed, memory, size and cost from its measurements."""
+    metrics = score_predictions(config.task.type, data["answers"], references, teacher_answers, config.task.labels)
+    hosted = bool(data.get("hosted"))
+    if hosted:
+        cost = data.get("cost_per_1k_answers")
+    else:
+        cost = local_cost_per_1k_answers(config.evaluation, data["seconds"], len(data["answers"]))
+    return ModelResult(
+        role=role,
+        name=name,
+        path=str(path) if path is not None else config.teacher.label,
+        parameters=data["parameters"],
+        size_on_disk_mb=megabytes(data["size_on_disk_bytes"]),
+        weights_memory_mb=megabytes(data["weights_bytes"]),
+        peak_memory_mb=megabytes(data["peak_memory_bytes"]),
+        latency_p50_s=percentile(data["latencies_s"], 50) if data["latencies_s"] else float("nan"),
+        latency_p95_s=percentile(data["latencies_s"], 95) if data["latencies_s"] else float("nan"),
+        throughput_tokens_per_s=data["throughput_tokens_per_s"],
+        n=len(data["answers"]),
+        metrics=metrics,
+        cost_per_1k_answers=cost,
+        hosted=hosted,
+    )
+
+
+def _samples(records: list, measured: dict[str, dict]) -> list[dict]:
+    """The first few held-out prompts with the reference and every model's answer, for the report to show."""
+    return [
+        {
+            "prompt": records[index].prompt[-1]["content"],
+            "reference": records[index].reference,
+            **{role: measured[role]["answers"][index] for role in measured},
+        }
+        for index in range(min(5, len(records)))
+    ]
+
+
+def _log_headline(report: Report) -> None:
+    """End the stage with the report's few summary lines in the log."""
     for line in headline_lines(report):
         log.info("%s", line)
-    return report
 
 
 def load_report(out_dir: Path) -> Report:
-    import json
-
-    from azdistill.evaluation.report import report_from_dict
-
+    """The report an earlier run wrote to `out_dir`, for a rerun that finds nothing changed."""
     return report_from_dict(json.loads((Path(out_dir) / "report.json").read_text()))

@@ -22,10 +22,12 @@ packed without padding.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from azdistill.config.schema import DistillConfig
+from azdistill.config.sections import TrainingConfig
 from azdistill.data import digests
 from azdistill.data.records import Message
 from azdistill.errors import UserError
@@ -33,7 +35,6 @@ from azdistill.stages import state
 from azdistill.tracking.tracker import NullTracker
 from azdistill.training.distributed import is_main_process, wait_for_everyone
 from azdistill.training.examples import load_conversations, load_teacher_topk
-from azdistill.training.loop import train_student
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 OUTPUTS = ["model", "training.json"]
 # Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
 OWNED = [*OUTPUTS, "adapter", "checkpoints"]
+
+
+@dataclass
+class TrainingData:
+    """What the stage trains on: the conversations, the hosted teacher's top-k where a loss needs it, and the
+    training settings in force for them."""
+
+    train: list[list[Message]]
+    validation: list[list[Message]]
+    settings: TrainingConfig
+    train_topk: Optional[list[Optional[list[dict]]]] = None
+    validation_topk: Optional[list[Optional[list[dict]]]] = None
 
 
 def finetune(
@@ -60,37 +73,12 @@ def finetune(
     """
     stage = "finetune-reference" if on_references else "finetune"
     out_dir = Path(out_dir or config.stage_dir(stage))
-    train_topk = validation_topk = None
-    if on_references:
-        from azdistill.data.records import read_records
-
-        def references(split: str) -> list[list[Message]]:
-            records = read_records(getattr(config.data, split), config.task.type, config.data.max_records)
-            return [record.messages for record in records if record.reference is not None]
-
-        train, validation = references("train"), references("validation")
-        if not train:
-            raise UserError(f"{config.data.train}: no record has a reference answer (a final assistant message) to train on")
-        # The 'no teacher' baseline: SFT on the references alone.
-        settings = config.training.model_copy(
-            update={"sft_weight": None, "kd_weight": 0.0, "topk_weight": 0.0, "hidden_weight": 0.0, "on_policy_ratio": 0.0}
-        )
-    else:
-        # The synthetic set as the synthesize stage wrote it: a truncated or edited file is named, never trained on.
-        # (A folder without the stage's record, e.g. one prepared by hand, is taken as it is; the CLI requires it.)
-        if (Path(synthetic_dir) / state.DONE_FILE).is_file():
-            state.verify_outputs(synthetic_dir, "synthesize")
-        train = load_conversations(synthetic_dir / "train.jsonl")
-        validation = load_conversations(synthetic_dir / "validation.jsonl")
-        settings = config.training
-        if settings.topk_weight > 0:
-            train_topk = load_teacher_topk(synthetic_dir / "train.logprobs.jsonl", len(train))
-            validation_path = synthetic_dir / "validation.logprobs.jsonl"
-            validation_topk = load_teacher_topk(validation_path, len(validation)) if validation_path.is_file() else None
+    data = _reference_answers(config) if on_references else _teacher_answers(config, synthetic_dir)
+    settings = data.settings
     uses_teacher = settings.uses_teacher_model
     stage_fingerprint = digests.fingerprint(
         {
-            "inputs": digests.fingerprint({"train": train, "validation": validation, "topk": train_topk}),
+            "inputs": digests.fingerprint({"train": data.train, "validation": data.validation, "topk": data.train_topk}),
             "student": digests.folder_digest(student_init),
             "teacher": digests.folder_digest(teacher_path) if uses_teacher and teacher_path else None,
             # Logging, checkpoint intervals and memory savers do not change the weights.
@@ -106,11 +94,15 @@ def finetune(
     tracker = tracker if main else NullTracker()
     resume = state.begin(out_dir, stage_fingerprint, force, stage, OWNED) if main else True
     wait_for_everyone()
+    # Imported only now: the training loop brings torch and transformers, which commands that merely reach this
+    # module (e.g. `azdistill finetune` refusing to run before synthesize) should not wait for.
+    from azdistill.training.loop import train_student
+
     with tracker.stage(stage):
-        tracker.log_params({"stage.student_init": student_init, "stage.examples": len(train)})
+        tracker.log_params({"stage.student_init": student_init, "stage.examples": len(data.train)})
         summary = train_student(
-            train, validation, student_init, out_dir, settings, teacher_path if uses_teacher else None, tracker, resume, train_topk, validation_topk,
-            config.runtime,
+            data.train, data.validation, student_init, out_dir, settings, teacher_path if uses_teacher else None, tracker, resume,
+            data.train_topk, data.validation_topk, config.runtime,
         )
         if main:
             tracker.log_artifact(out_dir / "training.json")
@@ -118,6 +110,40 @@ def finetune(
     wait_for_everyone()
     log.info(
         "%s: %d steps in %.0f s, loss %.3f -> %.3f -> %s",
-        stage, summary["steps"], summary["seconds"], summary["first_loss"] or float("nan"), summary["final_loss"] or float("nan"), out_dir / "model",
+        stage, summary["steps"], summary["seconds"], summary["first_loss"] or float("nan"), summary["final_loss"] or float("nan"),
+        out_dir / "model",
     )
     return out_dir
+
+
+def _reference_answers(config: DistillConfig) -> TrainingData:
+    """The data's own reference answers, for the 'no teacher' baseline: SFT on the references alone."""
+    from azdistill.data.records import read_records
+
+    def references(split: str) -> list[list[Message]]:
+        records = read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+        return [record.messages for record in records if record.reference is not None]
+
+    train, validation = references("train"), references("validation")
+    if not train:
+        raise UserError(f"{config.data.train}: no record has a reference answer (a final assistant message) to train on")
+    settings = config.training.model_copy(
+        update={"sft_weight": None, "kd_weight": 0.0, "topk_weight": 0.0, "hidden_weight": 0.0, "on_policy_ratio": 0.0}
+    )
+    return TrainingData(train, validation, settings)
+
+
+def _teacher_answers(config: DistillConfig, synthetic_dir: Path) -> TrainingData:
+    """The synthetic set as the synthesize stage wrote it, with the teacher's top-k where topk_weight needs it."""
+    # A truncated or edited file is named, never trained on. (A folder without the stage's record, e.g. one prepared
+    # by hand, is taken as it is; the CLI requires it.)
+    if (Path(synthetic_dir) / state.DONE_FILE).is_file():
+        state.verify_outputs(synthetic_dir, "synthesize")
+    data = TrainingData(
+        load_conversations(synthetic_dir / "train.jsonl"), load_conversations(synthetic_dir / "validation.jsonl"), config.training
+    )
+    if data.settings.topk_weight > 0:
+        data.train_topk = load_teacher_topk(synthetic_dir / "train.logprobs.jsonl", len(data.train))
+        validation_path = synthetic_dir / "validation.logprobs.jsonl"
+        data.validation_topk = load_teacher_topk(validation_path, len(data.validation)) if validation_path.is_file() else None
+    return data

@@ -28,10 +28,11 @@ from azdistill.data.files import AppendLog, atomic_writer, write_json
 from azdistill.data.records import count_records, iter_records
 from azdistill.errors import StageFailed
 from azdistill.stages import state
-from azdistill.synthesis.answering import _Context, _run_batches, _run_concurrent
+from azdistill.synthesis.answering import Context, run_batches, run_concurrent
 from azdistill.synthesis.journal import Journal, SafeLog
-from azdistill.synthesis.outputs import SPLITS, _finish_split
+from azdistill.synthesis.outputs import SPLITS, finish_split
 from azdistill.synthesis.prompts import check_rationale, check_strategy
+from azdistill.teachers.base import Teacher
 from azdistill.tracking.tracker import NullTracker
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 OUTPUTS = ["train.jsonl", "validation.jsonl", "rejected.jsonl", "stats.json"]
 # Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
 OWNED = [*OUTPUTS, "*.journal.jsonl", "*.logprobs.jsonl"]
-
-
 
 
 def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) -> str:
@@ -104,18 +103,18 @@ def synthesize(
         resumed = state.begin(out_dir, fingerprint, force, "synthesize", OWNED)
         return _synthesize(config, teacher_factory, tracker, out_dir, fingerprint, counts, resumed, teacher)
     finally:
-        if teacher is not None and hasattr(teacher, "close"):
+        if teacher is not None:
             teacher.close()
 
 
-def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts: dict[str, int], fresh: bool = False):
-    """Build the teacher; a hosted one gets the spend so far (from the journals) and the preflight check.
+def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts: dict[str, int], fresh: bool = False) -> Teacher:
+    """Build the teacher; a billed (hosted) one gets the spend so far (from the journals) and the preflight check.
 
     The preflight's sample answer is kept (the teacher answers that prompt with it); a run that continues
     makes no sample call.
     """
     teacher = teacher_factory()
-    if not hasattr(teacher, "budget"):
+    if teacher.budget is None:  # nothing billed (a local or logged teacher): no spend to restore, no endpoint to check
         return teacher
     spent = {} if fresh else {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
     teacher.budget.spent = teacher.budget.cost(
@@ -135,16 +134,21 @@ def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts
     return teacher
 
 
-class _SampleFirst:
+class _SampleFirst(Teacher):
     """A hosted teacher that answers the preflight's sample prompt with the answer it already gave (and was paid
-    for) instead of asking again; everything else goes to the teacher."""
+    for) instead of asking again; everything else goes to the teacher, whose members it shares (the same budget and
+    counters)."""
 
-    def __init__(self, teacher, prompt: list, completion):
+    mode = "concurrent"
+
+    def __init__(self, teacher: Teacher, prompt: list, completion):
         self._teacher, self._prompt, self._completion = teacher, prompt, completion
         self._lock = threading.Lock()
+        self.name, self.batch_size, self.budget, self.stats = teacher.name, teacher.batch_size, teacher.budget, teacher.stats
+        self.concurrency, self.timeout_s = teacher.concurrency, teacher.timeout_s
 
-    def __getattr__(self, name: str):
-        return getattr(self._teacher, name)
+    def close(self) -> None:
+        self._teacher.close()
 
     def complete(self, messages, stop: Optional[threading.Event] = None):
         with self._lock:
@@ -155,92 +159,145 @@ class _SampleFirst:
 
 
 def _synthesize(config: DistillConfig, teacher_factory, tracker: NullTracker, out_dir: Path, fingerprint: str,
-                counts: dict[str, int], resumed: bool, teacher) -> Path:
+                counts: dict[str, int], resumed: bool, teacher: Optional[Teacher]) -> Path:
+    """Answer what the journals do not hold yet, write the final files and figures, and judge the share accepted."""
     started = time.monotonic()
     logprobs = config.teacher.hosted and config.synthesis.top_logprobs > 0
     outputs = OUTPUTS + ([f"{split}.logprobs.jsonl" for split in SPLITS] if logprobs else [])
     with tracker.stage("synthesize"):
-        try:
-            for split, records in counts.items():
-                journal_path = out_dir / f"{split}.journal.jsonl"
-                done = Journal.scan(journal_path, records, retry_failed=True)
-                if resumed and (done.done or done.partials):
-                    log.info("synthesize %s: continuing, %d of %d records already answered", split, done.done, records)
-                if done.done == records:
-                    continue
-                if teacher is None:
-                    teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
-                records_iter = enumerate(iter_records(getattr(config.data, split), config.task.type, config.data.max_records))
-                with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
-                    context = _Context(config, progress)
-                    if hasattr(teacher, "complete"):
-                        safe = SafeLog(append_log)
-                        try:
-                            _run_concurrent(records_iter, done, safe, teacher, context)
-                        finally:
-                            safe.close()
-                    else:
-                        _run_batches(records_iter, done, append_log, teacher, context)
-        finally:
-            if teacher is not None and hasattr(teacher, "close"):
-                teacher.close()
-
-        stats: dict = {"splits": {}}
-        with atomic_writer(out_dir / "rejected.jsonl") as rejected_out:
-            for split, records in counts.items():
-                stats["splits"][split] = _finish_split(split, records, out_dir / f"{split}.journal.jsonl", out_dir, rejected_out, config, logprobs)
-        total = sum(s["records"] for s in stats["splits"].values())
-        accepted_total = sum(s["accepted"] for s in stats["splits"].values())
+        teacher = _answer_splits(config, teacher_factory, out_dir, counts, resumed, teacher)
+        stats = _finish_splits(config, out_dir, counts, logprobs)
         elapsed = time.monotonic() - started
-        prompt_tokens = sum(s["prompt_tokens"] for s in stats["splits"].values())
-        completion_tokens = sum(s["completion_tokens"] for s in stats["splits"].values())
-        stats.update(
-            teacher=config.teacher.model if config.teacher.kind == "local" else f"{config.teacher.kind}:{getattr(teacher, 'name', None) or config.teacher.deployment or config.teacher.model}",
-            success_ratio=accepted_total / total,
-            seconds=round(elapsed, 2),
-            completion_tokens_per_s=round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
-        )
-        if teacher is not None and hasattr(teacher, "stats"):
-            stats["endpoint"] = teacher.stats.as_dict()
-        prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
-        if any(price is not None for price in prices):
-            stats["cost"] = round(prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6, 6)
+        _add_run_figures(stats, config, teacher, elapsed)
         write_json(out_dir / "stats.json", stats)
-        metrics = {"success_ratio": stats["success_ratio"], "seconds": elapsed}
-        for split, split_stats in stats["splits"].items():
-            for key in ("records", "accepted", "rejected", "prompt_tokens", "completion_tokens"):
-                metrics[f"{split}_{key}"] = split_stats[key]
-        if "endpoint" in stats:
-            for key in ("requests", "retries", "throttled", "refused"):
-                metrics[f"teacher_{key}"] = stats["endpoint"][key]
-        if "cost" in stats:
-            metrics["teacher_cost"] = stats["cost"]
-        without_rationale = sum(s.get("trained_without_rationale", 0) for s in stats["splits"].values())
-        if without_rationale:
-            log.warning(
-                "synthesize: %d accepted answers came with no reasoning trace, so synthesis.keep_rationale trains them on "
-                "the answer alone (a model that does not reason, or one whose endpoint hides its reasoning, as Azure "
-                "OpenAI's o-series do)", without_rationale,
-            )
-        tracker.log_metrics(metrics)
+        _warn_about_missing_rationales(stats)
+        tracker.log_metrics(_stage_metrics(stats, elapsed))
         tracker.log_artifact(out_dir / "stats.json")
         tracker.log_artifact(out_dir / "rejected.jsonl")
-        if stats["success_ratio"] < config.synthesis.min_success_ratio:
-            top = max(
-                ((reason, count) for s in stats["splits"].values() for reason, count in s["rejected_by_reason"].items()),
-                key=lambda pair: pair[1],
-                default=("", 0),
-            )
-            raise StageFailed(
-                f"synthesize: only {accepted_total} of {total} teacher answers passed the checks "
-                f"({stats['success_ratio']:.0%} < synthesis.min_success_ratio {config.synthesis.min_success_ratio:.0%}); "
-                f"most common reason: {top[0]} ({top[1]}x); see {out_dir / 'rejected.jsonl'}"
-            )
-        if not stats["splits"]["train"]["accepted"]:
-            raise StageFailed(f"synthesize: no teacher answer to a training prompt passed the checks; see {out_dir / 'rejected.jsonl'}")
+        _check_success(config, out_dir, stats)
         state.finish(out_dir, fingerprint, outputs, stats, stage="synthesize")
+    accepted, total = _accepted_of_total(stats)
     log.info(
         "synthesize: %d of %d records accepted (%.0f%%) in %.0f s -> %s",
-        accepted_total, total, 100 * stats["success_ratio"], elapsed, out_dir,
+        accepted, total, 100 * stats["success_ratio"], elapsed, out_dir,
     )
     return out_dir
+
+
+def _answer_splits(config: DistillConfig, teacher_factory, out_dir: Path, counts: dict[str, int], resumed: bool,
+                   teacher: Optional[Teacher]) -> Optional[Teacher]:
+    """The teacher answers every record its split's journal does not hold yet; built only if there is such a record.
+
+    Returns the teacher, closed (None if none was needed), whose name and counters go into the stats.
+    """
+    try:
+        for split, records in counts.items():
+            journal_path = out_dir / f"{split}.journal.jsonl"
+            done = Journal.scan(journal_path, records, retry_failed=True)
+            if resumed and (done.done or done.partials):
+                log.info("synthesize %s: continuing, %d of %d records already answered", split, done.done, records)
+            if done.done == records:
+                continue
+            if teacher is None:
+                teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
+            _answer_split(config, split, records, journal_path, done, teacher)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    return teacher
+
+
+def _answer_split(config: DistillConfig, split: str, records: int, journal_path: Path, done: Journal, teacher: Teacher) -> None:
+    """One split's missing answers, each finished record appended to the journal: a concurrent teacher from its
+    worker threads (through a thread-safe log), any other in batches."""
+    numbered = enumerate(iter_records(getattr(config.data, split), config.task.type, config.data.max_records))
+    with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
+        context = Context(config, progress)
+        if teacher.mode == "concurrent":
+            safe = SafeLog(append_log)
+            try:
+                run_concurrent(numbered, done, safe, teacher, context)
+            finally:
+                safe.close()
+        else:
+            run_batches(numbered, done, append_log, teacher, context)
+
+
+def _finish_splits(config: DistillConfig, out_dir: Path, counts: dict[str, int], logprobs: bool) -> dict:
+    """Each split's final file from its journal, and `rejected.jsonl` for all of them; returns the stats per split."""
+    stats: dict = {"splits": {}}
+    with atomic_writer(out_dir / "rejected.jsonl") as rejected_out:
+        for split, records in counts.items():
+            journal_path = out_dir / f"{split}.journal.jsonl"
+            stats["splits"][split] = finish_split(split, records, journal_path, out_dir, rejected_out, config, logprobs)
+    return stats
+
+
+def _accepted_of_total(stats: dict) -> tuple[int, int]:
+    """How many records were accepted, and how many there were, over all splits."""
+    return sum(s["accepted"] for s in stats["splits"].values()), sum(s["records"] for s in stats["splits"].values())
+
+
+def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teacher], elapsed: float) -> None:
+    """The figures of the whole run: the teacher, the share accepted, the time, the endpoint's counters and the cost."""
+    accepted, total = _accepted_of_total(stats)
+    prompt_tokens = sum(s["prompt_tokens"] for s in stats["splits"].values())
+    completion_tokens = sum(s["completion_tokens"] for s in stats["splits"].values())
+    # No teacher when every record was answered already: the config names it.
+    name = (teacher.name if teacher is not None else None) or config.teacher.deployment or config.teacher.model
+    stats.update(
+        teacher=config.teacher.model if config.teacher.kind == "local" else f"{config.teacher.kind}:{name}",
+        success_ratio=accepted / total,
+        seconds=round(elapsed, 2),
+        completion_tokens_per_s=round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
+    )
+    if teacher is not None and teacher.stats is not None:
+        stats["endpoint"] = teacher.stats.as_dict()
+    prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
+    if any(price is not None for price in prices):
+        stats["cost"] = round(prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6, 6)
+
+
+def _warn_about_missing_rationales(stats: dict) -> None:
+    """Say how many accepted answers train without a rationale although synthesis.keep_rationale keeps one."""
+    without_rationale = sum(s.get("trained_without_rationale", 0) for s in stats["splits"].values())
+    if without_rationale:
+        log.warning(
+            "synthesize: %d accepted answers came with no reasoning trace, so synthesis.keep_rationale trains them on "
+            "the answer alone (a model that does not reason, or one whose endpoint hides its reasoning, as Azure "
+            "OpenAI's o-series do)", without_rationale,
+        )
+
+
+def _stage_metrics(stats: dict, elapsed: float) -> dict:
+    """The stats as flat tracker metrics: per split, the endpoint's counters and the cost."""
+    metrics = {"success_ratio": stats["success_ratio"], "seconds": elapsed}
+    for split, split_stats in stats["splits"].items():
+        for key in ("records", "accepted", "rejected", "prompt_tokens", "completion_tokens"):
+            metrics[f"{split}_{key}"] = split_stats[key]
+    if "endpoint" in stats:
+        for key in ("requests", "retries", "throttled", "refused"):
+            metrics[f"teacher_{key}"] = stats["endpoint"][key]
+    if "cost" in stats:
+        metrics["teacher_cost"] = stats["cost"]
+    return metrics
+
+
+def _check_success(config: DistillConfig, out_dir: Path, stats: dict) -> None:
+    """Fail the stage when fewer answers passed the checks than synthesis.min_success_ratio, or no training answer did."""
+    if stats["success_ratio"] < config.synthesis.min_success_ratio:
+        accepted, total = _accepted_of_total(stats)
+        top = max(
+            ((reason, count) for s in stats["splits"].values() for reason, count in s["rejected_by_reason"].items()),
+            key=lambda pair: pair[1],
+            default=("", 0),
+        )
+        raise StageFailed(
+            f"synthesize: only {accepted} of {total} teacher answers passed the checks "
+            f"({stats['success_ratio']:.0%} < synthesis.min_success_ratio {config.synthesis.min_success_ratio:.0%}); "
+            f"most common reason: {top[0]} ({top[1]}x); see {out_dir / 'rejected.jsonl'}"
+        )
+    if not stats["splits"]["train"]["accepted"]:
+        raise StageFailed(
+            f"synthesize: no teacher answer to a training prompt passed the checks; see {out_dir / 'rejected.jsonl'}"
+        )

@@ -20,7 +20,9 @@ from azdistill.teachers.base import Teacher
 
 
 @dataclass
-class _Item:
+class Item:
+    """A record being answered: its messages, the teacher's answers so far turn by turn, and what they cost."""
+
     index: int
     line: int
     messages: list  # the record's messages, system replaced by synthesis.system_prompt if set
@@ -100,7 +102,9 @@ class _Item:
         self.retryable = retryable
 
 
-def _start(record: Record, index: int, config: DistillConfig, partials: Optional[list[dict]] = None) -> _Item:
+def start_item(record: Record, index: int, config: DistillConfig, partials: Optional[list[dict]] = None) -> Item:
+    """The record as the teacher will be asked it (`synthesis.system_prompt` and the prompt strategy applied), with the
+    turns a killed run had already journaled (`partials`) answered."""
     messages = [dict(message) for message in record.messages]
     if config.synthesis.system_prompt is not None:
         messages[0] = {"role": "system", "content": config.synthesis.system_prompt}
@@ -110,8 +114,8 @@ def _start(record: Record, index: int, config: DistillConfig, partials: Optional
         config.synthesis.density_iterations, config.synthesis.max_summary_words,
     )
     plain = config.synthesis.prompt_strategy == "plain"
-    item = _Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system,
-                 plain=plain, rationale_from_trace=plain and config.synthesis.keep_rationale)
+    item = Item(index=index, line=record.line, messages=messages, user_turns=user_turns, teacher_system=system,
+                plain=plain, rationale_from_trace=plain and config.synthesis.keep_rationale)
     for partial in sorted(partials or [], key=lambda row: row["turn"]):
         if partial["turn"] == len(item.answers) + 1:  # resume a conversation after its answered turns
             item.answers.append(partial["answer"])
@@ -125,7 +129,9 @@ def _start(record: Record, index: int, config: DistillConfig, partials: Optional
 # Drivers: a local model in batches, a hosted endpoint concurrently, or answers already in the data
 
 
-class _Context:
+class Context:
+    """What the drivers share: the config, the progress bar and the count of rejected records."""
+
     def __init__(self, config: DistillConfig, progress: Progress):
         self.config = config
         self.progress = progress
@@ -137,7 +143,7 @@ class _Context:
         self.progress.update(1, rejected=self.rejected)
 
 
-def _too_long(record: Record, index: int, journal, context: _Context) -> bool:
+def reject_too_long(record: Record, index: int, journal, context: Context) -> bool:
     """Reject a record whose prompt is past data.max_prompt_chars before any model sees it (a 10 MB prompt would
     make a local teacher allocate gigabytes and a hosted one bill for it)."""
     from azdistill.data.records import check_prompt_length
@@ -145,21 +151,21 @@ def _too_long(record: Record, index: int, journal, context: _Context) -> bool:
     reason = check_prompt_length(record.messages, context.config.data.max_prompt_chars)
     if reason is None:
         return False
-    item = _start(record, index, context.config)
+    item = start_item(record, index, context.config)
     item.reject(reason)
     context.finished(journal, item.row())
     return True
 
 
-def _run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, teacher: Teacher, context: _Context) -> None:
-    """A local teacher: chunks of `batch_size` records, all turns of a chunk before the next chunk."""
-    chunk: list[_Item] = []
+def run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, teacher: Teacher, context: Context) -> None:
+    """A batched or logged teacher: chunks of `batch_size` records, all turns of a chunk before the next chunk."""
+    chunk: list[Item] = []
     for index, record in records:
         if done.is_done(index):
             continue
-        if _too_long(record, index, journal, context):
+        if reject_too_long(record, index, journal, context):
             continue
-        chunk.append(_start(record, index, context.config, done.partials.get(index)))
+        chunk.append(start_item(record, index, context.config, done.partials.get(index)))
         if len(chunk) == teacher.batch_size:
             _answer_chunk(chunk, journal, teacher, context)
             chunk = []
@@ -167,14 +173,14 @@ def _run_batches(records: Iterator[tuple[int, Record]], done: Journal, journal, 
         _answer_chunk(chunk, journal, teacher, context)
 
 
-def _answer_chunk(chunk: list[_Item], journal, teacher: Teacher, context: _Context) -> None:
-    from_record = getattr(teacher, "answers_from_record", False)
+def _answer_chunk(chunk: list[Item], journal, teacher: Teacher, context: Context) -> None:
+    """Turn by turn, the next turn of every record of the chunk still going; then each record to the journal."""
     rejected: set[int] = set()
     while True:
         active = [item for item in chunk if not item.finished and item.index not in rejected]
         if not active:
             break
-        if from_record:
+        if teacher.mode == "logged":
             completions = [teacher.logged_answer(item.messages, item.user_turns[len(item.answers)]) for item in active]
         else:
             completions = teacher.answer([item.teacher_prompt() for item in active])
@@ -187,7 +193,7 @@ def _answer_chunk(chunk: list[_Item], journal, teacher: Teacher, context: _Conte
         context.finished(journal, item.row())
 
 
-def _answer_item(item: _Item, teacher, context: _Context, journal: SafeLog, stop: threading.Event) -> dict:
+def _answer_item(item: Item, teacher: Teacher, context: Context, journal: SafeLog, stop: threading.Event) -> dict:
     """All remaining turns of one record against a hosted teacher (runs in a worker thread)."""
     from azdistill.teachers.base import RecordRejected
 
@@ -217,8 +223,10 @@ def _answer_item(item: _Item, teacher, context: _Context, journal: SafeLog, stop
     return item.row()
 
 
-def _run_concurrent(records: Iterator[tuple[int, Record]], done: Journal, journal: SafeLog, teacher, context: _Context) -> None:
-    """A hosted teacher: `max_concurrency` worker threads, a bounded window of records in flight."""
+def run_concurrent(
+    records: Iterator[tuple[int, Record]], done: Journal, journal: SafeLog, teacher: Teacher, context: Context
+) -> None:
+    """A concurrent (hosted) teacher: `max_concurrency` worker threads, a bounded window of records in flight."""
     stop = threading.Event()
     jobs: queue.Queue = queue.Queue()
     results: queue.Queue = queue.Queue()
@@ -252,11 +260,11 @@ def _run_concurrent(records: Iterator[tuple[int, Record]], done: Journal, journa
         for index, record in records:
             if done.is_done(index):
                 continue
-            if _too_long(record, index, journal, context):
+            if reject_too_long(record, index, journal, context):
                 continue
             while in_flight >= window:
                 collect(block=True)
-            jobs.put(_start(record, index, context.config, done.partials.get(index)))
+            jobs.put(start_item(record, index, context.config, done.partials.get(index)))
             in_flight += 1
         while in_flight:
             collect(block=True)

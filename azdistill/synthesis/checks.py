@@ -11,15 +11,8 @@ from azdistill.models.generation import Completion
 from azdistill.synthesis.prompts import training_target
 
 
-def check_answer(completion: Completion, task_type: str, labels: Optional[Sequence[str]]) -> Optional[str]:
-    """Why a teacher answer cannot be used as training data, or None if it can."""
-    problem = _check_completion(completion)
-    if problem:
-        return problem
-    return _check_target(completion.text, task_type, labels)
-
-
-def _check_completion(completion: Completion) -> Optional[str]:
+def check_completion(completion: Completion) -> Optional[str]:
+    """Why the answer as the teacher ended it is unusable (refused, filtered, empty, cut off), or None."""
     if completion.finish_reason.startswith("refused: "):
         return completion.finish_reason[len("refused: ") :]
     if completion.finish_reason == "content_filter":
@@ -31,7 +24,8 @@ def _check_completion(completion: Completion) -> Optional[str]:
     return None
 
 
-def _check_target(text: str, task_type: str, labels: Optional[Sequence[str]]) -> Optional[str]:
+def check_target(text: str, task_type: str, labels: Optional[Sequence[str]]) -> Optional[str]:
+    """Why an answer's text is unusable for the task (nli: not exactly one label; math: no number), or None."""
     if task_type == "nli" and parse_label(text, labels or []) is None:
         return f"answer names none or several of the labels {list(labels or [])}"
     if task_type == "math" and parse_number(text) is None:
@@ -41,7 +35,7 @@ def _check_target(text: str, task_type: str, labels: Optional[Sequence[str]]) ->
 
 def judge(completion: Completion, config: DistillConfig) -> tuple[Optional[str], Optional[str]]:
     """`(training target, None)` for a usable answer, `(None, reason)` for one that is not."""
-    problem = _check_completion(completion)
+    problem = check_completion(completion)
     if problem:
         return None, problem
     synthesis = config.synthesis
@@ -53,7 +47,7 @@ def judge(completion: Completion, config: DistillConfig) -> tuple[Optional[str],
         return None, problem
     if synthesis.prompt_strategy == "plain":
         # The answer is checked, not a reasoning trace put in front of it (which may name every label on its way).
-        problem = _check_target(completion.text, config.task.type, config.task.labels)
+        problem = check_target(completion.text, config.task.type, config.task.labels)
         if problem:
             return None, problem
     return target, None

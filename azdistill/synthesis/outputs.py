@@ -48,7 +48,9 @@ def _duplicates(handle: IO[bytes], offsets: array) -> "object":
     return duplicate_of
 
 
-def _finish_split(split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool) -> dict:
+def finish_split(
+    split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool
+) -> dict:
     """Write `<split>.jsonl` (and the logprobs sidecar) in input order from the journal; returns the split's stats."""
     done = Journal.scan(journal_path, records)
     missing = [index for index in range(records) if done.offsets[index] < 0]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from azdistill.data.records import Message
 from azdistill.errors import StageFailed
@@ -45,10 +46,44 @@ class TransientError(Exception):
         self.throttled = throttled
 
 
-class Teacher(Protocol):
-    """Answers chat conversations. `batch_size` is how many it prefers to receive at once."""
+# How the synthesize stage asks a teacher (its `mode`):
+# - "batched": `answer(conversations)` answers a batch of conversations at once (a model in this process);
+# - "concurrent": `complete(messages, stop)` answers one conversation and is thread-safe; the stage calls it from
+#   `concurrency` threads at once (a hosted endpoint);
+# - "logged": `logged_answer(messages, user_position)` is the answer already in the record; nothing is asked.
+AnswerMode = Literal["batched", "concurrent", "logged"]
+
+
+class Teacher:
+    """What every teacher is to the stages: a name, how it answers (`mode`), what it bills and counts, and `close()`.
+
+    The defaults are those of a teacher that bills nothing, keeps no client counters and holds nothing to close; a
+    teacher sets `mode` and provides the method that mode calls.
+    """
 
     name: str
-    batch_size: int
+    batch_size: int  # how many conversations it prefers to receive at once
+    mode: AnswerMode = "batched"
+    # A hosted teacher's `limits.Budget` (the spend so far and the cap); None when nothing is billed. Typed loosely
+    # because limits.py imports this module.
+    budget: Optional[Any] = None
+    stats: Optional[Any] = None  # a hosted teacher's `limits.ClientStats` (requests, retries, ...); None without a client
+    # A concurrent teacher's: how many conversations it answers at once, and how long one request may take (what a
+    # stopping run waits for the answers already paid for).
+    concurrency: int
+    timeout_s: float
 
-    def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]: ...
+    def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]:
+        """A batched teacher's answers to a batch of conversations, in order."""
+        raise NotImplementedError(f"teacher {self.name} ({self.mode}) does not answer batches of conversations")
+
+    def complete(self, messages: Sequence[Message], stop: Optional[threading.Event] = None) -> Completion:
+        """A concurrent teacher's answer to one conversation (thread-safe); `stop` set means send nothing more."""
+        raise NotImplementedError(f"teacher {self.name} ({self.mode}) does not answer one conversation at a time")
+
+    def logged_answer(self, messages: Sequence[Message], user_position: int) -> Completion:
+        """A logged teacher's answer: the assistant turn after the user turn at `user_position` in the record."""
+        raise NotImplementedError(f"teacher {self.name} ({self.mode}) has no logged answers")
+
+    def close(self) -> None:
+        """Let go of what the teacher holds (a hosted one's connections); nothing by default."""

@@ -29,7 +29,7 @@ from azdistill.data.records import Message
 from azdistill.errors import UserError
 from azdistill.models.generation import Completion
 from azdistill.secrets import redact
-from azdistill.teachers.base import EndpointCompletion, RecordRejected, Stopped, TransientError
+from azdistill.teachers.base import EndpointCompletion, RecordRejected, Stopped, Teacher, TransientError
 from azdistill.teachers.credentials import Credential
 from azdistill.teachers.limits import (
     THROTTLE_RETRY_FACTOR,
@@ -65,8 +65,10 @@ def request_url(kind: str, endpoint: str, deployment: Optional[str], api_version
     return url
 
 
-class EndpointTeacher:
+class EndpointTeacher(Teacher):
     """A hosted teacher. `complete()` answers one conversation (thread-safe); `answer()` answers a batch."""
+
+    mode = "concurrent"
 
     def __init__(
         self,

@@ -8,10 +8,14 @@ from typing import Sequence
 from azdistill.config.sections import RuntimeConfig, SynthesisConfig
 from azdistill.data.records import Message
 from azdistill.models.generation import Completion, GenerationSettings, generate_batch
+from azdistill.teachers.base import Teacher
 
 
-class LocalTeacher:
-    """A Hugging Face causal LM running in this process (the built-in SmolLM2 teacher or a local folder)."""
+class LocalTeacher(Teacher):
+    """A Hugging Face causal LM running in this process (the built-in SmolLM2 teacher or a local folder).
+
+    It answers in batches of `synthesis.batch_size`, bills nothing and holds no connection.
+    """
 
     def __init__(self, path: Path, settings: SynthesisConfig, device: str = "cpu", runtime: RuntimeConfig = RuntimeConfig()):
         from azdistill.determinism import make_repeatable

@@ -6,16 +6,17 @@ from typing import Sequence
 
 from azdistill.data.records import Message
 from azdistill.models.generation import Completion
+from azdistill.teachers.base import Teacher
 
 
-class LoggedTeacher:
+class LoggedTeacher(Teacher):
     """`teacher.kind: logged`: the assistant turns already in the data (e.g. imported chat logs) are the answers.
 
     They go through the same checks as a live teacher's; nothing is called.
     """
 
     name = "logged"
-    answers_from_record = True
+    mode = "logged"
 
     def __init__(self, batch_size: int = 64):
         self.batch_size = batch_size

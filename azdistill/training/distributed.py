@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from typing import Iterator
 
 # Several processes (torchrun, accelerate launch, Azure ML's PyTorch distribution)
 
@@ -33,12 +31,3 @@ def wait_for_everyone() -> None:
     if distributed():
         _process_state().wait_for_everyone()
 
-
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """The main process does the block first (e.g. preparing a shared folder), the others after it."""
-    if not distributed():
-        yield
-        return
-    with _process_state().main_process_first():
-        yield

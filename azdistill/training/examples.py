@@ -40,7 +40,11 @@ def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple
 
 
 def build_example(
-    tokenizer, messages: list[Message], max_length: int, teacher_turns: Optional[list[dict]] = None, token_id: Optional[Callable[[str], Optional[int]]] = None
+    tokenizer,
+    messages: list[Message],
+    max_length: int,
+    teacher_turns: Optional[list[dict]] = None,
+    token_id: Optional[Callable[[str], Optional[int]]] = None,
 ) -> Optional[dict]:
     """Token ids and labels for one conversation; labels are -100 outside assistant answers.
 
@@ -200,8 +204,6 @@ def pack_batch(examples: list[dict]) -> dict:
     return batch
 
 
-
-
 def load_conversations(path: Path) -> list[list[Message]]:
     return [row["messages"] for row in iter_jsonl(path)]
 
@@ -221,6 +223,7 @@ def load_teacher_topk(path: Path, rows: int) -> list[Optional[list[dict]]]:
     if rows and not any(any(turn.get("content") for turn in row) for row in turns if row):
         raise UserError(
             f"training.topk_weight > 0, and {path} holds no log-probabilities: the endpoint answered without them "
-            "(transformers serve ignores synthesis.top_logprobs); set training.topk_weight=0 or synthesize with an endpoint that returns them"
+            "(transformers serve ignores synthesis.top_logprobs); set training.topk_weight=0 or synthesize with an endpoint "
+            "that returns them"
         )
     return turns

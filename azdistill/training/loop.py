@@ -9,22 +9,28 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import torch
+from transformers import PrinterCallback, TrainingArguments
 
 from azdistill.config.sections import RuntimeConfig, TrainingConfig
 from azdistill.data.files import write_json
 from azdistill.data.records import Message
+from azdistill.determinism import make_repeatable
 from azdistill.errors import StageFailed, UserError
+from azdistill.models.loading import count_parameters, load_tokenizer
 from azdistill.tracking.tracker import NullTracker
 from azdistill.training.distributed import is_main_process, wait_for_everyone
 from azdistill.training.examples import IGNORE_INDEX, build_example, pack_batch, pad_batch, token_id_lookup
 from azdistill.training.trainer import (
     LOSS_NAMES,
-    LossSettings,
-    _tracking_callback,
+    DistillationTrainer,
+    LogToTracker,
     check_same_vocabulary,
-    distillation_trainer_class,
+    loss_weights,
     teacher_layer_map,
 )
 
@@ -32,8 +38,6 @@ log = logging.getLogger(__name__)
 
 
 def _wants_bf16(settings: TrainingConfig) -> bool:
-    import torch
-
     if settings.bf16 is not None:
         return settings.bf16
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -86,22 +90,62 @@ def train_student(
     `train_topk`/`validation_topk` the hosted teacher's top-k per conversation, needed by topk_weight.
     Returns a summary, also written to `out_dir/training.json`. Safe to run in every process of a launcher.
     """
-    import torch
-    from transformers import PrinterCallback, TrainingArguments
-
-    from azdistill.determinism import make_repeatable
-    from azdistill.models.loading import count_parameters, load_tokenizer
-
     make_repeatable(settings.seed, runtime.threads, runtime.deterministic)
     tokenizer = load_tokenizer(student_path)
-    losses = LossSettings.from_config(settings)
+    _check_teacher_inputs(settings, tokenizer, teacher_path, train_topk)
+    train, validation = _build_datasets(
+        tokenizer, settings, train_conversations, validation_conversations, train_topk, validation_topk
+    )
+    bf16 = _wants_bf16(settings)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    total_steps = _total_steps(settings, len(train), world)
+    args = _training_arguments(settings, out_dir / "checkpoints", total_steps, bf16, evaluate=bool(validation))
+    model, teacher_model, layer_map = _load_models(student_path, teacher_path, settings, args.device, bf16)
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation or None,
+        data_collator=pack_batch if settings.batching == "packed" else (lambda batch: pad_batch(batch, tokenizer.pad_token_id)),
+        processing_class=tokenizer,
+        callbacks=[LogToTracker(tracker, total_steps, is_main_process())],
+        training=settings,
+        teacher=teacher_model,
+        layer_map=layer_map,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback logs instead
+    run = _run_training(trainer, model, out_dir / "checkpoints", resume)
+    summary = _summary(trainer, model, settings, train, validation, run, world, bf16)
+    if trainer.is_world_process_zero():
+        _save_student(trainer, tokenizer, out_dir, settings)
+        write_json(out_dir / "training.json", summary)
+        tracker.log_metrics({
+            key: value for key, value in summary.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epochs"
+        })
+    wait_for_everyone()
+    return summary
+
+
+def _check_teacher_inputs(settings: TrainingConfig, tokenizer, teacher_path: Optional[Path], train_topk) -> None:
+    """Refuse settings whose teacher inputs are missing or cannot work with this student, before any model loads."""
     if settings.uses_teacher_model and teacher_path is None:
-        raise UserError("training.kd_weight, hidden_weight and on_policy_ratio need the teacher's weights (teacher.kind: local, or teacher.local_copy)")
+        raise UserError(
+            "training.kd_weight, hidden_weight and on_policy_ratio need the teacher's weights "
+            "(teacher.kind: local, or teacher.local_copy)"
+        )
     if settings.topk_weight > 0 and train_topk is None:
-        raise UserError("training.topk_weight > 0 needs the teacher's top-k log-probabilities (synthesis.top_logprobs with a hosted teacher)")
+        raise UserError(
+            "training.topk_weight > 0 needs the teacher's top-k log-probabilities (synthesis.top_logprobs with a hosted teacher)"
+        )
     if teacher_path is not None and (settings.kd_weight > 0 or settings.on_policy_ratio > 0):
         check_same_vocabulary(load_tokenizer(teacher_path), tokenizer)
 
+
+def _build_datasets(
+    tokenizer, settings: TrainingConfig, train_conversations, validation_conversations, train_topk, validation_topk
+) -> tuple[list[dict], list[dict]]:
+    """The training and validation examples; conversations with no answer token within max_length are skipped."""
     lookup = token_id_lookup(tokenizer)
 
     def examples(conversations, topk):
@@ -117,25 +161,41 @@ def train_student(
         raise StageFailed("finetune: no training example has an assistant token within training.max_length")
     dropped = len(train_conversations) - len(train)
     if dropped:
-        log.warning("finetune: %d conversations had no answer token within max_length=%d and were skipped", dropped, settings.max_length)
+        log.warning(
+            "finetune: %d conversations had no answer token within max_length=%d and were skipped", dropped, settings.max_length
+        )
     if settings.topk_weight > 0:
-        covered = sum(1 for example in train if example.get("topk"))
-        positions = sum(len(example.get("topk") or []) for example in train)
-        answer_tokens = sum(sum(label != IGNORE_INDEX for label in example["labels"]) for example in train)
-        log.info("finetune: teacher top-k lines up with %d of %d answer tokens in %d of %d examples", positions, answer_tokens, covered, len(train))
-        if positions == 0:
-            raise UserError(
-                "training.topk_weight > 0, but none of the teacher's top-k tokens line up with the training answers "
-                "(the stored texts differ from the answers, e.g. a prompt strategy that keeps only part of them)"
-            )
+        _check_topk_coverage(train)
+    return train, validation
 
-    bf16 = _wants_bf16(settings)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = math.ceil(len(train) / (settings.batch_size * settings.gradient_accumulation_steps * world))
-    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
-    checkpoints = out_dir / "checkpoints"
-    use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
+
+def _check_topk_coverage(train: list[dict]) -> None:
+    """Log how many answer tokens the teacher's top-k covers, and refuse a set where it covers none."""
+    covered = sum(1 for example in train if example.get("topk"))
+    positions = sum(len(example.get("topk") or []) for example in train)
+    answer_tokens = sum(sum(label != IGNORE_INDEX for label in example["labels"]) for example in train)
+    log.info(
+        "finetune: teacher top-k lines up with %d of %d answer tokens in %d of %d examples",
+        positions, answer_tokens, covered, len(train),
+    )
+    if positions == 0:
+        raise UserError(
+            "training.topk_weight > 0, but none of the teacher's top-k tokens line up with the training answers "
+            "(the stored texts differ from the answers, e.g. a prompt strategy that keeps only part of them)"
+        )
+
+
+def _total_steps(settings: TrainingConfig, examples: int, world: int) -> int:
+    """Optimizer steps over all epochs, across every process of a launcher."""
+    steps_per_epoch = math.ceil(examples / (settings.batch_size * settings.gradient_accumulation_steps * world))
+    return max(1, math.ceil(steps_per_epoch * settings.epochs))
+
+
+def _training_arguments(
+    settings: TrainingConfig, checkpoints: Path, total_steps: int, bf16: bool, evaluate: bool
+) -> TrainingArguments:
+    """The Trainer's arguments: the schedule, checkpoints and precision the settings ask for."""
+    return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
@@ -150,10 +210,10 @@ def train_student(
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=1,
-        eval_strategy="epoch" if validation else "no",
+        eval_strategy="epoch" if evaluate else "no",
         prediction_loss_only=True,
         bf16=bf16,
-        use_cpu=use_cpu,
+        use_cpu=not torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=True,  # our own Progress shows steps, as a bar or as log lines
         seed=settings.seed,
@@ -163,7 +223,11 @@ def train_student(
         # Every parameter takes part in every step, so DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
     )
-    device = args.device  # cuda:<local rank> under a launcher
+
+
+def _load_models(student_path: Path, teacher_path: Optional[Path], settings: TrainingConfig, device, bf16: bool):
+    """The student ready to train (LoRA-wrapped for method lora), the frozen teacher where a loss needs it, and the
+    teacher layer of each student layer where hidden states are matched."""
     attention = _attention_implementation(settings, device)
     student_dtype = torch.bfloat16 if (bf16 and settings.method == "lora") else torch.float32
     # Full fine-tuning keeps float32 master weights under bf16 autocast; LoRA trains float32 adapters on bf16 weights.
@@ -185,21 +249,23 @@ def train_student(
     model.config.use_cache = False
     if settings.method == "lora":
         model = _apply_lora(model, settings)
-    collator = pack_batch if settings.batching == "packed" else (lambda batch: pad_batch(batch, tokenizer.pad_token_id))
-    trainer = distillation_trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=validation or None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[_tracking_callback(tracker, total_steps, is_main_process())],
-        teacher=teacher_model,
-        loss_settings=losses,
-        layer_map=layer_map,
-        seed=settings.seed,
-    )
-    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback logs instead
+    return model, teacher_model, layer_map
+
+
+@dataclass
+class TrainingRun:
+    """What one call of the Trainer did: its result, how long it took, and which trainable tensors it changed."""
+
+    result: object  # transformers' TrainOutput
+    seconds: float
+    cpu_seconds: float
+    trainable_parameters: int
+    trainable_tensors: int
+    parameters_changed: int
+
+
+def _run_training(trainer: DistillationTrainer, model, checkpoints: Path, resume: bool) -> TrainingRun:
+    """Train, from the last complete checkpoint when resuming, and measure the time and the tensors changed."""
     last_checkpoint = last_complete_checkpoint(checkpoints) if resume else None
     if last_checkpoint:
         log.info("finetune: resuming from %s", last_checkpoint)
@@ -207,8 +273,21 @@ def train_student(
     started, cpu_started = time.monotonic(), time.process_time()
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
-    changed = sum(not torch.equal(trainable[name], parameter.detach()) for name, parameter in model.named_parameters() if name in trainable)
+    changed = sum(
+        not torch.equal(trainable[name], parameter.detach()) for name, parameter in model.named_parameters() if name in trainable
+    )
+    return TrainingRun(
+        result=result, seconds=seconds, cpu_seconds=cpu_seconds,
+        trainable_parameters=sum(parameter.numel() for parameter in trainable.values()), trainable_tensors=len(trainable),
+        parameters_changed=changed,
+    )
 
+
+def _summary(
+    trainer: DistillationTrainer, model, settings: TrainingConfig, train: list[dict], validation: list[dict], run: TrainingRun,
+    world: int, bf16: bool,
+) -> dict:
+    """What the run did, for training.json and the stage's metrics: sizes, losses first and last, time, the setup."""
     history = trainer.state.log_history
     losses_logged = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
@@ -218,21 +297,21 @@ def train_student(
         "validation_examples": len(validation),
         "steps": trainer.state.global_step,
         "epochs": settings.epochs,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
-        "cpu_seconds": round(cpu_seconds, 2),  # this process's CPU time: the work done, whatever else shares the machine
+        "seconds": round(run.seconds, 2),
+        "tokens_per_s": round(tokens / run.seconds, 1) if run.seconds > 0 else None,
+        "cpu_seconds": round(run.cpu_seconds, 2),  # this process's CPU time: the work done, whatever else shares the machine
         "first_loss": losses_logged[0] if losses_logged else None,
         "final_loss": losses_logged[-1] if losses_logged else None,
-        "train_loss": result.training_loss,
+        "train_loss": run.result.training_loss,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "parameters": count_parameters(model.get_base_model() if settings.method == "lora" else model),
-        "trainable_parameters": sum(parameter.numel() for parameter in trainable.values()),
-        "trainable_tensors": len(trainable),
-        "parameters_changed": changed,
+        "trainable_parameters": run.trainable_parameters,
+        "trainable_tensors": run.trainable_tensors,
+        "parameters_changed": run.parameters_changed,
         "method": settings.method,
-        "loss_weights": {name: getattr(losses, name) for name in LOSS_NAMES},
+        "loss_weights": loss_weights(settings),
         "kd_weight": settings.kd_weight,
-        "device": str(device),
+        "device": str(trainer.args.device),
         "processes": world,
         "on_policy_batches": trainer.on_policy_batches,
         "bf16": bf16,
@@ -241,11 +320,6 @@ def train_student(
         logged = [entry[f"loss_{name}"] for entry in history if f"loss_{name}" in entry]
         if logged:
             summary[f"first_loss_{name}"], summary[f"final_loss_{name}"] = logged[0], logged[-1]
-    if trainer.is_world_process_zero():
-        _save_student(trainer, tokenizer, out_dir, settings)
-        write_json(out_dir / "training.json", summary)
-        tracker.log_metrics({key: value for key, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epochs"})
-    wait_for_everyone()
     return summary
 
 
@@ -265,7 +339,9 @@ def last_complete_checkpoint(checkpoints: Path) -> Optional[str]:
         if folder.is_dir() and folder.name.startswith("checkpoint-") and folder.name[len("checkpoint-"):].isdigit():
             found.append((int(folder.name[len("checkpoint-"):]), folder))
     for _, folder in sorted(found, reverse=True):
-        complete = all((folder / name).is_file() for name in CHECKPOINT_FILES) and any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS)
+        complete = all((folder / name).is_file() for name in CHECKPOINT_FILES) and any(
+            (folder / name).is_file() for name in CHECKPOINT_WEIGHTS
+        )
         try:
             complete = complete and isinstance(json.loads((folder / "trainer_state.json").read_text()), dict)  # not torn
         except (OSError, ValueError):

@@ -1,4 +1,5 @@
-"""Progress for long work: a bar on a terminal, plain log lines when output goes to a file or CI."""
+"""What a user sees while work runs: readable log lines on stderr, and progress for long work (a bar on a terminal,
+plain log lines when output goes to a file or CI)."""
 
 from __future__ import annotations
 

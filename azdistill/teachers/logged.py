@@ -1,4 +1,4 @@
-"""`teacher.kind: logged`: the answers already in the data (e.g. imported chat logs) are the teacher's."""
+"""`teacher.kind: logged`: the answers already in the data (imported chat logs, say) are the teacher's."""
 
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ class Sent:
     path: str
     query: dict
     body: Any
+    headers: dict = field(default_factory=dict)  # as sent; only the online endpoint tests read them
 
     @property
     def text(self) -> str:
@@ -78,6 +79,17 @@ class FakeWorkspace:
     schedules: dict[str, dict] = field(default_factory=dict)
     children: dict[str, list[dict]] = field(default_factory=dict)
     log_texts: dict[str, str] = field(default_factory=dict)
+    # Registered model versions by model name, oldest first: {"version": "3", "tags": {...}} each.
+    models: dict[str, list[dict]] = field(default_factory=dict)
+    # Managed online endpoints and their deployments, as the service stores them (see online_endpoint()).
+    endpoints: dict[str, dict] = field(default_factory=dict)
+    deployments: dict[str, dict[str, dict]] = field(default_factory=dict)
+    endpoint_key: str = "fake-endpoint-primary-key-5d41402abc4b2a76b9719d911017c592"
+    # What a deployment's scoring route answers: deployment name -> (status, JSON body); default 200 ["positive"].
+    scoring_answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    # Deployments whose creation fails (the container does not start): deployment name -> the service's message.
+    deployment_failures: dict[str, str] = field(default_factory=dict)
+    failed_operations: dict[str, str] = field(default_factory=dict)
     requests: list[Sent] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
 
@@ -109,7 +121,7 @@ class FakeWorkspace:
                 body = json.loads(body)
             except ValueError:
                 pass
-        sent = Sent(request.method, request.url, parts.path, parse_qs(parts.query), body)
+        sent = Sent(request.method, request.url, parts.path, parse_qs(parts.query), body, dict(request.headers))
         self.requests.append(sent)
         for method, pattern, status in self.status_overrides:
             if method == request.method and re.search(pattern, parts.path):
@@ -127,6 +139,9 @@ class FakeWorkspace:
     def _route(self, sent: Sent, request) -> Optional[tuple]:
         path, method = sent.path, sent.method
         host = urlsplit(sent.url).netloc
+        online = self._online_route(sent, host)
+        if online is not None:
+            return online
         if host.endswith("blob.core.windows.net"):
             if method == "HEAD":
                 return 404, ""
@@ -236,6 +251,117 @@ class FakeWorkspace:
         if match and method == "POST":
             return 200, {"submissionId": f"{match[1]}-manual-1", "scheduleActionType": "CreateJob"}
         return None
+
+    # -- managed online endpoints, their deployments, keys and scoring; registered model versions ----------------
+    def add_model_versions(self, name: str, *versions: dict) -> None:
+        """Register versions of model `name`: {"version": "3", "tags": {...}} each, oldest first."""
+        self.models.setdefault(name, []).extend(versions)
+
+    def online_endpoint(self, name: str, auth_mode: str = "Key", traffic: Optional[dict] = None, **deployments: str) -> None:
+        """An endpoint that already exists, with `deployments` (deployment name -> model ARM id) and `traffic`."""
+        self.endpoints[name] = self._endpoint_resource(name, {"authMode": auth_mode, "traffic": dict(traffic or {})})
+        for deployment, model in deployments.items():
+            properties = {"model": model, "instanceType": "Standard_DS3_v2", "endpointComputeType": "Managed"}
+            body = {"properties": properties, "sku": {"name": "Default", "capacity": 1}}
+            self.deployments.setdefault(name, {})[deployment] = self._deployment_resource(name, deployment, body)
+
+    def _endpoint_resource(self, name: str, properties: dict, tags: Optional[dict] = None) -> dict:
+        host = f"https://{name}.westeurope.inference.ml.azure.com"
+        properties = {**properties, "provisioningState": "Succeeded", "scoringUri": f"{host}/score"}
+        return {
+            "id": f"{WS_PATH}/onlineEndpoints/{name}", "name": name,
+            "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints", "location": "westeurope", "kind": "Managed",
+            "tags": tags or {}, "identity": {"type": "SystemAssigned"}, "properties": properties,
+        }
+
+    def _deployment_resource(self, endpoint: str, name: str, body: dict) -> dict:
+        # The service fills in what a PUT left out: default scale settings, and the state once the deployment is up.
+        properties = {"scaleSettings": {"scaleType": "Default"}, **body.get("properties", {}), "provisioningState": "Succeeded"}
+        return {
+            "id": f"{WS_PATH}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name, "location": "westeurope",
+            "kind": "Managed", "type": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments",
+            "tags": body.get("tags", {}), "sku": body.get("sku", {"name": "Default", "capacity": 1}), "properties": properties,
+        }
+
+    def _accepted(self, resource: dict, status: int = 201, failure: Optional[str] = None) -> tuple:
+        """An Azure-AsyncOperation to poll, as ARM answers a long-running PUT (201) or DELETE (202). The SDK reads a
+        DELETE's Retry-After as whole seconds, so that one waits a second; a PUT's is polled at once."""
+        operation = (
+            f"{ARM}/subscriptions/{SUBSCRIPTION}/providers/Microsoft.MachineLearningServices/locations/westeurope"
+            f"/mfeOperationsStatus/{'failed' if failure else 'op'}-{len(self.requests)}?api-version=2024-04-01"
+        )
+        if failure:
+            self.failed_operations[operation.split("/")[-1].split("?")[0]] = failure
+        return status, resource, {"Azure-AsyncOperation": operation, "Retry-After": "1" if status == 202 else "0.001"}
+
+    def _online_route(self, sent: Sent, host: str) -> Optional[tuple]:
+        path, method = sent.path, sent.method
+        if host.endswith(".inference.ml.azure.com") and path == "/score" and method == "POST":
+            deployment = {key.lower(): value for key, value in sent.headers.items()}.get("azureml-model-deployment", "")
+            return self.scoring_answers.get(deployment, (200, ["positive"]))
+        if "/mfeOperationsStatus/" in path and method == "GET":
+            failure = self.failed_operations.get(path.rsplit("/", 1)[1])
+            if failure:
+                return 200, {"status": "Failed", "error": {"code": "DeploymentFailed", "message": failure}}
+            return 200, {"status": "Succeeded"}
+        if not path.startswith(WS_PATH):
+            return None
+        rest = path[len(WS_PATH):]
+        match = re.fullmatch(r"/models/([^/]+)/versions", rest)
+        if match and method == "GET" and unquote(match[1]) in self.models:
+            name = unquote(match[1])
+            return 200, {"value": [self._model_version(name, item) for item in self.models[name]]}
+        match = re.fullmatch(r"/models/([^/]+)/versions/([^/]+)", rest)
+        if match and method == "GET" and unquote(match[1]) in self.models:
+            found = [item for item in self.models[unquote(match[1])] if item["version"] == unquote(match[2])]
+            if not found:
+                return 404, {"error": {"code": "UserError", "message": f"model {match[1]} version {match[2]} not found"}}
+            return 200, self._model_version(unquote(match[1]), found[0])
+        match = re.fullmatch(r"/onlineEndpoints/([^/]+)(/listKeys|/deployments(?:/([^/]+))?)?", rest)
+        if not match:
+            return None
+        endpoint, tail, deployment = match[1], match[2] or "", match[3]
+        if endpoint not in self.endpoints and not (tail == "" and method == "PUT"):
+            return 404, {"error": {"code": "UserError", "message": f"Could not find online endpoint {endpoint}"}}
+        if tail == "" and method == "GET":
+            return 200, self.endpoints[endpoint]
+        if tail == "" and method == "PUT":
+            properties, tags = dict(sent.body.get("properties", {})), sent.body.get("tags")
+            self.endpoints[endpoint] = self._endpoint_resource(endpoint, properties, tags)
+            return self._accepted(self.endpoints[endpoint])
+        if tail == "/listKeys" and method == "POST":
+            return 200, {"primaryKey": self.endpoint_key, "secondaryKey": self.endpoint_key[::-1]}
+        deployments = self.deployments.setdefault(endpoint, {})
+        if tail == "/deployments" and method == "GET":
+            return 200, {"value": list(deployments.values())}
+        if deployment is not None and method == "GET":
+            if deployment not in deployments:
+                return 404, {"error": {"code": "UserError", "message": f"Could not find deployment {deployment}"}}
+            return 200, deployments[deployment]
+        if deployment is not None and method == "PUT":
+            deployments[deployment] = self._deployment_resource(endpoint, deployment, sent.body)
+            failure = self.deployment_failures.get(deployment)
+            if failure:
+                deployments[deployment]["properties"]["provisioningState"] = "Failed"
+            return self._accepted(deployments[deployment], failure=failure)
+        if deployment is not None and method == "DELETE":
+            deployments.pop(deployment, None)
+            return self._accepted({}, 202)
+        return None
+
+    def _model_version(self, name: str, item: dict) -> dict:
+        """A registered MLflow model version, as the register step leaves it (azure/injob.py register_student)."""
+        flavors = {
+            "transformers": {"data": {"task": "text-generation"}},
+            "python_function": {"data": {"loader_module": "mlflow.transformers"}},
+        }
+        workspace = f"azureml://subscriptions/{SUBSCRIPTION}/resourcegroups/{RESOURCE_GROUP}/workspaces/{WORKSPACE}"
+        store = f"{workspace}/datastores/workspaceartifactstore"
+        properties = {
+            "tags": item.get("tags", {}), "modelType": "mlflow_model", "isArchived": False, "flavors": flavors,
+            "modelUri": f"{store}/paths/{name}/{item['version']}",
+        }
+        return {"id": f"{WS_PATH}/models/{name}/versions/{item['version']}", "name": item["version"], "properties": properties}
 
 
 def workspace_env(monkeypatch) -> None:

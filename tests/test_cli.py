@@ -25,9 +25,9 @@ from azdistill.config.sections import TASK_TYPES
 from azdistill.data.splits import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 from azdistill.errors import StageFailed
 
-COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui", "export")
+COMMANDS = ("run", "validate", "synthesize", "preflight", "finetune", "evaluate", "ui", "export", "serve")
 TOOLS = ("import-logs",)  # commands that take no config (tested in tests/test_logs_import.py)
-AZURE = ("submit", "schedule", "status", "logs", "job")  # Azure ML commands (tested in tests/test_azure_*.py)
+AZURE = ("submit", "deploy", "schedule", "status", "logs", "job")  # Azure ML commands (tested in tests/test_azure_*.py)
 GROUPS = ("runs",)  # command groups; their subcommands are tested in tests/test_runs.py
 TOP_LEVEL_KEYS = "azure, data, evaluation, name, runtime, student, synthesis, task, teacher, tracking, training, workdir"
 GOOD_ROW = {

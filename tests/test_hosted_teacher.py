@@ -251,7 +251,7 @@ def test_the_report_shows_a_hosted_teacher_as_hosted_and_compares_cost(tmp_path)
 
 
 def test_a_local_model_is_costed_from_the_serving_machine_price():
-    from azdistill.config.sections import EvaluationConfig
+    from azdistill.config.evaluation import EvaluationConfig
     from azdistill.evaluation.measure import local_cost_per_1k_answers
 
     assert local_cost_per_1k_answers(EvaluationConfig(), 36.0, 100) is None  # no price: no cost

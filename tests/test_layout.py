@@ -27,13 +27,16 @@ LONG_FUNCTIONS: dict[str, str] = {
 }
 
 # The order of the package README: the layers of pyproject.toml's first contract, top to bottom.
-FOLDER_ORDER = ["cli", "azure", "stages", "synthesis", "training", "tracking", "evaluation", "teachers", "models", "data", "config"]
+FOLDER_ORDER = [
+    "cli", "azure", "stages", "synthesis", "training", "serving", "tracking", "evaluation", "teachers", "models", "data", "config",
+]
 FOLDER_TITLES = {
     "cli": "the command line: parse, dispatch, print",
-    "azure": "Azure ML: build and submit pipelines and schedules, the steps that run inside Azure jobs",
+    "azure": "Azure ML: build and submit pipelines and schedules, the steps that run inside Azure jobs, deploy the champion",
     "stages": "the stages: fingerprints, reuse and resume, then calls into the parts below",
     "synthesis": "the teacher answers the training prompts",
     "training": "the student learns from the answers",
+    "serving": "a trained student behind an OpenAI-compatible server on this machine",
     "tracking": "MLflow runs, the model registry and its champion",
     "evaluation": "teacher, student and baselines measured and compared",
     "teachers": "every kind of teacher behind one interface",

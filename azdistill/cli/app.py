@@ -10,7 +10,7 @@ from typing import Optional
 import click
 
 from azdistill import __version__
-from azdistill.cli import azure, data, runs, stages
+from azdistill.cli import azure, data, runs, serve, stages
 from azdistill.console import configure_logging
 from azdistill.errors import StageFailed, UserError
 
@@ -54,5 +54,7 @@ for _command in (
     data.import_logs_command, data.export_command,
     runs.ui, runs.runs,
     azure.submit, azure.schedule, azure.status, azure.logs, azure.job,
+    azure.deploy,
+    serve.serve,
 ):
     cli.add_command(_command)

@@ -1,4 +1,4 @@
-"""`azdistill submit | schedule | status | logs | job`: the Azure ML commands.
+"""`azdistill submit | deploy | schedule | status | logs | job`: the Azure ML commands.
 
 Like every command, these only parse and dispatch; azure.ai.ml is imported inside them so `azdistill --help`
 stays instant.
@@ -66,6 +66,45 @@ def submit(config: Optional[Path], overrides: tuple[str, ...], pipeline: Optiona
         click.echo(f"submit it with: azdistill submit {config or ''} --pipeline {result.pipeline}".replace("  ", " "))
     elif stream and result.status not in ("Completed", None):
         raise SystemExit(1)
+
+
+@click.command()
+@config_argument
+@set_option
+@click.option(
+    "--model", "model", default="@champion", show_default=True,
+    help="The registered version to deploy: @champion (the version tagged azdistill.champion=true), 3 or v3.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Write endpoint.yaml and deployment.yaml (needs --model VERSION); no network, no credentials."
+)
+@click.option(
+    "--retire", multiple=True, metavar="DEPLOYMENT",
+    help="Delete this old deployment (at 0%) once the new one serves (repeatable).",
+)
+@click.option(
+    "--output-dir", type=click.Path(path_type=Path), default=None,
+    help="Where the dry run writes (default: <workdir>/azure/<name>/deploy).",
+)
+def deploy(
+    config: Optional[Path], overrides: tuple[str, ...], model: str, dry_run: bool, retire: tuple[str, ...],
+    output_dir: Optional[Path],
+) -> None:
+    """Deploy the champion (or --model VERSION) to the config's online endpoint: its own deployment, a smoke test with
+    held-out prompts, then all the traffic (blue/green)."""
+    from azdistill.azure.deploy import deploy as deploy_model
+    from azdistill.azure.deploy import manual_steps, write_dry_run
+
+    _quiet_sdk()
+    settings = _settings(config, overrides)
+    if dry_run:
+        written = write_dry_run(settings, model, output_dir)
+        click.echo(f"written, no request sent: {', '.join(str(path) for path in written)}")
+        click.echo("to apply them by hand (what `azdistill deploy` does, smoke test included):")
+        for line in manual_steps(settings, model, written):
+            click.echo(f"  {line}")
+        return
+    deploy_model(settings, model, retire, echo=click.echo)
 
 
 @click.group()

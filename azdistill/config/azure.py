@@ -1,4 +1,5 @@
-"""The `azure` section: the workspace, compute per stage, data assets and the retrain schedule."""
+"""The `azure` section: the workspace, compute per stage, data assets, the retrain schedule and the online endpoint
+the champion is deployed on."""
 
 from __future__ import annotations
 
@@ -91,6 +92,72 @@ class ScheduleConfig(Section):
         return self
 
 
+# Azure's rule for online endpoint and deployment names: 3-32 characters, letters, digits and hyphens, starting with a
+# letter and ending with a letter or digit (azure.ai.ml's validate_endpoint_or_deployment_name says the same).
+ENDPOINT_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]"
+
+
+class DeploymentConfig(Section):
+    """Where `azdistill deploy` serves the champion: a managed online endpoint and one deployment per model version."""
+
+    endpoint_name: Optional[str] = Field(
+        default=None,
+        description="Managed online endpoint name: 3-32 letters, digits and hyphens, starting with a letter, unique in "
+        "the Azure region. Default: <config name>-student.",
+    )
+    instance_type: str = Field(
+        default="Standard_DS3_v2",
+        description="VM size of each deployment, e.g. Standard_DS3_v2 (CPU) or Standard_NC6s_v3 (GPU); Azure's list: "
+        "https://learn.microsoft.com/azure/machine-learning/reference-managed-online-endpoints-vm-sku-list",
+    )
+    instance_count: int = Field(default=1, ge=1, le=100, description="Instances a new deployment starts with.")
+    min_instances: Optional[int] = Field(
+        default=None, ge=1, le=100,
+        description="Autoscale: the fewest instances (with max_instances). Managed deployments scale through Azure "
+        "Monitor autoscale, so `deploy` prints the `az monitor autoscale` commands for the new deployment.",
+    )
+    max_instances: Optional[int] = Field(
+        default=None, ge=1, le=100, description="Autoscale: the most instances (with min_instances)."
+    )
+    target_utilization_percentage: Optional[int] = Field(
+        default=None, ge=1, le=100,
+        description="Autoscale: average CPU % above which an instance is added (below half of it one is removed). "
+        "Default with min/max_instances: 70.",
+    )
+    smoke_prompts: int = Field(
+        default=3, ge=1, le=100,
+        description="Held-out prompts of data.test sent to a new deployment before it takes traffic; each must be "
+        "answered with non-empty text.",
+    )
+    auth_mode: Literal["key", "aad_token"] = Field(
+        default="key",
+        description="How callers authenticate: key (the endpoint's keys, fetched with `az ml online-endpoint "
+        "get-credentials`) or aad_token (a Microsoft Entra ID token). Applies when the endpoint is created.",
+    )
+
+    @field_validator("endpoint_name")
+    @classmethod
+    def _endpoint_name_is_valid(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.fullmatch(ENDPOINT_NAME_PATTERN, value):
+            raise ValueError("use 3-32 letters, digits and hyphens, starting with a letter and ending with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _autoscale_is_complete(self) -> "DeploymentConfig":
+        bounds = (self.min_instances, self.max_instances)
+        if (bounds[0] is None) != (bounds[1] is None) or (self.target_utilization_percentage and bounds[0] is None):
+            raise ValueError("autoscale needs min_instances and max_instances together (target_utilization_percentage optional)")
+        if bounds[0] is not None and not bounds[0] <= self.instance_count <= bounds[1]:
+            raise ValueError(
+                f"instance_count {self.instance_count} must lie within min_instances {bounds[0]} and max_instances {bounds[1]}"
+            )
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.min_instances is not None
+
+
 class AzureConfig(Section):
     subscription_id: Optional[str] = Field(
         default=None, description="Workspace subscription. Default: AZURE_SUBSCRIPTION_ID, else an Azure ML config.json."
@@ -134,6 +201,9 @@ class AzureConfig(Section):
         "identityClientId); jobs authenticate with it.",
     )
     schedule: Optional[ScheduleConfig] = Field(default=None, description="Recurring retrain (azdistill schedule create).")
+    deployment: Optional[DeploymentConfig] = Field(
+        default=None, description="The managed online endpoint `azdistill deploy` serves the champion on. Default: all defaults."
+    )
 
     @field_validator("teacher_key_secret")
     @classmethod

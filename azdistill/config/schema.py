@@ -9,9 +9,9 @@ from typing import Optional
 from pydantic import Field, field_validator
 
 from azdistill.config.azure import AzureConfig
+from azdistill.config.evaluation import EvaluationConfig
 from azdistill.config.sections import (
     DataConfig,
-    EvaluationConfig,
     RuntimeConfig,
     Section,
     StudentConfig,

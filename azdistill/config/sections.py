@@ -245,43 +245,6 @@ class TrainingConfig(Section):
         return self.kd_weight > 0 or self.hidden_weight > 0 or self.on_policy_ratio > 0
 
 
-class PromotionConfig(Section):
-    min_agreement: float = Field(default=0.8, ge=0.0, le=1.0, description="Least agreement with the teacher.")
-    min_quality_retained: float = Field(
-        default=0.9, ge=0.0, description="Least share of the teacher's primary metric the student keeps."
-    )
-    max_latency_ratio: float = Field(
-        default=0.5, gt=0.0, description="Most student p50 latency as a share of the teacher's."
-    )
-    beat_baseline: bool = Field(default=True, description="The student must beat the un-distilled baseline.")
-    champion_metric: str = Field(
-        default="agreement",
-        min_length=1,
-        description="Student quality metric (higher is better: agreement, accuracy, rouge_l, ...) a retrain must "
-        "beat the registered 'champion' on, besides passing the checks above, to become the new champion.",
-    )
-
-
-class EvaluationConfig(Section):
-    max_new_tokens: int = Field(default=256, gt=0, le=8192, description="Longest answer generated per model.")
-    batch_size: int = Field(default=8, gt=0, le=1024, description="Prompts generated together (throughput).")
-    latency_samples: int = Field(
-        default=16, ge=1, description="Prompts answered one at a time to measure latency per response."
-    )
-    serving_price_per_hour: Optional[float] = Field(
-        default=None, ge=0.0,
-        description="Price of one hour of the machine that serves a local model (the student, the baselines, a local "
-        "teacher), same currency as the teacher's prices: gives every local row its cost per 1,000 answers from "
-        "the measured throughput. Hosted teachers are costed from their token prices.",
-    )
-    reference_baseline: bool = Field(
-        default=True,
-        description="Where the training data has reference answers, also fine-tune the student on them and "
-        "report it (the 'trained without a teacher' baseline).",
-    )
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-
-
 class RuntimeConfig(Section):
     threads: Optional[int] = Field(
         default=None, ge=1, le=1024,

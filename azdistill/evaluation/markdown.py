@@ -14,6 +14,7 @@ from azdistill.evaluation.report import (
     comparison,
     is_finite,
     is_fraction_metric,
+    is_served,
     metric_label,
     model_of,
 )
@@ -164,6 +165,7 @@ def render_markdown(report: Report) -> str:
     out = _title_section(report)
     out += _models_section(report, metrics)
     out += _student_vs_teacher_section(report, comparison(report))
+    out += _served_section(report)
     out += _promotion_section(report)
     out += _samples_section(report)
     return "\n".join(out)
@@ -278,6 +280,35 @@ def _student_vs_teacher_section(report: Report, comp: dict[str, float]) -> list[
     return out
 
 
+def _served_comparison(report: Report, served: ModelResult) -> str:
+    """A served model against the teacher, both as a client sees them: latency per response, agreement, cost."""
+    teacher = model_of(report, "teacher")
+    parts = [f"p50 {_fmt_latency(served.latency_p50_s)} s"]
+    if teacher is not None and is_finite(teacher.latency_p50_s):
+        parts[0] += f" vs the teacher's {_fmt_latency(teacher.latency_p50_s)} s"
+        measured = is_finite(served.latency_p50_s) and served.latency_p50_s > 0
+        speedup = teacher.latency_p50_s / served.latency_p50_s if measured else None
+        if speedup:
+            parts[0] += f" ({_times(speedup)} faster)" if speedup >= 1 else f" ({_times(1 / speedup)} slower)"
+    if is_finite(served.metrics.get("agreement")):
+        parts.append(f"agreement with the teacher {served.metrics['agreement'] * 100:.1f}%")
+    if teacher is not None and is_finite(served.cost_per_1k_answers) and is_finite(teacher.cost_per_1k_answers):
+        costs = f"{_fmt_cost(served.cost_per_1k_answers)} vs {_fmt_cost(teacher.cost_per_1k_answers)}"
+        parts.append(f"cost per 1,000 answers {costs}")
+    return ", ".join(parts)
+
+
+def _served_section(report: Report) -> list[str]:
+    """One bullet per served model (`evaluation.served`) against the teacher; nothing when none was measured."""
+    served = [m for m in report.models if is_served(m.role)]
+    if not served:
+        return []
+    out = ["## Served models vs teacher", ""]
+    out += [f"- {_cell(m.name)}: {_served_comparison(report, m)}" for m in served]
+    out += ["", "Measured through their endpoints like a hosted teacher; they take no part in the promotion checks.", ""]
+    return out
+
+
 def _promotion_section(report: Report) -> list[str]:
     """The decision, and each promotion check with its value, threshold and result."""
     out = [f"## Promotion: {'PROMOTE' if report.promote else 'KEEP CURRENT'}", ""]
@@ -310,9 +341,16 @@ def _samples_section(report: Report) -> list[str]:
     present = {k for s in samples for k, v in s.items() if v is not None}
     cols = [k for k in known if k in present]
     cols += sorted(present - set(known))
+    # A served model's column is headed by its name: its role is that name made into a metric prefix.
+    served_names = {m.role: m.name for m in report.models if is_served(m.role)}
     out = ["## Sample answers", ""]
     out += _table(
-        [metric_label(c) if c in METRIC_LABELS else c.replace("_", " ").capitalize() for c in cols],
+        [
+            _cell(served_names[c]) if c in served_names
+            else metric_label(c) if c in METRIC_LABELS
+            else c.replace("_", " ").capitalize()
+            for c in cols
+        ],
         ([_cell(s.get(c)) for c in cols] for s in samples),
     )
     out.append("")
@@ -355,6 +393,7 @@ def headline_lines(report: Report) -> list[str]:
         if baseline and is_finite(baseline.metrics.get("agreement")):
             line += f" (baseline {baseline.metrics['agreement'] * 100:.1f}%)"
         lines.append(line)
+    lines += [f"{m.name}: {_served_comparison(report, m)}" for m in report.models if is_served(m.role)]
 
     pm = report.primary_metric
     if pm and pm != "agreement":
@@ -366,7 +405,8 @@ def headline_lines(report: Report) -> list[str]:
         )
         if ordered:
             shown = ", ".join(
-                f"{m.role.replace('_', ' ')} {_fmt_metric(m.metrics[pm], fraction, pm)}" for m in ordered
+                f"{m.name if is_served(m.role) else m.role.replace('_', ' ')} {_fmt_metric(m.metrics[pm], fraction, pm)}"
+                for m in ordered
             )
             lines.append(f"{pm}: {shown}")
 

@@ -9,28 +9,51 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+from azdistill.config.evaluation import EvaluationConfig
 from azdistill.config.schema import DistillConfig
-from azdistill.config.sections import EvaluationConfig, RuntimeConfig
+from azdistill.config.sections import RuntimeConfig
+from azdistill.config.teacher import TeacherConfig
 from azdistill.data.records import Message
 from azdistill.errors import StageFailed, UserError
 
 log = logging.getLogger(__name__)
 
 
-def measure_hosted(config: DistillConfig, conversations: list[list[Message]], description: str = "teacher") -> dict:
-    """Measure a hosted teacher as a client sees it, through the same client that synthesized the data.
+def measure_hosted(
+    config: DistillConfig,
+    conversations: list[list[Message]],
+    description: str = "teacher",
+    endpoint: Optional[TeacherConfig] = None,
+    key_path: str = "teacher",
+) -> dict:
+    """Measure a hosted model as a client sees it, through the same client that synthesized the data.
 
-    Latency per response: the first `latency_samples` prompts sent one at a time. Quality: every prompt answered
-    with the endpoint's concurrency (greedy, evaluation.max_new_tokens), whose tokens/s is the throughput. Cost:
-    the configured token prices times the tokens the endpoint counted. Size and memory cannot be measured for a
-    hosted model: they stay empty (the report says "hosted"), parameters are the declared count if any.
+    The model is the hosted teacher, or the served model `endpoint` (an `evaluation.served` entry, whose settings
+    are under `key_path`, which its errors name). Latency per response: the first `latency_samples` prompts sent
+    one at a time. Quality: every prompt answered with the endpoint's concurrency (greedy,
+    evaluation.max_new_tokens), whose tokens/s is the throughput. Cost: the configured token prices times the
+    tokens the endpoint counted. Size and memory cannot be measured for a hosted model: they stay empty (the
+    report says "hosted"), parameters are the declared count if any.
     """
+    endpoint = endpoint or config.teacher
+    with _errors_naming(key_path, description):
+        measured = _measure_endpoint(config, endpoint, conversations, description)
+    measured["parameters"] = endpoint.parameters or 0
+    return measured
+
+
+def _measure_endpoint(
+    config: DistillConfig, endpoint: TeacherConfig, conversations: list[list[Message]], description: str
+) -> dict:
+    """`measure_hosted`'s requests: timed one at a time, then every prompt at the endpoint's concurrency."""
     from azdistill.console import Progress
     from azdistill.teachers.base import RecordRejected
     from azdistill.teachers.hosted import build_endpoint_teacher
@@ -40,7 +63,8 @@ def measure_hosted(config: DistillConfig, conversations: list[list[Message]], de
         update={"max_new_tokens": evaluation.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
                 "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_cost": None}
     )
-    teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy}))
+    # The endpoint client reads the teacher section; a served model's settings have the same keys.
+    teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy, "teacher": endpoint}))
     try:
         latencies: list[float] = []
         timed = conversations[: evaluation.latency_samples]
@@ -66,14 +90,17 @@ def measure_hosted(config: DistillConfig, conversations: list[list[Message]], de
     refused = [completion for completion in completions if completion.finish_reason.startswith("refused")]
     if len(refused) == len(conversations):
         raise StageFailed(
-            f"evaluate: the teacher endpoint answered none of the {len(conversations)} held-out prompts; first: "
+            f"evaluate: the {description} endpoint answered none of the {len(conversations)} held-out prompts; first: "
             f"{refused[0].finish_reason}"
         )
     if refused:
-        log.warning("evaluate: the teacher endpoint refused %d of %d held-out prompts (scored as empty answers)", len(refused), len(conversations))
+        log.warning(
+            "evaluate: the %s endpoint refused %d of %d held-out prompts (scored as empty answers)",
+            description, len(refused), len(conversations),
+        )
     prompt_tokens = sum(completion.prompt_tokens for completion in completions)
     generated_tokens = sum(completion.completion_tokens for completion in completions)
-    priced = config.teacher.price_per_million_prompt_tokens is not None or config.teacher.price_per_million_completion_tokens is not None
+    priced = endpoint.price_per_million_prompt_tokens is not None or endpoint.price_per_million_completion_tokens is not None
     cost = teacher.budget.cost(prompt_tokens, generated_tokens) if priced else None
     return {
         "answers": [completion.text for completion in completions],
@@ -82,7 +109,6 @@ def measure_hosted(config: DistillConfig, conversations: list[list[Message]], de
         "generated_tokens": generated_tokens,
         "prompt_tokens": prompt_tokens,
         "seconds": seconds,
-        "parameters": config.teacher.parameters or 0,
         "weights_bytes": None,
         "peak_memory_bytes": None,
         "size_on_disk_bytes": None,
@@ -95,6 +121,22 @@ def measure_hosted(config: DistillConfig, conversations: list[list[Message]], de
     }
 
 
+@contextmanager
+def _errors_naming(key_path: str, description: str) -> Iterator[None]:
+    """Let the endpoint client's errors name a served model's keys: it names the teacher's ("teacher.auth",
+    "teacher endpoint ..."), which is right only when the teacher is measured."""
+    if key_path == "teacher":
+        yield
+        return
+    teacher_keys = re.compile(r"\bteacher\.(?=(" + "|".join(TeacherConfig.model_fields) + r")\b)")
+    try:
+        yield
+    except UserError as error:
+        message = teacher_keys.sub(f"{key_path}.", str(error))
+        message = message.replace("teacher endpoint", f"{description} endpoint").replace("the teacher's key", "its key")
+        raise UserError(message) from None
+
+
 def measure_logged(records: list) -> dict:
     """`teacher.kind: logged`: the teacher's answers are the logged ones in the test split; nothing is timed."""
     answers = [record.reference or "" for record in records]
@@ -105,6 +147,18 @@ def measure_logged(records: list) -> dict:
         "parameters": 0, "weights_bytes": None, "peak_memory_bytes": None, "size_on_disk_bytes": None, "device": "logged",
         "hosted": True, "cost_per_1k_answers": None,
     }
+
+
+def hosted_cost_per_1k_answers(
+    endpoint: TeacherConfig, prompt_tokens: int, generated_tokens: int, answers: int
+) -> Optional[float]:
+    """A hosted model's cost per 1,000 answers: its token prices times the tokens its endpoint counted; None without prices.
+
+    Worked out when the report is made, from the saved token counts, so a changed price needs no request."""
+    prompt_price, completion_price = endpoint.price_per_million_prompt_tokens, endpoint.price_per_million_completion_tokens
+    if (prompt_price is None and completion_price is None) or not answers:
+        return None
+    return ((prompt_price or 0.0) * prompt_tokens + (completion_price or 0.0) * generated_tokens) / 1e6 / answers * 1000
 
 
 def local_cost_per_1k_answers(settings: EvaluationConfig, seconds: float, answers: int) -> Optional[float]:

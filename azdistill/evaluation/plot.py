@@ -8,7 +8,15 @@ from typing import Callable
 
 import matplotlib
 
-from azdistill.evaluation.report import RAW_SCALE_METRICS, Report, atomic_write, is_finite, is_fraction_metric, metric_label
+from azdistill.evaluation.report import (
+    RAW_SCALE_METRICS,
+    Report,
+    atomic_write,
+    is_finite,
+    is_fraction_metric,
+    is_served,
+    metric_label,
+)
 
 # The machines this runs on have no display; select the file-only backend before anything
 # else in matplotlib can pick an interactive one.
@@ -22,6 +30,8 @@ ROLE_COLORS = {
     "reference_sft": "#55A868",
 }
 _OTHER_COLOR = "#8172B3"
+# Every served model shares one colour and one legend entry; the names down the side tell them apart.
+SERVED_COLOR = "#C44E52"
 
 # A panel of one measurement: title, unit on the x axis, one value per model, and how a bar's value label reads.
 Panel = tuple[str, str, list[float | None], Callable[[float], str]]
@@ -30,7 +40,11 @@ Panel = tuple[str, str, list[float | None], Callable[[float], str]]
 
 
 def _role_color(role: str) -> str:
-    return ROLE_COLORS.get(role, _OTHER_COLOR)
+    return SERVED_COLOR if is_served(role) else ROLE_COLORS.get(role, _OTHER_COLOR)
+
+
+def _legend_entry(role: str) -> str:
+    return "served" if is_served(role) else role
 
 
 def _quality_series(report: Report) -> list[tuple[str, bool, list[float | None]]]:
@@ -166,11 +180,11 @@ def _add_legend_and_title(fig, report: Report) -> None:
     """One legend for the role colours, shared by every panel, and the figure's title: pipeline, task, data."""
     from matplotlib.patches import Patch
 
-    roles = list(dict.fromkeys(m.role for m in report.models))
+    entries = dict.fromkeys((_legend_entry(m.role), _role_color(m.role)) for m in report.models)
     fig.legend(
-        handles=[Patch(facecolor=_role_color(r), label=r.replace("_", " ")) for r in roles],
+        handles=[Patch(facecolor=color, label=entry.replace("_", " ")) for entry, color in entries],
         loc="upper right",
-        ncol=len(roles),
+        ncol=len(entries),
         fontsize=9,
         frameon=False,
     )

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from azdistill.config.evaluation import SERVED_ROLE_PREFIX
+
 ROLE_ORDER = ("teacher", "student", "baseline", "reference_sft")
 
 METRIC_LABELS = {
@@ -31,7 +33,7 @@ RAW_SCALE_METRICS = {"bleu"}
 class ModelResult:
     """One evaluated model: its size, cost and quality on the held-out set."""
 
-    role: str  # "teacher" | "student" | "baseline" | "reference_sft"
+    role: str  # "teacher" | "student" | "baseline" | "reference_sft" | "served_<name>" (see `is_served`)
     name: str
     path: str
     parameters: int
@@ -73,7 +75,7 @@ class Report:
     data_version: str
     created: str  # ISO-8601
     primary_metric: str
-    models: list[ModelResult]  # teacher first, then student, baseline, reference_sft
+    models: list[ModelResult]  # teacher first, then student, the served models, baseline, reference_sft
     promote: bool
     checks: list[PromotionCheck]
     device: str
@@ -91,6 +93,12 @@ def _ratio(num: float, den: float) -> float | None:
     if not (is_finite(num) and is_finite(den)) or den == 0:
         return None
     return num / den
+
+
+def is_served(role: str) -> bool:
+    """Whether a row is a served model of `evaluation.served`: measured through its endpoint, compared with the
+    teacher like the student, never part of the promotion checks."""
+    return role.startswith(SERVED_ROLE_PREFIX)
 
 
 def model_of(report: Report, role: str) -> ModelResult | None:

@@ -2,7 +2,8 @@
 
 Each model is measured in a fresh process, so its peak memory is its own and not the high-water mark of
 whatever ran before it in this process. Latency per response is timed with prompts answered one at a
-time; throughput with the whole set answered in batches (those answers are the ones scored).
+time; throughput with the whole set answered in batches (those answers are the ones scored). Served models
+(`evaluation.served`) answer through their endpoints, as a hosted teacher does, one report row each.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from azdistill.config.evaluation import ServedModelConfig
 from azdistill.config.schema import DistillConfig
+from azdistill.config.teacher import TeacherConfig
 from azdistill.data import digests
 from azdistill.data.files import write_json
 from azdistill.data.records import read_records
 from azdistill.evaluation.markdown import headline_lines
 from azdistill.evaluation.measure import (
     device_description,
+    hosted_cost_per_1k_answers,
     local_cost_per_1k_answers,
     measure_hosted,
     measure_in_child,
@@ -77,6 +81,7 @@ def model_labels(config: DistillConfig, models: dict[str, Optional[Path]]) -> di
         "student": f"{student} (distilled student)",
         "baseline": f"{student} (before distillation)",
         "reference_sft": f"{student} (trained on references)",
+        **{served.role: served.name for served in config.evaluation.served},
     }
 
 
@@ -85,7 +90,21 @@ def teacher_identity(config: DistillConfig, teacher_path: Optional[Path]) -> str
     if config.teacher.kind == "local":
         assert teacher_path is not None, "a local teacher is evaluated from its folder"
         return digests.folder_digest(teacher_path)
-    return digests.fingerprint(config.teacher.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
+    return endpoint_identity(config.teacher)
+
+
+def endpoint_identity(endpoint: TeacherConfig) -> str:
+    """What a hosted model's answers depend on: which endpoint, kind and model (or deployment) answer.
+
+    What is deployed behind them is not seen: after a redeploy behind the same URL and model name, measure again
+    with `--force` (or name the new deployment in `deployment`)."""
+    return digests.fingerprint(endpoint.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
+
+
+def served_models(config: DistillConfig) -> dict[str, tuple[int, ServedModelConfig]]:
+    """The served models of `evaluation.served` by role, with their place in that list (their key is
+    `evaluation.served.<place>`)."""
+    return {served.role: (index, served) for index, served in enumerate(config.evaluation.served)}
 
 
 def evaluate(
@@ -104,6 +123,7 @@ def evaluate(
     out_dir = Path(out_dir or config.stage_dir("evaluate"))
     records = read_records(config.data.test, config.task.type, config.data.max_records)
     all_models: dict[str, Optional[Path]] = {"teacher": teacher_path if config.teacher.kind == "local" else None, **models}
+    all_models.update({role: None for role in served_models(config)})  # answered through their endpoints
     identities = _model_identities(config, all_models)
     answers_depend_on = _what_answers_depend_on(config)
     stage_fingerprint = _stage_fingerprint(config, answers_depend_on, identities)
@@ -131,11 +151,17 @@ def evaluate(
 
 def _model_identities(config: DistillConfig, all_models: dict[str, Optional[Path]]) -> dict[str, str]:
     """Per role, what its answers depend on on the model's side: the digest of its folder (the teacher's: see
-    `teacher_identity`)."""
-    return {
-        role: teacher_identity(config, path) if role == "teacher" else digests.folder_digest(path)  # type: ignore[arg-type]
-        for role, path in all_models.items()
-    }
+    `teacher_identity`; a served model's: its endpoint, see `endpoint_identity`)."""
+    served = served_models(config)
+    identities = {}
+    for role, path in all_models.items():
+        if role == "teacher":
+            identities[role] = teacher_identity(config, path)
+        elif role in served:
+            identities[role] = endpoint_identity(served[role][1])
+        else:
+            identities[role] = digests.folder_digest(path)  # type: ignore[arg-type]
+    return identities
 
 
 def _what_answers_depend_on(config: DistillConfig) -> dict:
@@ -158,7 +184,8 @@ def _stage_fingerprint(config: DistillConfig, answers_depend_on: dict, identitie
             **answers_depend_on,
             "task": config.task.model_dump(),
             "models": identities,
-            "evaluation": config.evaluation.model_dump(),
+            # Without served models the fingerprint stays what it was before they existed, so finished runs stay done.
+            "evaluation": config.evaluation.model_dump(exclude=None if config.evaluation.served else {"served"}),
             "prices": config.teacher.model_dump(
                 include={"price_per_million_prompt_tokens", "price_per_million_completion_tokens"}
             ),
@@ -184,8 +211,19 @@ def _answers_of(
             log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
             return previous
     measured = _measure(config, role, path, records)
-    write_json(cached, {"path": str(path) if path is not None else config.teacher.label, "key": key, **measured})
+    write_json(cached, {"path": _where(config, role, path), "key": key, **measured})
     return measured
+
+
+def _where(config: DistillConfig, role: str, path: Optional[Path]) -> str:
+    """Where a model's answers come from, as its report row and saved answers say: its folder, the hosted or
+    logged teacher, or a served model's kind, model and endpoint."""
+    if path is not None:
+        return str(path)
+    served = served_models(config).get(role)
+    if served is not None:
+        return f"{served[1].label} at {served[1].endpoint}"
+    return config.teacher.label
 
 
 def _saved_answers(cached: Path, key: str) -> Optional[dict]:
@@ -203,6 +241,11 @@ def _measure(config: DistillConfig, role: str, path: Optional[Path], records: li
     """Measure one model: a local one in a child process; a teacher without a folder through its endpoint, or
     from the logged answers."""
     conversations = [record.prompt for record in records]
+    served = served_models(config).get(role)
+    if served is not None:
+        index, endpoint = served
+        log.info("evaluate: %s (%s) answers %d held-out prompts", endpoint.name, _where(config, role, path), len(conversations))
+        return measure_hosted(config, conversations, endpoint.name, endpoint, key_path=f"evaluation.served.{index}")
     if path is None:
         where = config.teacher.label
         log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
@@ -227,14 +270,16 @@ def _build_report(
         )
         for role, data in measured.items()
     }
-    checks = promotion_checks(config, results, primary)
+    checks = promotion_checks(config, results, primary)  # on the teacher, student and baseline rows only
+    # The served rows sit right after the student: most often they are that student, as a client reaches it.
+    order = ["teacher", "student", *served_models(config), "baseline", "reference_sft"]
     return Report(
         pipeline=config.name,
         task=config.task.type,
         data_version=config.data.version,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         primary_metric=primary,
-        models=[results[role] for role in ("teacher", "student", "baseline", "reference_sft") if role in results],
+        models=[results[role] for role in order if role in results],
         promote=all(check.passed for check in checks),
         checks=checks,
         device=device_description(),
@@ -253,16 +298,22 @@ def _model_result(
 ) -> ModelResult:
     """One row of the report: a model's scores, speed, memory, size and cost from its measurements."""
     metrics = score_predictions(config.task.type, data["answers"], references, teacher_answers, config.task.labels)
-    hosted = bool(data.get("hosted"))
-    if hosted:
+    hosted, parameters = bool(data.get("hosted")), data["parameters"]
+    if hosted and "prompt_tokens" in data:
+        # Through an endpoint: priced and declared from the config now, so a price or count changed since still counts.
+        served = served_models(config).get(role)
+        endpoint = served[1] if served is not None else config.teacher
+        cost = hosted_cost_per_1k_answers(endpoint, data["prompt_tokens"], data["generated_tokens"], len(data["answers"]))
+        parameters = endpoint.parameters or 0
+    elif hosted:  # the logged answers: nothing was paid for here
         cost = data.get("cost_per_1k_answers")
     else:
         cost = local_cost_per_1k_answers(config.evaluation, data["seconds"], len(data["answers"]))
     return ModelResult(
         role=role,
         name=name,
-        path=str(path) if path is not None else config.teacher.label,
-        parameters=data["parameters"],
+        path=_where(config, role, path),
+        parameters=parameters,
         size_on_disk_mb=megabytes(data["size_on_disk_bytes"]),
         weights_memory_mb=megabytes(data["weights_bytes"]),
         peak_memory_mb=megabytes(data["peak_memory_bytes"]),

@@ -1,0 +1,173 @@
+"""The `evaluation` section: answer settings, the promotion checks, and the served models measured beside the teacher.
+
+A served model (`evaluation.served`) is any chat-completions endpoint, such as the student behind `azdistill serve`
+or an Azure ML online endpoint. It is reached the way a hosted teacher is, with the teacher section's own keys (kind,
+endpoint, model, auth, limits, prices), so the report shows it as a client sees it, beside the teacher's endpoint."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from azdistill.config.sections import Section
+from azdistill.config.teacher import TeacherAuthConfig, TeacherConfig, _reject_secret_keys
+
+# A served model's report row, predictions file and MLflow metrics (`served_<name>_<metric>`) are named by this role.
+SERVED_ROLE_PREFIX = "served_"
+
+
+def _in_served_words(message: str) -> str:
+    """A message the teacher's validators wrote, with the teacher's keys named as a served entry's own."""
+    return message.replace("teacher.auth.", "auth.").replace("teacher.auth", "auth")
+
+
+class PromotionConfig(Section):
+    min_agreement: float = Field(default=0.8, ge=0.0, le=1.0, description="Least agreement with the teacher.")
+    min_quality_retained: float = Field(
+        default=0.9, ge=0.0, description="Least share of the teacher's primary metric the student keeps."
+    )
+    max_latency_ratio: float = Field(
+        default=0.5, gt=0.0, description="Most student p50 latency as a share of the teacher's."
+    )
+    beat_baseline: bool = Field(default=True, description="The student must beat the un-distilled baseline.")
+    champion_metric: str = Field(
+        default="agreement",
+        min_length=1,
+        description="Student quality metric (higher is better: agreement, accuracy, rouge_l, ...) a retrain must "
+        "beat the registered 'champion' on, besides passing the checks above, to become the new champion.",
+    )
+
+
+class ServedAuthConfig(TeacherAuthConfig):
+    """How to authenticate to a served model: the teacher's methods, with its own default key variable."""
+
+    api_key_env: str = Field(
+        default="AZDISTILL_SERVED_KEY",
+        description="api_key_env: NAME of the environment variable holding the served endpoint's key (never the key "
+        "itself). Its own default, so the teacher's key is never sent to another endpoint by accident.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        return _reject_secret_keys(data, "evaluation.served.auth")
+
+    @model_validator(mode="after")
+    def _method_has_its_settings(self) -> "ServedAuthConfig":
+        try:
+            TeacherAuthConfig._method_has_its_settings(self)
+        except ValueError as error:
+            raise ValueError(_in_served_words(str(error))) from None
+        return self
+
+
+class ServedModelConfig(TeacherConfig):
+    """A model served behind an endpoint, measured like a hosted teacher: a row of the report, never a promotion gate."""
+
+    name: str = Field(
+        min_length=1, max_length=64,
+        description="Required. The report row's label, e.g. 'student (served)'. In lower case, with every run of "
+        "other characters than letters and digits made one '_', it also names the row's MLflow metrics: "
+        "served_student_served_latency_p50_s.",
+    )
+    kind: Literal["openai-compatible", "azure_openai", "serverless", "online_endpoint"] = Field(
+        default="openai-compatible",
+        description="How the endpoint is called, as for a hosted teacher: openai-compatible (any /v1/chat/completions "
+        "server, e.g. `azdistill serve` or vLLM), azure_openai, serverless or online_endpoint (an Azure ML managed "
+        "online endpoint).",
+    )
+    endpoint: str = Field(  # type: ignore[assignment]  # required here; optional for a teacher
+        description="Required. The endpoint's base URL, e.g. http://127.0.0.1:8000/v1 or "
+        "https://<name>.<region>.inference.ml.azure.com. A URL ending in /chat/completions is used as is.",
+    )
+    model: str = Field(
+        min_length=1,
+        description="Required. The model name the server expects in each request (the one `azdistill serve` prints).",
+    )
+    auth: ServedAuthConfig = Field(default_factory=ServedAuthConfig)  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        return _reject_secret_keys(data, "evaluation.served")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: Optional[str]) -> Optional[str]:
+        try:
+            return TeacherConfig._endpoint_is_a_url(value)
+        except PydanticCustomError as error:
+            # Kept as its own error type: the report of it never repeats the URL, which carries a credential.
+            raise PydanticCustomError(error.type, _in_served_words(error.message())) from None
+
+    @field_validator("name")
+    @classmethod
+    def _name_makes_a_role(cls, value: str) -> str:
+        if not re.search(r"[A-Za-z0-9]", value):
+            raise ValueError("needs a letter or a digit: the name also names the row's metrics (served_<name>_<metric>)")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _kind_has_its_settings(self) -> "ServedModelConfig":
+        if self.kind == "azure_openai" and not (self.deployment and self.api_version):
+            raise ValueError("kind azure_openai needs deployment and api_version (e.g. 2024-10-21)")
+        if self.local_copy is not None:
+            raise ValueError(
+                "local_copy is only for the teacher (teacher.local_copy); a served model is measured through its endpoint"
+            )
+        return self
+
+    @property
+    def role(self) -> str:
+        """The row's role in the report: `served_` and the name in lower case, letters and digits joined by '_'."""
+        return SERVED_ROLE_PREFIX + re.sub(r"[^a-z0-9]+", "_", self.name.lower()).strip("_")
+
+
+class EvaluationConfig(Section):
+    max_new_tokens: int = Field(default=256, gt=0, le=8192, description="Longest answer generated per model.")
+    batch_size: int = Field(default=8, gt=0, le=1024, description="Prompts generated together (throughput).")
+    latency_samples: int = Field(
+        default=16, ge=1, description="Prompts answered one at a time to measure latency per response."
+    )
+    serving_price_per_hour: Optional[float] = Field(
+        default=None, ge=0.0,
+        description="Price of one hour of the machine that serves a local model (the student, the baselines, a local "
+        "teacher), same currency as the teacher's prices: gives every local row its cost per 1,000 answers from "
+        "the measured throughput. Hosted teachers are costed from their token prices.",
+    )
+    reference_baseline: bool = Field(
+        default=True,
+        description="Where the training data has reference answers, also fine-tune the student on them and "
+        "report it (the 'trained without a teacher' baseline).",
+    )
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    served: list[ServedModelConfig] = Field(
+        default_factory=list,
+        description="Served models measured through their endpoints like a hosted teacher (latency one request at a "
+        "time, quality and agreement with the teacher on every held-out prompt, cost from their token prices), one "
+        "report row each. Each entry: name, endpoint, model, and any of the teacher's endpoint keys (kind, auth, "
+        "deployment, api_version, limits, prices, parameters). They never enter the promotion checks.",
+    )
+
+    @model_validator(mode="after")
+    def _one_row_per_served_model(self) -> "EvaluationConfig":
+        first_of_role: dict[str, int] = {}
+        for index, entry in enumerate(self.served):
+            first = first_of_role.setdefault(entry.role, index)
+            if first == index:
+                continue
+            earlier = self.served[first].name
+            if earlier == entry.name:
+                clash, fix = f"is named {entry.name!r} like evaluation.served.{first}", "a name of its own"
+            else:
+                clash = (
+                    f"({entry.name!r}) gives the same metric names ({entry.role}_...) as evaluation.served.{first} ({earlier!r})"
+                )
+                fix = "a name of its own, with other letters or digits"
+            raise ValueError(
+                f"evaluation.served.{index} {clash}; give each served model {fix}: it labels the report row and names its metrics"
+            )
+        return self

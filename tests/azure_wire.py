@@ -11,8 +11,9 @@ import base64
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import responses
@@ -369,3 +370,20 @@ def workspace_env(monkeypatch) -> None:
     monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION)
     monkeypatch.setenv("AZURE_RESOURCE_GROUP", RESOURCE_GROUP)
     monkeypatch.setenv("AZUREML_WORKSPACE_NAME", WORKSPACE)
+
+
+@contextmanager
+def installed(monkeypatch) -> Iterator[FakeWorkspace]:
+    """A FakeWorkspace behind the real SDK for one test: a fake credential, no retries, the AZURE_* variables of the
+    fake workspace; any request it does not know fails the test when it ends."""
+    import azdistill.azure.workspace as workspace_module
+
+    fake = FakeWorkspace()
+    credential = FakeCredential()
+    monkeypatch.setattr(workspace_module, "make_credential", lambda *args, **kwargs: credential)
+    monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
+    workspace_env(monkeypatch)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        fake.install(mock)
+        yield fake
+    assert not fake.unmatched, f"requests the fake workspace does not know: {fake.unmatched}"

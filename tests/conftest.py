@@ -187,6 +187,26 @@ def minimal_config(request, make_config) -> Path:
     return make_config(getattr(request, "param", "nli"))
 
 
+def separate_tiny_student(folder: Path) -> Path:
+    """A small student that is its own model folder (not pruned from the teacher): a 2-layer Llama built from a
+    config, with the built-in teacher's tokenizer and chat template, saved into `folder`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from azdistill.models.builtin import builtin_teacher_path
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_teacher_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def line_of(path: Path, text: str) -> int:
     """1-based number of the first line of `path` containing `text`."""
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):

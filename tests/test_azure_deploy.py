@@ -13,12 +13,10 @@ import logging
 from pathlib import Path
 
 import pytest
-import responses
-from azure_wire import RESOURCE_GROUP, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
+from azure_wire import RESOURCE_GROUP, WORKSPACE, WS_PATH, FakeWorkspace, installed
 from click.testing import CliRunner
 from conftest import records
 
-import azdistill.azure.workspace as workspace_module
 from azdistill.cli import cli
 from azdistill.config.loading import load_config
 from azdistill.errors import UserError
@@ -43,15 +41,8 @@ CHALLENGER_REASON = "agreement 0.80 does not beat champion version 1 (0.85)"
 @pytest.fixture
 def wire(monkeypatch):
     """The fake workspace; any request it does not know fails the test."""
-    fake = FakeWorkspace()
-    credential = FakeCredential()
-    monkeypatch.setattr(workspace_module, "make_credential", lambda *args, **kwargs: credential)
-    monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
-    workspace_env(monkeypatch)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        fake.install(mock)
+    with installed(monkeypatch) as fake:
         yield fake
-    assert not fake.unmatched, f"requests the fake workspace does not know: {fake.unmatched}"
 
 
 def model_id(version: str) -> str:

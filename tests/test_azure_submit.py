@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-import responses
 import yaml
-from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeCredential, FakeWorkspace, workspace_env
+from azure_wire import RESOURCE_GROUP, SUBSCRIPTION, WORKSPACE, WS_PATH, FakeWorkspace, installed
 from click.testing import CliRunner
 
 import azdistill.azure.workspace as workspace_module
@@ -46,18 +45,11 @@ def environment_version(image: str) -> str:
 @pytest.fixture
 def wire(monkeypatch):
     """The fake workspace; any request it does not know fails the test."""
-    fake = FakeWorkspace()
-    credential = FakeCredential()
-    monkeypatch.setattr(workspace_module, "make_credential", lambda *args, **kwargs: credential)
-    monkeypatch.setattr(workspace_module, "CLIENT_OPTIONS", {"retry_total": 0})
     monkeypatch.setenv("AZURE_ML_DISABLE_CONCURRENT_COMPONENT_REGISTRATION", "true")
     # The key is in the submitting user's environment, as for a local run: it must still go nowhere.
     monkeypatch.setenv("AZDISTILL_TEACHER_KEY", TEACHER_KEY)
-    workspace_env(monkeypatch)
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        fake.install(mock)
+    with installed(monkeypatch) as fake:
         yield fake
-    assert not fake.unmatched, f"requests the fake workspace does not know: {fake.unmatched}"
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import separate_tiny_student
 
 from azdistill.cli import cli
 from azdistill.config.sections import PROJECT_ROOT
@@ -83,24 +84,8 @@ def served_teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def separate_student(tmp_path_factory) -> Path:
-    """A small student that is its own model folder (not pruned from the teacher): a 2-layer Llama built from a
-    config, with the teacher's tokenizer and chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from azdistill.models.builtin import builtin_teacher_path
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-student"
-    tokenizer = AutoTokenizer.from_pretrained(builtin_teacher_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A small student that is its own model folder (not pruned from the teacher)."""
+    return separate_tiny_student(tmp_path_factory.mktemp("models") / "tiny-student")
 
 
 def _overrides(workdir: Path, student: Path, *extra: str) -> list[str]:

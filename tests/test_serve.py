@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import separate_tiny_student
 
 from azdistill.cli import cli
 from azdistill.serving.local import Server, link_name
@@ -238,23 +239,11 @@ def test_served_names_are_links_that_a_later_serve_replaces(tmp_path):
 @pytest.fixture(scope="module")
 def trained_student(tmp_path_factory) -> Path:
     """A 2-layer Llama with the built-in teacher's tokenizer and chat template, trained for one epoch."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from azdistill.config.sections import TrainingConfig
-    from azdistill.models.builtin import builtin_teacher_path
     from azdistill.training.loop import train_student
 
     root = tmp_path_factory.mktemp("student")
-    tokenizer = AutoTokenizer.from_pretrained(builtin_teacher_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "initial")
-    tokenizer.save_pretrained(root / "initial")
+    separate_tiny_student(root / "initial")
     settings = TrainingConfig(learning_rate=5e-3, batch_size=2, epochs=1, logging_steps=1, save_steps=100)
     summary = train_student(CONVERSATIONS, [], root / "initial", root / "finetuned", settings)
     assert summary["steps"] == 2 and summary["parameters_changed"] > 0

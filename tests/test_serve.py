@@ -281,7 +281,12 @@ def test_a_trained_student_answers_the_openai_client_and_stops_on_ctrl_c(trained
         "--set", f"workdir={tmp_path / 'work'}",
     ]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    # Started with SIGINT ignored, as a process in the background of a non-interactive shell (or some CI runners)
+    # inherits it: Ctrl-C must stop the server all the same.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
     seen: list[str] = []

@@ -133,7 +133,7 @@ def run_server(server: Server, on_ready: Callable[[], None]) -> None:
     lines. The server is stopped on every way out: terminated, given STOP_GRACE_S, then killed.
     """
     link_name(server.names_dir, server.name, server.folder)
-    restore_sigterm = _sigterm_interrupts()  # before the start, so that no SIGTERM can leave the server behind
+    restore_signals = _signals_interrupt()  # before the start, so that no signal can leave the server behind
     try:
         process = _start(server)
         try:
@@ -146,7 +146,7 @@ def run_server(server: Server, on_ready: Callable[[], None]) -> None:
         finally:
             _stop(process)
     finally:
-        restore_sigterm()
+        restore_signals()
 
 
 def _start(server: Server) -> subprocess.Popen:
@@ -163,17 +163,25 @@ def _start(server: Server) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=server.names_dir, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
 
 
-def _sigterm_interrupts() -> Callable[[], None]:
-    """Make SIGTERM (a service manager, `kill`) stop the server as Ctrl-C does, rather than leave it running
-    without us; returns what puts the previous handler back. Handlers can only be set from the main thread."""
+def _signals_interrupt() -> Callable[[], None]:
+    """Make Ctrl-C (SIGINT) and SIGTERM (a service manager, `kill`) stop the server, rather than leave it running
+    without us; returns what puts the previous handlers back. Handlers can only be set from the main thread.
+
+    SIGINT too: a process started in the background of a non-interactive shell (`make test &`, some CI runners)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it, so Ctrl-C would do nothing."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def _wait_until_ready(process: subprocess.Popen, server: Server) -> None:

@@ -104,6 +104,33 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(finished_run, caplo
     assert {path: path.read_bytes() for path in answers} == answers
 
 
+def test_a_moved_model_cache_reruns_no_stage(finished_run, tmp_path, monkeypatch):
+    """Models are known by their content: the same teacher in another cache folder (copied with its files' times, as
+    `mv` or `cp -a` keep them) leaves the pruned student, and so every stage, as they were."""
+    import shutil
+
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.files import cache_dir
+
+    workdir, args, _ = finished_run
+    run_dir = workdir / "runs/sentiment-demo"
+    teacher = builtin_teacher_path()
+    moved = tmp_path / "moved-cache"
+    shutil.copytree(teacher, moved / teacher.relative_to(cache_dir()), copy_function=shutil.copy2)
+    monkeypatch.setenv("AZDISTILL_CACHE", str(moved))
+    assert builtin_teacher_path() != teacher and builtin_teacher_path().is_relative_to(moved)
+    # The pruned student and what every stage wrote, down to the nanosecond (run.json and the lock file are the
+    # runner's own, written by every run).
+    folders = ["student-init", "synthesize", "finetune", "finetune-reference", "evaluate"]
+    written = {path: path.stat().st_mtime_ns for folder in folders for path in (run_dir / folder).rglob("*") if path.is_file()}
+    assert len(written) > 20
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "nothing changed since run" in result.output and "no new run" in result.output
+    rewritten = sorted(str(path.relative_to(run_dir)) for path, mtime in written.items() if path.stat().st_mtime_ns != mtime)
+    assert rewritten == []
+
+
 @pytest.mark.parametrize("task", ["nli", "qa", "math", "summarization", "conversation", "chat"])
 def test_every_sample_task_runs_through_every_stage(task, tmp_path):
     """Each bundled sample config, cut to a few records, goes through synthesize, finetune and evaluate."""

@@ -47,10 +47,14 @@ def make_pruned_student(teacher_path: Path, keep_share: float, target: Path) -> 
 
     from azdistill.data.digests import folder_digest
 
-    origin = {"teacher": str(teacher_path), "teacher_digest": folder_digest(teacher_path), "keep_layers": keep_share}
+    # What the pruned student is made of: the teacher's content and the share kept, never where the teacher lies, so
+    # a moved model cache reuses the student (and every stage after it) instead of building it again.
+    identity = {"teacher_digest": folder_digest(teacher_path), "keep_layers": keep_share}
     marker = target / "pruned-from.json"
-    if (target / "config.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == origin:
-        return target
+    if (target / "config.json").is_file() and marker.is_file():
+        built_from = json.loads(marker.read_text())
+        if {key: built_from.get(key) for key in identity} == identity:
+            return target
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(teacher_path)
@@ -65,7 +69,8 @@ def make_pruned_student(teacher_path: Path, keep_share: float, target: Path) -> 
     staging = Path(tempfile.mkdtemp(dir=_ensure(target.parent), prefix=f".{target.name}-"))
     model.save_pretrained(staging)
     load_tokenizer(teacher_path).save_pretrained(staging)
-    (staging / "pruned-from.json").write_text(json.dumps(origin))
+    # The teacher's folder at the time, for a person reading the file; not part of the identity.
+    (staging / "pruned-from.json").write_text(json.dumps({**identity, "teacher": str(teacher_path)}))
     open_permissions(staging)
     if target.exists():
         shutil.rmtree(target)

@@ -7,13 +7,13 @@ endpoint, model, auth, limits, prices), so the report shows it as a client sees 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from azdistill.config.sections import Section
-from azdistill.config.teacher import TeacherAuthConfig, TeacherConfig, _reject_secret_keys
+from azdistill.config.teacher import TeacherAuthConfig, TeacherConfig
 
 # A served model's report row, predictions file and MLflow metrics (`served_<name>_<metric>`) are named by this role.
 SERVED_ROLE_PREFIX = "served_"
@@ -44,16 +44,13 @@ class PromotionConfig(Section):
 class ServedAuthConfig(TeacherAuthConfig):
     """How to authenticate to a served model: the teacher's methods, with its own default key variable."""
 
+    SECTION: ClassVar[str] = "evaluation.served.auth"
+
     api_key_env: str = Field(
         default="AZDISTILL_SERVED_KEY",
         description="api_key_env: NAME of the environment variable holding the served endpoint's key (never the key "
         "itself). Its own default, so the teacher's key is never sent to another endpoint by accident.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_literal_keys(cls, data: Any) -> Any:
-        return _reject_secret_keys(data, "evaluation.served.auth")
 
     @model_validator(mode="after")
     def _method_has_its_settings(self) -> "ServedAuthConfig":
@@ -66,6 +63,8 @@ class ServedAuthConfig(TeacherAuthConfig):
 
 class ServedModelConfig(TeacherConfig):
     """A model served behind an endpoint, measured like a hosted teacher: a row of the report, never a promotion gate."""
+
+    SECTION: ClassVar[str] = "evaluation.served"
 
     name: str = Field(
         min_length=1, max_length=64,
@@ -88,11 +87,6 @@ class ServedModelConfig(TeacherConfig):
         description="Required. The model name the server expects in each request (the one `azdistill serve` prints).",
     )
     auth: ServedAuthConfig = Field(default_factory=ServedAuthConfig)  # type: ignore[assignment]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_literal_keys(cls, data: Any) -> Any:
-        return _reject_secret_keys(data, "evaluation.served")
 
     @field_validator("endpoint")
     @classmethod

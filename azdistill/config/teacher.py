@@ -5,7 +5,7 @@ A key is never a literal here: `auth` names where to find it."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -36,6 +36,8 @@ def _reject_secret_keys(data: Any, section: str) -> Any:
 
 
 class TeacherAuthConfig(Section):
+    SECTION: ClassVar[str] = "teacher.auth"  # where it sits in a config: what an error about a literal key names
+
     method: Literal["api_key_env", "key_vault", "workspace_connection", "entra", "none"] = Field(
         default="api_key_env",
         description="How to authenticate: api_key_env (a key in the environment variable named by api_key_env), "
@@ -63,7 +65,7 @@ class TeacherAuthConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_literal_keys(cls, data: Any) -> Any:
-        return _reject_secret_keys(data, "teacher.auth")
+        return _reject_secret_keys(data, cls.SECTION)
 
     @field_validator("api_key_env")
     @classmethod
@@ -104,6 +106,8 @@ class TeacherAuthConfig(Section):
 
 
 class TeacherConfig(Section):
+    SECTION: ClassVar[str] = "teacher"  # where it sits in a config: what an error about a literal key names
+
     kind: TeacherKind = Field(
         default="local",
         description="Where the teacher runs: local (in-process), openai-compatible (any /v1/chat/completions "
@@ -188,7 +192,7 @@ class TeacherConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_literal_keys(cls, data: Any) -> Any:
-        return _reject_secret_keys(data, "teacher")
+        return _reject_secret_keys(data, cls.SECTION)
 
     @field_validator("api_version", mode="before")
     @classmethod

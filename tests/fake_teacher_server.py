@@ -18,7 +18,14 @@ against Azure. It answers `POST .../chat/completions` for every endpoint kind's 
 - answer like a reasoning model (`reasoning=True`, o-series / DeepSeek-R1): refuse `max_tokens`, a temperature or
   top_p other than 1 and the penalties with OpenAI's 400 `unsupported_parameter` / `unsupported_value`, and
   return the thinking as `reasoning_content` beside the content; `[[think_inline]]` puts it in the content as a
-  `<think>...</think>` block instead (R1 served without a reasoning parser), `[[no_reasoning]]` leaves it out.
+  `<think>...</think>` block instead (R1 served without a reasoning parser), `[[no_reasoning]]` leaves it out;
+- answer `response_format` json_schema with `{"label": ...}`, a label of the schema's enum (`structured` picks it
+  from the free answer), or refuse
+  it with a 400 naming response_format as endpoints without structured outputs do (`structured_outputs=False`);
+  `[[bad_structured]]` answers text that is not JSON;
+- return `n` choices (`choices` scripts their texts; `max_choices` caps them, as endpoints that ignore `n` do);
+- script the top log-probabilities at the label's position (`label_logprobs`: the first token of a free answer,
+  the label value's first token of a structured one).
 
 Run it in a thread (`FakeTeacherServer(...).start()`) or as a process:
 `python tests/fake_teacher_server.py --latency 0.05 --rate-limit 40` prints `PORT <n>`.
@@ -46,6 +53,24 @@ MARKER = re.compile(r"\[\[(\w+)(?::(\d+))?\]\]")
 def default_reasoning(messages: list[dict]) -> str:
     """A reasoning model's thinking before it answers: names both labels, so a check that read it would fail."""
     return f"The user asks about {messages[-1]['content'].strip()[:100]!r}. Is it positive or negative? Let me weigh it."
+
+
+def default_structured(text: str, labels: list[str]) -> str:
+    """A structured answer's label: the first of `labels` that the free answer `text` names, else the first label."""
+    return next((label for label in labels if label.lower() in text.lower()), labels[0])
+
+
+def label_position_tokens(text: str) -> tuple[list[str], int]:
+    """An answer split into tokens the way BPE tokenizers split it (a word with its leading space, punctuation runs),
+    and the index of the label's token: a structured answer's label value, else the first token."""
+    tokens = re.findall(r"\s*\w+|\s*[^\w\s]+|\s+", text)
+    offset = 0
+    value = re.search(r'"label"\s*:\s*"', text)
+    for index, token in enumerate(tokens):
+        if value is None or offset >= value.end():
+            return tokens, index
+        offset += len(token)
+    return tokens, 0
 
 
 def default_answer(messages: list[dict]) -> str:
@@ -84,6 +109,11 @@ class FakeTeacherServer:
         reasoning: bool = False,
         think: Callable[[list[dict]], str] = default_reasoning,
         logprobs: bool = True,
+        structured_outputs: bool = True,
+        structured: Callable[[str, list[str]], str] = default_structured,
+        choices: Optional[Callable[[list[dict], int], list[str]]] = None,
+        max_choices: Optional[int] = None,
+        label_logprobs: Optional[Callable[[list[dict]], dict[str, float]]] = None,
     ):
         self.latency_s, self.rate_limit, self.rate_window_s = latency_s, rate_limit, rate_window_s
         self.fault_rate, self.hang_s, self.api_key, self.answer = fault_rate, hang_s, api_key, answer
@@ -91,6 +121,8 @@ class FakeTeacherServer:
         self.keep_bodies = keep_bodies
         self.reasoning, self.think = reasoning, think
         self.logprobs = logprobs  # False: ignore `logprobs` requests, as some servers (transformers serve) do
+        self.structured_outputs, self.structured = structured_outputs, structured
+        self.choices, self.max_choices, self.label_logprobs = choices, max_choices, label_logprobs
         self.lock = threading.Lock()
         self.window: collections.deque = collections.deque()
         self.counts: collections.Counter = collections.Counter()  # what happened: answered, throttled, ...
@@ -163,6 +195,43 @@ class FakeTeacherServer:
             return {"message": f"Invalid value: '{body['reasoning_effort']}'. Supported values are: 'minimal', 'low', 'medium', and 'high'.",
                     "type": "invalid_request_error", "param": "reasoning_effort", "code": "invalid_value"}
         return None
+
+    def _choice(self, index: int, text: str, markers: dict, body: dict, messages: list[dict]) -> tuple[dict, list[str]]:
+        """One choice of an answer (`finish_reason`, thinking and log-probabilities as the markers and body ask), and its
+        tokens."""
+        finish = "stop"
+        if "empty" in markers:
+            text = ""
+        if "length" in markers:
+            finish = "length"
+        if "filtered_output" in markers:
+            text, finish = "", "content_filter"
+        message: dict = {"role": "assistant", "content": text}
+        thought = self.think(messages) if self.reasoning and "no_reasoning" not in markers else ""
+        if thought and "think_inline" in markers:
+            message["content"] = f"<think>\n{thought}\n</think>\n\n{text}"
+        elif thought:
+            message["reasoning_content"] = thought
+        choice: dict = {"index": index, "message": message, "finish_reason": finish}
+        words = text.split()
+        if body.get("logprobs") and self.logprobs:
+            k = int(body.get("top_logprobs") or 0)
+            if self.label_logprobs is not None:
+                tokens, at = label_position_tokens(text)
+                scripted = sorted(self.label_logprobs(messages).items(), key=lambda pair: -pair[1])[:k]
+                choice["logprobs"] = {"content": [
+                    {"token": token, "logprob": -0.1, "bytes": None,
+                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in scripted] if i == at else
+                     [{"token": token, "logprob": -0.1, "bytes": None}]}
+                    for i, token in enumerate(tokens)
+                ]}
+            else:
+                choice["logprobs"] = {"content": [
+                    {"token": word, "logprob": -0.1 * (i % 5), "bytes": list(word.encode()),
+                     "top_logprobs": [{"token": word if j == 0 else f"{word}~{j}", "logprob": -0.1 * (i % 5) - j, "bytes": None} for j in range(k)]}
+                    for i, word in enumerate(words)
+                ]}
+        return choice, words
 
     def _handler(self):
         server = self
@@ -275,38 +344,36 @@ class FakeTeacherServer:
                 if "bad_json" in markers and seen <= max(1, markers["bad_json"]):
                     self._send(200, "<html>upstream error</html>")
                     return
-                text, finish = server.answer(messages), "stop"
-                if "empty" in markers:
-                    text = ""
-                if "length" in markers:
-                    finish = "length"
-                if "filtered_output" in markers:
-                    text, finish = "", "content_filter"
-                words = text.split()
-                message: dict = {"role": "assistant", "content": text}
-                thought = server.think(messages) if server.reasoning and "no_reasoning" not in markers else ""
-                if thought and "think_inline" in markers:
-                    message["content"] = f"<think>\n{thought}\n</think>\n\n{text}"
-                elif thought:
-                    message["reasoning_content"] = thought
-                choice: dict = {"index": 0, "message": message, "finish_reason": finish}
-                if body.get("logprobs") and server.logprobs:
-                    k = int(body.get("top_logprobs") or 0)
-                    choice["logprobs"] = {"content": [
-                        {"token": word, "logprob": -0.1 * (i % 5), "bytes": list(word.encode()),
-                         "top_logprobs": [{"token": word if j == 0 else f"{word}~{j}", "logprob": -0.1 * (i % 5) - j, "bytes": None} for j in range(k)]}
-                        for i, word in enumerate(words)
-                    ]}
+                response_format = body.get("response_format") or {}
+                if response_format and not server.structured_outputs:
+                    with server.lock:
+                        server.counts["refused_response_format"] += 1
+                    message = "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+                    self._send(400, {"error": {"message": message, "type": "invalid_request_error", "param": "response_format",
+                                               "code": None}})
+                    return
+                wanted = int(body.get("n") or 1)
+                texts = server.choices(messages, wanted) if server.choices else [server.answer(messages)] * wanted
+                texts = texts[: min(wanted, server.max_choices or wanted)]
+                if response_format.get("type") == "json_schema":
+                    enum = response_format["json_schema"]["schema"]["properties"]["label"]["enum"]
+                    texts = [json.dumps({"label": server.structured(text, enum)}) for text in texts]
+                    if "bad_structured" in markers:
+                        texts = ["I would say it is positive"] * len(texts)
+                built = [server._choice(index, text, markers, body, messages) for index, text in enumerate(texts)]
+                choices = [choice for choice, _ in built]
+                words = [word for _, tokens in built for word in tokens]
                 usage = {"prompt_tokens": sum(len(m["content"]) for m in messages) // 4 + 1, "completion_tokens": len(words)}
+                thought = server.think(messages) if server.reasoning and "no_reasoning" not in markers else ""
                 if server.reasoning:  # reasoning tokens are billed as completion tokens, and counted apart
-                    usage["completion_tokens"] += len(thought.split())
-                    usage["completion_tokens_details"] = {"reasoning_tokens": len(thought.split())}
+                    usage["completion_tokens"] += len(thought.split()) * len(choices)
+                    usage["completion_tokens_details"] = {"reasoning_tokens": len(thought.split()) * len(choices)}
                 usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                 with server.lock:
                     server.counts["answered"] += 1
                     server.answered_at.append(time.monotonic())
                 self._send(200, {"id": f"chatcmpl-{seen}", "object": "chat.completion", "created": int(time.time()),
-                                 "model": body.get("model", "fake"), "choices": [choice], "usage": usage},
+                                 "model": body.get("model", "fake"), "choices": choices, "usage": usage},
                            {"x-ratelimit-remaining-requests": "1"})
 
         return Handler

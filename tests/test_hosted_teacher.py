@@ -43,7 +43,8 @@ def _validate(config: Path, *overrides: str):
         (("training.kd_weight=0.5",), "training.kd_weight", "set training.kd_weight to 0"),
         (("training.hidden_weight=1.0", "training.kd_weight=0"), "training.hidden_weight", "teacher.local_copy"),
         (("training.kd_weight=0.5", "training.on_policy_ratio=0.5"), "training.kd_weight", "training.kd_weight and training.on_policy_ratio to 0"),
-        (("training.topk_weight=0.5",), "training.topk_weight", "set synthesis.top_logprobs"),
+        # Free answers (the label constraint off): no top-k log-probabilities and no label distribution to learn from.
+        (("training.topk_weight=0.5", "synthesis.label_constraint=off"), "training.topk_weight", "set synthesis.top_logprobs"),
     ],
 )
 @pytest.mark.parametrize("command", ["validate", "submit --dry-run"])
@@ -76,9 +77,14 @@ def test_hidden_state_matching_needs_a_student_pruned_from_the_teacher(make_conf
     assert result.exit_code == 2 and "training.hidden_weight" in result.output and "pruned-teacher" in result.output
 
 
-def test_topk_distillation_with_a_local_teacher_is_refused(make_config):
-    result = _validate(make_config(extra="training:\n  topk_weight: 0.5\n"))
+def test_topk_distillation_with_a_local_teacher_is_refused_unless_labels_are_constrained(make_config):
+    """A local teacher's free answers carry no top-k; its constrained labels (nli, label_constraint auto) carry their
+    distribution, which the top-k loss learns."""
+    result = _validate(make_config(extra="training:\n  topk_weight: 0.5\nsynthesis:\n  label_constraint: off\n"))
     assert result.exit_code == 2 and "use a hosted teacher with synthesis.top_logprobs" in result.output
+    assert _validate(make_config(extra="training:\n  topk_weight: 0.5\n")).exit_code == 0
+    result = _validate(make_config("qa", extra="training:\n  topk_weight: 0.5\n"))
+    assert result.exit_code == 2 and "training.topk_weight" in result.output
 
 
 def test_a_vocabulary_mismatch_for_logit_losses_names_both_sizes(make_config, tmp_path, workdir):
@@ -303,7 +309,8 @@ def test_preflight_refuses_topk_distillation_when_the_endpoint_returns_no_log_pr
     with FakeTeacherServer(logprobs=False) as server:
         config = make_config(extra=HOSTED.replace("http://127.0.0.1:9/v1", server.url + "/v1"))
         args = ["preflight", str(config), "--set", f"student.model={_student_folder(tmp_path / 'student')}",
-                "--set", "synthesis.top_logprobs=3", "--set", "training.topk_weight=0.5"]
+                "--set", "synthesis.top_logprobs=3", "--set", "training.topk_weight=0.5",
+                "--set", "synthesis.label_constraint='off'"]  # constrained labels carry their own distribution
         result = CliRunner().invoke(cli, args)
         requests = len(server.bodies)
     assert result.exit_code == 2 and requests == 1  # one sample call, not the whole synthesis

@@ -16,6 +16,7 @@ from azdistill.evaluation.metrics import (
     answer_key,
     bleu,
     exact_match,
+    item_scores,
     normalize_text,
     parse_label,
     parse_number,
@@ -392,6 +393,59 @@ def test_score_predictions_errors():
         score_predictions("qa", [], [], None)
     with pytest.raises(ValueError):
         score_predictions("nli", ["entailment"], ["entailment"], None)
+
+
+# --- item_scores: the metrics item by item, for intervals and paired tests ---------------------------
+
+
+def test_bleu_from_item_statistics_is_sacrebleus_corpus_bleu():
+    import sacrebleu
+
+    predictions = ["the cat sat on the mat today", "a quick brown fox jumped", "hello there my good friend"]
+    references = ["the cat sat on a mat today", "the quick brown fox jumps", "hello my good friend"]
+    expected = sacrebleu.corpus_bleu(predictions, [references]).score
+    assert 0.0 < expected < 100.0
+    assert bleu(predictions, references) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "task_type, predictions, references, teacher, labels",
+    [
+        ("nli", ["Answer: entailment", "It is neutral.", "no idea", "neutral"], ["entailment", None, "neutral", "neutral"],
+         ["entailment", "neutral", "neutral or contradiction", "Neutral."], NLI_LABELS),
+        ("math", ["3 + 4 = 7", "Answer: 2.50", "x"], ["7", "2.5", None], ["Answer: 7", "no idea", "Answer: 5"], None),
+        ("qa", ["the cat sat", "Paris", "blue"], ["a cat sat down", "paris.", None], ["cat sat down", None, "red"], None),
+        ("summarization", ["the quick brown fox jumps over it", "the cat sat on the mat", "alpha beta"],
+         ["the quick brown fox jumps over the dog", "the cat sat", None], ["the quick fox", "the cat", "beta"], None),
+    ],
+)
+def test_item_scores_aggregate_to_score_predictions(task_type, predictions, references, teacher, labels):
+    scores = item_scores(task_type, predictions, references, teacher, labels)
+    expected = score_predictions(task_type, predictions, references, teacher, labels)
+    assert set(scores) == set(expected)
+    for name, items in scores.items():
+        assert items.aggregate(items.values) == pytest.approx(expected[name])
+        assert items.value == pytest.approx(expected[name])
+
+
+def test_item_scores_count_the_items_their_metric_counts():
+    # Accuracy over the referenced items, label agreement over the items the teacher committed on, parse rate over all.
+    scores = item_scores(
+        "nli", ["entailment", "neutral", "neutral", "x"], ["entailment", None, "neutral", None],
+        ["entailment", "neutral or contradiction", "contradiction", "neutral"], NLI_LABELS,
+    )
+    assert scores["accuracy"].values.tolist() == [1.0, 1.0]
+    assert scores["agreement"].values.tolist() == [1.0, 0.0, 0.0]
+    assert len(scores["parse_rate"]) == 4
+    # BLEU keeps each referenced item's n-gram statistics, so any subset of items can be scored again.
+    bleu_items = item_scores("chat", ["the cat sat on the mat", "hi"], ["the cat sat on the mat", None], None)["bleu"]
+    assert bleu_items.values.shape == (1, 10)
+    assert bleu_items.value == pytest.approx(100.0)
+
+
+def test_agreement_with_a_teacher_that_never_committed_is_zero_over_no_items():
+    scores = item_scores("nli", ["entailment"], [None], ["no idea"], NLI_LABELS)
+    assert len(scores["agreement"]) == 0 and scores["agreement"].value == 0.0
 
 
 def test_module_does_not_import_torch():

@@ -1,4 +1,5 @@
-"""Tests for azdistill.evaluation (report, markdown, plot, publish): comparison ratios, JSON round trip, Markdown, console lines, files."""
+"""Tests for azdistill.evaluation (report, markdown, plot, publish): comparison ratios, JSON round trip, Markdown,
+console lines, files, and the error bars (intervals and paired tests) they show."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import pytest
 from azdistill.evaluation.markdown import headline_lines, render_markdown
 from azdistill.evaluation.plot import plot_report
 from azdistill.evaluation.publish import write_report
-from azdistill.evaluation.report import ModelResult, PromotionCheck, Report, comparison, report_from_dict, report_to_dict
+from azdistill.evaluation.report import (
+    ModelResult,
+    PairedComparison,
+    PromotionCheck,
+    Report,
+    comparison,
+    error_bar_metrics,
+    report_from_dict,
+    report_to_dict,
+)
+from azdistill.tracking.tracker import NullTracker, log_evaluation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The expected `report.md` of the fixtures below, written by the code as it was before render_markdown was split.
@@ -102,6 +113,22 @@ def hosted_report(report) -> Report:
         {"prompt": "p" * 400, "reference": "r\r\nq", "teacher": "t", "student": None, "baseline": "b",
          "reference_sft": "s", "extra_column": "x"},
     ] * 7
+    return r
+
+
+@pytest.fixture
+def interval_report(report) -> Report:
+    """The report with 95% intervals on every quality figure of three rows and paired tests of the student against
+    both baselines: one clearly significant, one not."""
+    r = copy.deepcopy(report)
+    r.models[0].intervals = {"accuracy": (0.8375, 0.9625), "parse_rate": (0.9625, 1.0)}
+    r.models[1].intervals = {"accuracy": (0.725, 0.8875), "agreement": (0.8375, 0.9625), "parse_rate": (0.925, 1.0)}
+    r.models[2].intervals = {"accuracy": (0.3875, 0.6125), "agreement": (0.05, 0.2)}
+    r.comparisons = [
+        PairedComparison("accuracy", "baseline", 0.81, 0.5, 0.31, 0.0001, True, "approximate randomization", 80),
+        PairedComparison("agreement", "baseline", 0.9, 0.125, 0.775, 0.0001, True, "approximate randomization", 80),
+        PairedComparison("accuracy", "reference_sft", 0.81, 0.85, -0.04, 0.2134, False, "approximate randomization", 80),
+    ]
     return r
 
 
@@ -208,7 +235,7 @@ def test_markdown_headline_promotion_samples(report):
     assert "| agreement | 0.71 | >= 0.80 | **FAIL** |" in md
 
 
-@pytest.mark.parametrize("fixture", ["report", "freeform_report", "hosted_report"])
+@pytest.mark.parametrize("fixture", ["report", "freeform_report", "hosted_report", "interval_report"])
 def test_markdown_whole_text_is_unchanged(fixture, request):
     """Every line of `report.md`, byte for byte, against the text kept in tests/golden/: the checks above look at
     parts of it, this one catches any other change a refactor might bring."""
@@ -308,3 +335,90 @@ def test_report_without_any_metrics_renders(freeform_report, tmp_path):
     assert "No promotion checks" in md
     assert headline_lines(freeform_report)[-1].startswith("promotion: PROMOTE (no checks")
     assert write_report(freeform_report, tmp_path)["plot"].read_bytes()[:8] == PNG_MAGIC
+
+
+# --- error bars: intervals and paired tests --------------------------------------------------------
+
+
+def test_markdown_shows_intervals_in_the_quality_cells(interval_report):
+    md = render_markdown(interval_report)
+    teacher, student, baseline, reference = _table_rows(md)
+    assert student[8:] == ["81.0% (72.5-88.8)", "90.0% (83.8-96.2)", "97.0% (92.5-100.0)"]
+    assert teacher[8:] == ["90.0% (83.8-96.2)", "n/a", "99.0% (96.2-100.0)"]
+    assert baseline[8:] == ["50.0% (38.8-61.3)", "12.5% (5.0-20.0)", "n/a"]
+    assert reference[8:] == ["85.0%", "80.0%", "100.0%"]  # no intervals: the figure alone
+    assert "In brackets: the 95% bootstrap confidence interval over the held-out items." in md
+
+
+def test_markdown_says_whether_each_difference_is_real(interval_report):
+    md = render_markdown(interval_report)
+    section = md.split("## Is the difference real?")[1].split("##")[0]
+    assert (
+        "- student vs baseline: accuracy 81.0% vs 50.0%, +31.0 points, p < 0.001 "
+        "(paired approximate randomization, 80 items): significant"
+    ) in section
+    assert (
+        "- student vs reference sft: accuracy 81.0% vs 85.0%, -4.0 points, p = 0.21 "
+        "(paired approximate randomization, 80 items): not significant"
+    ) in section
+    assert "agreement 90.0% vs 12.5%, +77.5 points" in section
+    # Without tests (no baseline, or a report written before them) there is no such section.
+    assert "Is the difference real?" not in render_markdown(Report(**{**vars(interval_report), "comparisons": []}))
+
+
+def test_headline_lines_carry_the_agreement_interval_and_the_tests(interval_report):
+    lines = headline_lines(interval_report)
+    assert "agreement with teacher: 90.0% [95% interval 83.8-96.2] (baseline 12.5%)" in lines
+    assert "student on accuracy: vs baseline +31.0 points (p < 0.001, significant); " \
+        "vs reference sft -4.0 points (p = 0.21, not significant)" in lines
+    assert len(lines) <= 7
+
+
+def test_intervals_and_comparisons_round_trip(interval_report):
+    text = json.dumps(report_to_dict(interval_report), allow_nan=False)
+    data = json.loads(text)
+    assert data["models"][1]["intervals"]["accuracy"] == [0.725, 0.8875]
+    assert data["comparisons"][2]["significant"] is False
+    assert report_from_dict(data) == interval_report
+
+
+def test_report_json_written_before_error_bars_still_loads(interval_report):
+    data = report_to_dict(interval_report)
+    del data["comparisons"]
+    for model in data["models"]:
+        del model["intervals"]
+    old = report_from_dict(data)
+    assert old.comparisons == [] and all(m.intervals == {} for m in old.models)
+    assert "Is the difference real?" not in render_markdown(old)
+
+
+def test_malformed_comparison_is_named(interval_report):
+    data = report_to_dict(interval_report)
+    del data["comparisons"][1]["p_value"]
+    with pytest.raises(ValueError, match=r"comparisons\[1\].*p_value"):
+        report_from_dict(data)
+
+
+def test_error_bars_are_logged_as_student_metrics(interval_report, tmp_path):
+    assert error_bar_metrics(interval_report) == {
+        "student_accuracy_ci_low": 0.725,
+        "student_accuracy_ci_high": 0.8875,
+        "student_agreement_ci_low": 0.8375,
+        "student_agreement_ci_high": 0.9625,
+        "student_parse_rate_ci_low": 0.925,
+        "student_parse_rate_ci_high": 1.0,
+        "student_vs_baseline_accuracy_p_value": 0.0001,
+        "student_vs_baseline_agreement_p_value": 0.0001,
+        "student_vs_reference_sft_accuracy_p_value": 0.2134,
+    }
+
+    class Recording(NullTracker):
+        logged: dict[str, float] = {}
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.update(metrics)
+
+    tracker = Recording()
+    log_evaluation(tracker, interval_report, {})
+    assert tracker.logged["student_vs_reference_sft_accuracy_p_value"] == 0.2134
+    assert tracker.logged["student_accuracy"] == 0.81  # the existing names are unchanged

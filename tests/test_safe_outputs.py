@@ -269,7 +269,7 @@ def test_evaluation_reuses_answers_after_a_threshold_or_price_change(make_config
 
     calls: list[str] = []
 
-    def fake_measure(path, conversations, settings, runtime, description):
+    def fake_measure(path, conversations, settings, runtime, description, labels=None):
         calls.append(description)
         return {"answers": ["positive"] * len(conversations), "latencies_s": [0.1], "throughput_tokens_per_s": 10.0,
                 "generated_tokens": 10, "seconds": 1.0, "parameters": 10, "weights_bytes": 40, "peak_memory_bytes": 100,

@@ -84,7 +84,7 @@ def local_models(tmp_path, monkeypatch):
     """The student and baseline folders, answered by a fake `measure_in_child` (the served rows are what is tested)."""
     from azdistill.stages import evaluate as stage
 
-    def fake_measure(path, conversations, settings, runtime, description):
+    def fake_measure(path, conversations, settings, runtime, description, labels=None):
         return {"answers": [_right_label(messages) for messages in conversations], "latencies_s": [0.2, 0.3],
                 "throughput_tokens_per_s": 10.0, "generated_tokens": 10, "seconds": 1.0, "parameters": 10, "weights_bytes": 40,
                 "peak_memory_bytes": 100, "size_on_disk_bytes": 40, "device": "cpu"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def make_config(tmp_path: Path, task: dict, train: list, validation: list, **syn
             "workdir": str(tmp_path / "work"),
             "task": task,
             "data": {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "validation", "test")},
-            "synthesis": {"min_success_ratio": 0.0, **synthesis},
+            # These tests are about free answers and their checks; tests of answers constrained to the labels say so.
+            "synthesis": {"min_success_ratio": 0.0, "label_constraint": "off", **synthesis},
             "tracking": {"enabled": False},
         }
     )
@@ -112,6 +114,43 @@ def test_outputs_follow_input_order_and_rejects_carry_reasons(tmp_path):
         **stats["splits"]["validation"], "records": 1, "accepted": 1, "rejected": 0,
     }
     assert [len(batch) for batch in teacher.batches] == [3, 3, 1, 1]
+
+
+class ChoosingTeacher(ScriptedTeacher):
+    """A teacher constrained to the labels: scripted label distributions; `answer` (free) must not be called."""
+
+    def answer(self, conversations):
+        raise AssertionError("a constrained teacher is not asked for free answers")
+
+    def choose(self, conversations, labels):
+        self.batches.append([list(conversation) for conversation in conversations])
+        completions = []
+        for conversation in conversations:
+            p = 0.8 if "good" in conversation[-1]["content"] else 0.3
+            probs = dict(zip(labels, (p, round(1 - p, 6))))
+            label = max(probs, key=probs.get)
+            completions.append(Completion(label, "stop", 10, 1, label_probs=probs))
+        return completions
+
+
+def test_a_constrained_teacher_commits_on_every_prompt_and_its_distribution_is_kept(tmp_path):
+    """label_constraint auto on an nli task with a local teacher: every prompt gets a label (the hedges and empty
+    answers of free generation cannot happen), and the sidecar keeps each label distribution as the soft target."""
+    train = [single(text) for text in ["good 1", "bad 2", "unsure 3"]]
+    config = make_config(tmp_path, NLI, train, [single("good v")], label_constraint="auto")
+    teacher = ChoosingTeacher(sentiment_reply)
+    out = synthesize(config, lambda: teacher)
+
+    rows = read(out / "train.jsonl")
+    assert [row["messages"][-1]["content"] for row in rows] == ["positive", "negative", "negative"]
+    sidecar = read(out / "train.logprobs.jsonl")
+    assert [line["row"] for line in sidecar] == [0, 1, 2]
+    (entry,) = sidecar[0]["turns"][0]["content"]
+    assert entry["token"] == "positive" and entry["logprob"] == pytest.approx(math.log(0.8))
+    assert {top["token"]: round(math.exp(top["logprob"]), 6) for top in entry["top_logprobs"]} == {"positive": 0.8, "negative": 0.2}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["train"]["constrained_labels"] == 3 and stats["splits"]["train"]["rejected"] == 0
+    assert read(out / "rejected.jsonl") == []
 
 
 def test_conversation_is_regenerated_turn_by_turn_from_the_teachers_own_answers(tmp_path):

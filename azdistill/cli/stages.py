@@ -15,17 +15,27 @@ from azdistill.tracking.store import local_store_path, redact_uri
 @config_argument
 @set_option
 @force_option
-def run(config: Optional[Path], overrides: tuple[str, ...], force: bool) -> None:
+@click.option(
+    "--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Train and evaluate the student N times, with seeds training.seed, +1, ..., and report the mean and spread of "
+    "its figures (evaluate/seeds.md); the teacher answers once. Registration and promotion stay on the first seed's "
+    "student: the other seeds measure the spread.",
+)
+def run(config: Optional[Path], overrides: tuple[str, ...], force: bool, seeds: int) -> None:
     """Run the whole distillation on this machine: synthesize, finetune, evaluate (`submit` runs it on Azure ML)."""
     from azdistill.evaluation.markdown import headline_lines
+    from azdistill.evaluation.seeds import seeds_headline
     from azdistill.stages.run import run_local
 
     settings = load_settings(config, overrides)
-    result = run_local(settings, force=force)
+    result = run_local(settings, force=force, seeds=seeds)
     click.echo("")
     click.echo(f"Report: {result.report_dir / 'report.md'} (plot: {result.report_dir / 'report.png'})")
     for line in headline_lines(result.report):
         click.echo(f"  {line}")
+    if result.seeds is not None:
+        click.echo(f"  {seeds_headline(result.seeds) or f'over {seeds} seeds: no quality figure of the student'}")
+        click.echo(f"  spread over seeds: {result.report_dir / 'seeds.md'}")
     if result.stage_seconds:
         click.echo("  stage seconds: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result.stage_seconds.items()))
     if result.tracking_uri and not result.new_run:

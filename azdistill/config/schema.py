@@ -9,7 +9,7 @@ from typing import Optional
 from pydantic import Field, field_validator
 
 from azdistill.config.azure import AzureConfig
-from azdistill.config.evaluation import EvaluationConfig
+from azdistill.config.evaluation import EvaluationConfig, judge_problems
 from azdistill.config.sections import (
     DataConfig,
     RuntimeConfig,
@@ -93,6 +93,19 @@ class DistillConfig(Section):
 
 
 
+def label_method(config: DistillConfig) -> Optional[str]:
+    """How the teacher's label is obtained on this config (`synthesis.label_constraint` resolved): "scores",
+    "json_schema" or "logprobs"; None when the teacher answers freely (not an nli task, a chain-of-thought prompt,
+    logged answers, or the constraint turned off)."""
+    constraint = config.synthesis.label_constraint
+    if (config.task.type != "nli" or constraint == "off" or config.teacher.kind == "logged"
+            or config.synthesis.prompt_strategy != "plain"):
+        return None
+    if constraint == "auto":
+        return "json_schema" if config.teacher.hosted else "scores"
+    return constraint
+
+
 def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
     """Settings that are each valid but cannot work together, as (key path, what to do instead).
 
@@ -135,11 +148,61 @@ def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
             "needs a rationale to keep: prompt_strategy chain_of_thought (its 'reason' is kept), or prompt_strategy plain "
             "with a hosted reasoning teacher (its reasoning trace is kept); or set synthesis.keep_rationale: false",
         ))
-    if training.topk_weight > 0 and not (teacher.hosted and config.synthesis.top_logprobs > 0):
+    problems += _label_problems(config)
+    problems += _augment_problems(config)
+    problems += judge_problems(config.evaluation.judge, config.task.type, teacher.kind)
+    if training.topk_weight > 0 and not (teacher.hosted and config.synthesis.top_logprobs > 0) and label_method(config) is None:
         fix = "set synthesis.top_logprobs (e.g. 5)" if teacher.hosted else "use a hosted teacher with synthesis.top_logprobs, or training.kd_weight with a local teacher"
         problems.append((
             "training.topk_weight",
-            f"the top-k loss learns from the log-probabilities a hosted teacher returns with its answers: {fix}, or set "
+            "the top-k loss learns from the log-probabilities a hosted teacher returns with its answers, or from the "
+            f"label distribution of synthesis.label_constraint on an nli task: {fix}, or set "
             "training.topk_weight to 0",
         ))
     return problems
+
+
+def _label_problems(config: DistillConfig) -> list[tuple[str, str]]:
+    """synthesis.label_constraint and synthesis.self_consistency settings that this teacher or task cannot honour."""
+    synthesis, teacher = config.synthesis, config.teacher
+    problems: list[tuple[str, str]] = []
+    constraint = synthesis.label_constraint
+    if constraint not in ("auto", "off"):
+        if config.task.type != "nli":
+            problems.append(("synthesis.label_constraint", f"{constraint} constrains answers to task.labels, which only "
+                             f"task.type nli has (this is {config.task.type}): set it to auto or off"))
+        elif synthesis.prompt_strategy != "plain":
+            problems.append(("synthesis.label_constraint", f"{constraint} constrains the whole answer to one label, and "
+                             f"prompt_strategy {synthesis.prompt_strategy} asks for reasoning first: set it to auto or off"))
+        elif constraint == "scores" and teacher.kind != "local":
+            problems.append(("synthesis.label_constraint", f"scores needs the teacher's weights in this process, and "
+                             f"teacher.kind {teacher.kind} has none: use json_schema or logprobs (or auto)"))
+        elif constraint in ("json_schema", "logprobs") and not teacher.hosted:
+            problems.append(("synthesis.label_constraint", f"{constraint} is how a hosted endpoint is constrained; "
+                             f"teacher.kind {teacher.kind} is not one: use scores (or auto) for a local teacher"))
+    if synthesis.self_consistency > 1:
+        if not teacher.hosted:
+            problems.append(("synthesis.self_consistency", f"votes over sampled answers of a hosted teacher, and "
+                             f"teacher.kind {teacher.kind} is not one: set it to 1"))
+        elif config.task.type not in ("nli", "math"):
+            problems.append(("synthesis.self_consistency", f"votes on a label (nli) or a number (math), and task.type "
+                             f"{config.task.type} answers neither: set it to 1"))
+        elif synthesis.temperature == 0:
+            problems.append(("synthesis.self_consistency", "votes over sampled answers, and synthesis.temperature 0 "
+                             "gives the same answer every time: set synthesis.temperature above 0 (e.g. 0.7)"))
+    return problems
+
+
+def _augment_problems(config: DistillConfig) -> list[tuple[str, str]]:
+    """synthesis.augment settings this task or teacher cannot honour: new prompts are single-turn and written freely."""
+    from azdistill.config.sections import SINGLE_TURN_TASKS
+
+    if config.synthesis.augment == 0:
+        return []
+    if config.task.type not in SINGLE_TURN_TASKS:
+        return [("synthesis.augment", f"the teacher writes new single-turn prompts ({', '.join(SINGLE_TURN_TASKS)}), and "
+                 f"task.type {config.task.type} has conversations: set it to 0")]
+    if config.teacher.kind == "logged":
+        return [("synthesis.augment", "needs a teacher that writes text, and teacher.kind logged only replays the answers "
+                 "in the data: set it to 0")]
+    return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # azdistill/
 PROJECT_ROOT = PACKAGE_DIR.parent
@@ -103,6 +103,39 @@ class SynthesisConfig(Section):
     )
     reject_duplicates: bool = Field(
         default=True, description="Reject a training example identical (prompt and answer) to an earlier one."
+    )
+    label_constraint: Literal["auto", "scores", "json_schema", "logprobs", "off"] = Field(
+        default="auto",
+        description="nli tasks (task.labels): how the teacher is made to commit to one label. scores: a local teacher "
+        "scores every label and answers the most likely; json_schema: a hosted teacher is asked for a structured answer "
+        "whose label is one of task.labels; logprobs: a hosted teacher's top log-probabilities over the labels' first "
+        "tokens decide. The label distribution is kept as a soft target (<split>.logprobs.jsonl, training.topk_weight). "
+        "auto: scores for a local teacher, json_schema for a hosted one (logprobs where the endpoint refuses "
+        "structured outputs); off: the teacher answers freely and an answer naming no single label is rejected.",
+    )
+    @field_validator("label_constraint", mode="before")
+    @classmethod
+    def _off_as_written(cls, value):
+        """YAML 1.1 reads an unquoted `off` as false: `label_constraint: off` means the setting, not a boolean."""
+        return "off" if value is False else value
+
+    self_consistency: int = Field(
+        default=1, ge=1, le=16,
+        description="Hosted teachers, nli and math tasks: ask for this many sampled answers per prompt (needs "
+        "temperature > 0) and keep the majority label or number, with its vote share as the confidence; 1 asks once.",
+    )
+    augment: int = Field(
+        default=0, ge=0, le=10,
+        description="Single-turn tasks with little data: before answering, the teacher writes this many new prompts per "
+        "training prompt (same system message and format, another subject); those too close to a test prompt or to a "
+        "prompt already kept are dropped, the rest are answered and trained on like training prompts "
+        "(<synthesize>/augmented.jsonl, stats.json 'augmented'). 0 writes none.",
+    )
+    augment_max_similarity: float = Field(
+        default=0.6, gt=0.0, le=1.0,
+        description="synthesis.augment: drop a new prompt whose Jaccard similarity (over character 5-grams of its "
+        "words) to any test prompt (contamination) or any prompt already kept (train, validation, earlier new ones) is "
+        "above this; exact duplicates (ignoring case and spacing) are always dropped. Lower drops more.",
     )
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+from azdistill.evaluation.error_bars import quality_cell, significance_headline, significance_section
+from azdistill.evaluation.judge import render_judge_section
 from azdistill.evaluation.report import (
     FAILED_SIGN,
     METRIC_LABELS,
-    RAW_SCALE_METRICS,
     ModelResult,
     Report,
     comparison,
+    format_metric,
     is_finite,
     is_fraction_metric,
     is_served,
+    metric_in_sentence,
     metric_label,
     model_of,
 )
@@ -29,16 +32,6 @@ def _metric_names(report: Report) -> list[str]:
     ordered = [k for k in (report.primary_metric, "agreement") if k in names]
     return ordered + sorted(names - set(ordered))
 
-
-
-def _fmt_metric(value: float | None, fraction: bool, metric: str) -> str:
-    if not is_finite(value):
-        return "n/a"
-    if metric in RAW_SCALE_METRICS:
-        return f"{value:.1f}"
-    if fraction:
-        return f"{value * 100:.1f}%"
-    return f"{value:.3g}"
 
 
 def _fmt_params_m(parameters: int) -> str:
@@ -130,12 +123,6 @@ def _table(header: list[str], rows: Iterable[list[str]], align: list[str] | None
 
 
 
-def _metric_in_sentence(name: str) -> str:
-    label = metric_label(name)
-    # Acronyms keep their case ("ROUGE-L", "F1"); ordinary words go lower case mid-sentence.
-    return label if label[:2].isupper() else label.lower()
-
-
 def _cost_phrase(report: Report, ratio: float) -> str:
     teacher, student = model_of(report, "teacher"), model_of(report, "student")
     assert teacher is not None and student is not None
@@ -153,7 +140,7 @@ def _headline_phrase(report: Report, comp: dict[str, float]) -> str:
         parts.append(_less_or_more(comp["memory_ratio"], "memory"))
     if "quality_retained" in comp:
         parts.append(
-            f"{_pct(comp['quality_retained'])} of the teacher's {_metric_in_sentence(report.primary_metric)} kept"
+            f"{_pct(comp['quality_retained'])} of the teacher's {metric_in_sentence(report.primary_metric)} kept"
         )
     return ", ".join(parts)
 
@@ -165,6 +152,8 @@ def render_markdown(report: Report) -> str:
     out = _title_section(report)
     out += _models_section(report, metrics)
     out += _student_vs_teacher_section(report, comparison(report))
+    out += significance_section(report)
+    out += render_judge_section(report.judge)  # beside BLEU and ROUGE: the judge's wins, ties and losses
     out += _served_section(report)
     out += _promotion_section(report)
     out += _samples_section(report)
@@ -221,7 +210,7 @@ def _model_row(m: ModelResult, metrics: list[str], fractions: dict[str, bool]) -
         _fmt_latency(m.latency_p95_s),
         _fmt_num(m.throughput_tokens_per_s),
         _fmt_cost(m.cost_per_1k_answers),
-    ] + [_fmt_metric(m.metrics.get(k), fractions[k], k) for k in metrics]
+    ] + [quality_cell(m, k, fractions[k]) for k in metrics]
 
 
 def _measurement_notes(report: Report, metrics: list[str]) -> str:
@@ -236,6 +225,10 @@ def _measurement_notes(report: Report, metrics: list[str]) -> str:
         f"tokens per second answering in batches; peak memory is the resident memory of the process "
         f"that loaded the model; {answered}."
         + (" Agreement is how often a model's answer matches the teacher's." if "agreement" in metrics else "")
+        + (
+            " In brackets: the 95% bootstrap confidence interval over the held-out items."
+            if any(m.intervals for m in report.models) else ""
+        )
         + (
             " A hosted model is measured as a client sees it, through its endpoint: latency includes the network, "
             "and its size and memory are not visible (parameters as declared)."
@@ -390,6 +383,9 @@ def headline_lines(report: Report) -> list[str]:
 
     if student and is_finite(student.metrics.get("agreement")):
         line = f"agreement with teacher: {student.metrics['agreement'] * 100:.1f}%"
+        interval = student.intervals.get("agreement")
+        if interval is not None and all(is_finite(bound) for bound in interval):
+            line += f" [95% interval {interval[0] * 100:.1f}-{interval[1] * 100:.1f}]"
         if baseline and is_finite(baseline.metrics.get("agreement")):
             line += f" (baseline {baseline.metrics['agreement'] * 100:.1f}%)"
         lines.append(line)
@@ -405,10 +401,11 @@ def headline_lines(report: Report) -> list[str]:
         )
         if ordered:
             shown = ", ".join(
-                f"{m.name if is_served(m.role) else m.role.replace('_', ' ')} {_fmt_metric(m.metrics[pm], fraction, pm)}"
+                f"{m.name if is_served(m.role) else m.role.replace('_', ' ')} {format_metric(m.metrics[pm], fraction, pm)}"
                 for m in ordered
             )
             lines.append(f"{pm}: {shown}")
+    lines += significance_headline(report)
 
     decision = "PROMOTE" if report.promote else "KEEP CURRENT"
     failed = [c for c in report.checks if not c.passed]

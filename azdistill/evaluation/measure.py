@@ -42,18 +42,27 @@ def measure_hosted(
     evaluation.max_new_tokens), whose tokens/s is the throughput. Cost: the configured token prices times the
     tokens the endpoint counted. Size and memory cannot be measured for a hosted model: they stay empty (the
     report says "hosted"), parameters are the declared count if any.
+
+    The teacher answers as it did in synthesis: with one of task.labels where synthesis.label_constraint constrains it
+    (its answers are the chosen labels). A served model (a student behind an endpoint) always answers freely, as it
+    is served: a text generator.
     """
+    from azdistill.config.schema import label_method
+
+    labels = list(config.task.labels or []) if endpoint is None and label_method(config) is not None else None
     endpoint = endpoint or config.teacher
     with _errors_naming(key_path, description):
-        measured = _measure_endpoint(config, endpoint, conversations, description)
+        measured = _measure_endpoint(config, endpoint, conversations, description, labels)
     measured["parameters"] = endpoint.parameters or 0
     return measured
 
 
 def _measure_endpoint(
-    config: DistillConfig, endpoint: TeacherConfig, conversations: list[list[Message]], description: str
+    config: DistillConfig, endpoint: TeacherConfig, conversations: list[list[Message]], description: str,
+    labels: Optional[list[str]] = None,
 ) -> dict:
-    """`measure_hosted`'s requests: timed one at a time, then every prompt at the endpoint's concurrency."""
+    """`measure_hosted`'s requests: timed one at a time, then every prompt at the endpoint's concurrency; with
+    `labels`, each answer constrained to one of them (`choose`)."""
     from azdistill.console import Progress
     from azdistill.teachers.base import RecordRejected
     from azdistill.teachers.hosted import build_endpoint_teacher
@@ -61,7 +70,7 @@ def _measure_endpoint(
     evaluation = config.evaluation
     greedy = config.synthesis.model_copy(
         update={"max_new_tokens": evaluation.max_new_tokens, "temperature": 0.0, "top_p": 1.0, "top_logprobs": 0,
-                "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_cost": None}
+                "presence_penalty": 0.0, "frequency_penalty": 0.0, "max_cost": None, "self_consistency": 1}
     )
     # The endpoint client reads the teacher section; a served model's settings have the same keys.
     teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy, "teacher": endpoint}))
@@ -72,7 +81,7 @@ def _measure_endpoint(
             for messages in timed:
                 started = time.perf_counter()
                 try:
-                    teacher.complete(messages)
+                    teacher.choose_one(messages, labels) if labels is not None else teacher.complete(messages)
                 except RecordRejected:
                     pass  # a refused prompt tells nothing about latency
                 else:
@@ -82,7 +91,8 @@ def _measure_endpoint(
         with Progress(len(conversations), f"answer {description} (endpoint)", unit="answers") as progress:
             completions = []
             for start in range(0, len(conversations), teacher.batch_size):
-                completions += teacher.answer(conversations[start : start + teacher.batch_size])
+                batch = conversations[start : start + teacher.batch_size]
+                completions += teacher.choose(batch, labels) if labels is not None else teacher.answer(batch)
                 progress.update(len(completions) - progress.count)
         seconds = time.perf_counter() - started
     finally:
@@ -175,7 +185,7 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     from azdistill.console import Progress, configure_logging
     from azdistill.determinism import make_repeatable
     from azdistill.models.files import size_on_disk, weights_bytes
-    from azdistill.models.generation import GenerationSettings, generate_in_batches, timed_single_answers
+    from azdistill.models.generation import GenerationSettings, timed_single_answers
     from azdistill.models.loading import count_parameters, load_model, load_tokenizer, pick_device
 
     configure_logging()
@@ -188,19 +198,20 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     model = load_model(Path(path), device).eval()
     generation = GenerationSettings(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
 
+    labels = settings.get("labels")
     timed = conversations[: settings["latency_samples"]]
     with Progress(len(timed), f"latency {description}", unit="answers") as progress:
-        latencies = timed_single_answers(model, tokenizer, timed, generation, progress)
+        if labels:
+            latencies = timed_single_choices(model, tokenizer, timed, labels, progress)
+        else:
+            latencies = timed_single_answers(model, tokenizer, timed, generation, progress)
 
-    answers: list[Optional[str]] = [None] * len(conversations)
-    generated_tokens = 0
     started = time.perf_counter()
     with Progress(len(conversations), f"answer {description}", unit="answers") as progress:
-        for batch in generate_in_batches(model, tokenizer, conversations, generation):
-            for index, completion in batch:
-                answers[index] = completion.text
-                generated_tokens += completion.completion_tokens
-            progress.update(len(batch))
+        if labels:
+            answers, generated_tokens = _chosen_labels(model, tokenizer, conversations, labels, settings["batch_size"], progress)
+        else:
+            answers, generated_tokens = _generated_answers(model, tokenizer, conversations, generation, progress)
     seconds = time.perf_counter() - started
 
     if device.startswith("cuda"):
@@ -222,6 +233,48 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     }
 
 
+def _generated_answers(model, tokenizer, conversations: list[list[Message]], generation, progress) -> tuple[list, int]:
+    """Every conversation answered by generation in batches; the answers in input order and the tokens generated."""
+    from azdistill.models.generation import generate_in_batches
+
+    answers: list[Optional[str]] = [None] * len(conversations)
+    generated_tokens = 0
+    for batch in generate_in_batches(model, tokenizer, conversations, generation):
+        for index, completion in batch:
+            answers[index] = completion.text
+            generated_tokens += completion.completion_tokens
+        progress.update(len(batch))
+    return answers, generated_tokens
+
+
+def _chosen_labels(model, tokenizer, conversations: list[list[Message]], labels: list[str], batch_size: int, progress) -> tuple[list, int]:
+    """A teacher constrained to the labels (synthesis.label_constraint scores) answers as it did in synthesis: the
+    most likely label of each conversation; one label token counted per answer."""
+    from azdistill.models.labels import score_labels
+
+    answers: list[Optional[str]] = []
+    for start in range(0, len(conversations), batch_size):
+        answers += [scores.label for scores in score_labels(model, tokenizer, conversations[start : start + batch_size], labels, batch_size)]
+        progress.update(len(answers) - progress.count)
+    return answers, len(answers)
+
+
+def timed_single_choices(model, tokenizer, conversations: list[list[Message]], labels: list[str], progress=None) -> list[float]:
+    """Seconds per answer of a teacher constrained to the labels, prompts scored one at a time (its latency as
+    synthesis uses it)."""
+    from azdistill.models.labels import score_labels
+
+    score_labels(model, tokenizer, conversations[:1], labels, 1)  # warm-up
+    latencies = []
+    for messages in conversations:
+        started = time.perf_counter()
+        score_labels(model, tokenizer, [messages], labels, 1)
+        latencies.append(time.perf_counter() - started)
+        if progress is not None:
+            progress.update(1)
+    return latencies
+
+
 def peak_resident_bytes() -> int:
     """This process's peak resident memory.
 
@@ -240,16 +293,19 @@ def peak_resident_bytes() -> int:
 
 
 def measure_in_child(
-    path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str
+    path: Path, conversations: list[list[Message]], settings: EvaluationConfig, runtime: RuntimeConfig, description: str,
+    labels: Optional[list[str]] = None,
 ) -> dict:
-    """`measure_model` for the model in `path`, run in a fresh child process so its peak memory is its own."""
+    """`measure_model` for the model in `path`, run in a fresh child process so its peak memory is its own; with
+    `labels`, the model answers by choosing the most likely label (a teacher constrained to the labels)."""
     # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         future = pool.submit(
             measure_model,
             str(path),
             conversations,
-            {**{key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")}, **runtime.model_dump()},
+            {**{key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")}, **runtime.model_dump(),
+             "labels": labels},
             description,
         )
         return future.result()

@@ -10,10 +10,17 @@ import math
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-# sacrebleu and rouge_score (which pulls in nltk and scipy: seconds) load on first use, so that the answer
+if TYPE_CHECKING:
+    import numpy as np
+
+from azdistill.data.answers import format_number as _format_number
+from azdistill.data.answers import parse_label, parse_number
+
+# sacrebleu, rouge_score (which pulls in nltk and scipy: seconds) and numpy load on first use, so that the answer
 # parsers below cost nothing to import for the synthesize stage.
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -29,21 +36,6 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
-# Spaces, hyphens and underscores inside a label are interchangeable, so "not_entailment" (as GLUE
-# spells it) is found in "not entailment" and "not-entailment".
-_LABEL_SEPARATOR = r"[\s_\-]+"
-# A hyphen counts as part of a word at a label's edges: "non-negative" must not name "negative".
-_WORD_BEFORE = r"(?<![\w\-])"
-_WORD_AFTER = r"(?![\w\-])"
-
-_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
-# A minus sign only makes a number negative when it is not a subtraction ("10-3", "(4)-1"); the
-# thousands-separated form comes first so "1,250" is one number rather than 1 and 250.
-_NUMBER = re.compile(
-    r"(?P<sign>(?<![\w)\]])[-\u2212])?"
-    r"(?P<digits>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-)
-
 
 def normalize_text(text: str) -> str:
     """Normalise an answer the SQuAD way: lower case, no punctuation, no articles, single spaces."""
@@ -51,74 +43,6 @@ def normalize_text(text: str) -> str:
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
-
-
-def _label_pattern(label: str) -> re.Pattern[str] | None:
-    parts = [re.escape(part) for part in re.split(_LABEL_SEPARATOR, label.strip()) if part]
-    if not parts:
-        return None
-    return re.compile(_WORD_BEFORE + _LABEL_SEPARATOR.join(parts) + _WORD_AFTER, re.IGNORECASE)
-
-
-def parse_label(text: str, labels: Sequence[str]) -> str | None:
-    """Return the one label that a free-form answer names, spelled as in `labels`, else None.
-
-    Matching is case-insensitive and on whole words, so "Answer: Positive!" names "positive" but
-    "negatively" does not name "negative". A longer label wins over a shorter one it contains: with
-    labels "entailment" and "not entailment", the text "not entailment" names only the latter. An
-    answer that names no label, or several different ones, returns None so that hedged answers never
-    count as correct.
-    """
-    # Longest labels claim their spans first; a shorter label found inside a claimed span is part of
-    # the longer one, not a second answer.
-    order = sorted(range(len(labels)), key=lambda i: len(labels[i].strip()), reverse=True)
-    claimed: list[tuple[int, int]] = []
-    named: set[int] = set()
-    for index in order:
-        pattern = _label_pattern(labels[index])
-        if pattern is None:
-            continue
-        for match in pattern.finditer(text):
-            start, end = match.span()
-            if any(start < c_end and c_start < end for c_start, c_end in claimed):
-                continue
-            claimed.append((start, end))
-            named.add(index)
-    distinct = {labels[i].strip().lower() for i in named}
-    if len(distinct) != 1:
-        return None
-    return labels[min(named)]
-
-
-def _to_float(match: re.Match[str]) -> float:
-    value = float(match.group("digits").replace(",", ""))
-    return -value if match.group("sign") else value
-
-
-def parse_number(text: str) -> float | None:
-    """Return the final numeric answer of a math response, or None if it contains no number.
-
-    The first number after the last "Answer:" (any case) is preferred; without one, the last number
-    in the text is used, so "3 + 4 = 7 apples." gives 7. Negative numbers, decimals, thousands
-    separators ("1,250") and surrounding units or currency signs ("$12.50") are handled. A number too
-    large to represent as a finite float counts as no number.
-    """
-    markers = list(_ANSWER_MARKER.finditer(text))
-    match = _NUMBER.search(text, markers[-1].end()) if markers else None
-    if match is None:
-        numbers = list(_NUMBER.finditer(text))
-        if not numbers:
-            return None
-        match = numbers[-1]
-    value = _to_float(match)
-    return value if math.isfinite(value) else None
-
-
-def _format_number(value: float) -> str:
-    # Integers are written without ".0" so "7", "7.0" and "7.00" all give the same key.
-    if value.is_integer():
-        return str(int(value))
-    return repr(value)
 
 
 def answer_key(task_type: str, text: str, labels: Sequence[str] | None = None) -> str | None:
@@ -172,11 +96,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     Like any corpus BLEU, it is 0 when no 4-gram matches, which includes corpora of very short texts.
     """
     _check_pair(predictions, references)
-    import sacrebleu
-
-    score = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    # Floating-point error can put a perfect score a hair above 100.
-    return float(min(max(score, 0.0), 100.0))
+    return bleu_from_statistics(bleu_statistics(predictions, references))
 
 
 @lru_cache(maxsize=1)
@@ -210,8 +130,88 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * fraction
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values))
+def mean_score(values: "np.ndarray") -> float:
+    """The mean of per-item scores; 0.0 over no items (agreement where the teacher committed to no answer)."""
+    import numpy as np
+
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+def bleu_from_statistics(rows: "np.ndarray") -> float:
+    """Corpus BLEU (0-100) from per-item n-gram statistics (rows as `bleu_statistics` gives them): summed over
+    the items, then scored as `sacrebleu.corpus_bleu` scores a corpus (exponential smoothing)."""
+    import numpy as np
+    from sacrebleu.metrics.bleu import BLEU
+
+    totals = [int(total) for total in np.asarray(rows, dtype=np.int64).reshape(-1, _BLEU_STATISTICS).sum(axis=0)]
+    score = BLEU.compute_bleu(
+        correct=totals[2 : 2 + _BLEU_ORDER], total=totals[2 + _BLEU_ORDER :], sys_len=totals[0], ref_len=totals[1],
+        smooth_method="exp",
+    ).score
+    # Floating-point error can put a perfect score a hair above 100.
+    return float(min(max(score, 0.0), 100.0))
+
+
+_BLEU_ORDER = 4
+_BLEU_STATISTICS = 2 + 2 * _BLEU_ORDER  # hypothesis length, reference length, matched and total n-grams per order
+
+
+def bleu_statistics(predictions: Sequence[str], references: Sequence[str]) -> "np.ndarray":
+    """Each prediction's BLEU sufficient statistics against its reference, one row per item: hypothesis length,
+    reference length, then matched and total n-grams for n = 1..4. Corpus BLEU is a function of their sum, so any
+    selection of items (a bootstrap resample) is scored without tokenizing again."""
+    import numpy as np
+    from sacrebleu.metrics.bleu import BLEU
+
+    # The per-segment statistics sacrebleu's own paired tests use; the settings are those of `sacrebleu.corpus_bleu`.
+    rows = BLEU(smooth_method="exp")._extract_corpus_statistics(list(predictions), [list(references)])
+    return np.asarray(rows, dtype=np.int64).reshape(-1, _BLEU_STATISTICS)
+
+
+@dataclass(frozen=True, eq=False)
+class ItemScores:
+    """One metric of one model, held-out item by held-out item: what a bootstrap resamples and a paired test swaps.
+
+    `values` has one row per item the metric counts (a score, or BLEU's n-gram statistics), in held-out order, so
+    two models' rows for one metric are the same items; `aggregate` turns any selection of rows into the metric,
+    exactly as `score_predictions` reports it.
+    """
+
+    values: "np.ndarray"
+    aggregate: Callable[["np.ndarray"], float]
+
+    @property
+    def value(self) -> float:
+        """The metric over all the items."""
+        return self.aggregate(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _per_item(scores: Sequence[float]) -> ItemScores:
+    import numpy as np
+
+    return ItemScores(np.asarray(scores, dtype=float), mean_score)
+
+
+def _check_scoring_inputs(
+    task_type: str,
+    predictions: Sequence[str],
+    references: Sequence[str | None],
+    teacher_answers: Sequence[str] | None,
+    labels: Sequence[str] | None,
+) -> None:
+    if task_type not in TASK_METRICS:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {', '.join(TASK_METRICS)}")
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if teacher_answers is not None and len(teacher_answers) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(teacher_answers)} teacher answers")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    if task_type == "nli" and not labels:
+        raise ValueError("task type nli needs its labels to score predictions")
 
 
 def score_predictions(
@@ -228,64 +228,83 @@ def score_predictions(
     - "agreement" with the teacher (absent if `teacher_answers` is None): for nli and math the share of
       the items the teacher answered with a label or number (its `answer_key` is not None) whose
       `answer_key` the prediction matches; where the teacher committed to no answer there is nothing to
-      agree with, and its own "parse_rate" in the report shows how often that happened. For qa the mean token F1 against the teacher's
-      answer; for the other free-form tasks the mean ROUGE-L F against it. A missing (None) teacher
-      answer counts as disagreement.
+      agree with, and its own "parse_rate" in the report shows how often that happened. For qa the mean token F1
+      against the teacher's answer; for the other free-form tasks the mean ROUGE-L F against it. A missing (None)
+      teacher answer counts as disagreement.
     - "parse_rate" for nli and math: the share of predictions whose `answer_key` is not None.
 
+    Each is the aggregate of `item_scores`, so intervals and paired tests resample the very items counted here.
     Raises ValueError for an unknown task type, sequences of different lengths, no predictions, or an
     nli task without labels.
     """
-    if task_type not in TASK_METRICS:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {', '.join(TASK_METRICS)}")
-    if len(references) != len(predictions):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if teacher_answers is not None and len(teacher_answers) != len(predictions):
-        raise ValueError(f"{len(predictions)} predictions but {len(teacher_answers)} teacher answers")
-    if not predictions:
-        raise ValueError("no predictions to score")
-    if task_type == "nli" and not labels:
-        raise ValueError("task type nli needs its labels to score predictions")
+    scores = item_scores(task_type, predictions, references, teacher_answers, labels)
+    return {name: items.value for name, items in scores.items()}
 
-    metrics: dict[str, float] = {}
+
+def item_scores(
+    task_type: str,
+    predictions: Sequence[str],
+    references: Sequence[str | None],
+    teacher_answers: Sequence[str] | None,
+    labels: Sequence[str] | None = None,
+) -> dict[str, ItemScores]:
+    """Every metric `score_predictions` reports, item by item (see `ItemScores`), over the same items it counts:
+    the referenced ones for the task's metrics, those the teacher committed on for nli and math agreement, every
+    item for parse rate and free-form agreement. Raises ValueError as `score_predictions` does."""
+    _check_scoring_inputs(task_type, predictions, references, teacher_answers, labels)
+    if task_type in ("nli", "math"):
+        return _label_item_scores(task_type, predictions, references, teacher_answers, labels)
+    return _free_form_item_scores(task_type, predictions, references, teacher_answers)
+
+
+def _agrees(key: str | None, other: str | None) -> bool:
+    # An unreadable answer never matches, not even another unreadable one.
+    return key is not None and other is not None and key == other
+
+
+def _label_item_scores(
+    task_type: str,
+    predictions: Sequence[str],
+    references: Sequence[str | None],
+    teacher_answers: Sequence[str] | None,
+    labels: Sequence[str] | None,
+) -> dict[str, ItemScores]:
+    """Accuracy, agreement and parse rate of an nli or math task, as 0/1 per item."""
+    keys = [answer_key(task_type, p, labels) for p in predictions]
+    scores: dict[str, ItemScores] = {}
+    if any(reference is not None for reference in references):
+        scores["accuracy"] = _per_item(
+            [_agrees(key, answer_key(task_type, ref, labels)) for key, ref in zip(keys, references) if ref is not None]
+        )
+    if teacher_answers is not None:
+        teacher_keys = [None if teacher is None else answer_key(task_type, teacher, labels) for teacher in teacher_answers]
+        scores["agreement"] = _per_item(
+            [_agrees(key, teacher_key) for key, teacher_key in zip(keys, teacher_keys) if teacher_key is not None]
+        )
+    scores["parse_rate"] = _per_item([key is not None for key in keys])
+    return scores
+
+
+def _free_form_item_scores(
+    task_type: str,
+    predictions: Sequence[str],
+    references: Sequence[str | None],
+    teacher_answers: Sequence[str] | None,
+) -> dict[str, ItemScores]:
+    """The reference metrics of a qa or free-form task (BLEU as n-gram statistics), and agreement with the teacher."""
+    scores: dict[str, ItemScores] = {}
     referenced = [(p, r) for p, r in zip(predictions, references) if r is not None]
-    labelled = task_type in ("nli", "math")
-
-    if labelled:
-        keys = [answer_key(task_type, p, labels) for p in predictions]
-
-        def agrees(key: str | None, other: str | None) -> bool:
-            return key is not None and other is not None and key == other
-
-        if referenced:
-            hits = [
-                agrees(key, answer_key(task_type, ref, labels))
-                for key, ref in zip(keys, references)
-                if ref is not None
-            ]
-            metrics["accuracy"] = _mean(hits)
-        if teacher_answers is not None:
-            teacher_keys = [None if teacher is None else answer_key(task_type, teacher, labels) for teacher in teacher_answers]
-            decided = [(key, teacher_key) for key, teacher_key in zip(keys, teacher_keys) if teacher_key is not None]
-            metrics["agreement"] = _mean([agrees(key, teacher_key) for key, teacher_key in decided]) if decided else 0.0
-        metrics["parse_rate"] = _mean([key is not None for key in keys])
-        return metrics
-
     if referenced:
-        preds = [p for p, _ in referenced]
-        refs = [r for _, r in referenced]
+        per_pair = {"token_f1": token_f1, "exact_match": exact_match, "rouge_l": _rouge_l_one}
         for name in TASK_METRICS[task_type]:
-            if name == "token_f1":
-                metrics[name] = _mean([token_f1(p, r) for p, r in referenced])
-            elif name == "exact_match":
-                metrics[name] = _mean([exact_match(p, r) for p, r in referenced])
-            elif name == "rouge_l":
-                metrics[name] = rouge_l(preds, refs)
-            elif name == "bleu":
-                metrics[name] = bleu(preds, refs)
+            if name == "bleu":
+                statistics = bleu_statistics([p for p, _ in referenced], [r for _, r in referenced])
+                scores[name] = ItemScores(statistics, bleu_from_statistics)
+            else:
+                scores[name] = _per_item([per_pair[name](p, r) for p, r in referenced])
     if teacher_answers is not None:
         similarity = token_f1 if task_type == "qa" else _rouge_l_one
-        metrics["agreement"] = _mean(
+        scores["agreement"] = _per_item(
             [0.0 if teacher is None else similarity(p, teacher) for p, teacher in zip(predictions, teacher_answers)]
         )
-    return metrics
+    return scores

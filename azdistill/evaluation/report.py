@@ -49,6 +49,9 @@ class ModelResult:
     # serving machine's hourly price times its measured answering time. None when no price was configured.
     cost_per_1k_answers: Optional[float] = None
     hosted: bool = False  # answered through an endpoint: size and memory cannot be measured, parameters are declared
+    # Per quality metric, its 95% bootstrap confidence interval over the held-out items (evaluation.stats); empty in
+    # reports written before intervals existed, and for a metric counted on fewer than two items.
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # How a failed check reads: "agreement 0.71 < 0.8".
@@ -67,6 +70,22 @@ class PromotionCheck:
 
 
 @dataclass
+class PairedComparison:
+    """The student against one other row on one metric, item by item over the same held-out items: is the
+    difference real, or could the two models have swapped answers without changing it (evaluation.stats)?"""
+
+    metric: str
+    other: str  # the other row's role: "baseline" or "reference_sft"
+    student_value: float
+    other_value: float
+    difference: float  # student - other, in the metric's own units
+    p_value: float  # two-sided
+    significant: bool  # p < 0.05
+    method: str  # "exact randomization" (every swap enumerated) or "approximate randomization" (random swaps)
+    n: int  # items compared
+
+
+@dataclass
 class Report:
     """Everything the evaluation stage found, ready to be written and shown."""
 
@@ -80,6 +99,8 @@ class Report:
     checks: list[PromotionCheck]
     device: str
     samples: list[dict] = field(default_factory=list)
+    judge: Optional[dict] = None  # the LLM judge's wins, ties and losses of the student (evaluation.judge.summarize)
+    comparisons: list[PairedComparison] = field(default_factory=list)  # the student against each baseline row
 
 
 
@@ -183,6 +204,7 @@ def report_from_dict(data: dict) -> Report:
                     metrics={str(k): _float(v) for k, v in (m.get("metrics") or {}).items()},
                     cost_per_1k_answers=None if m.get("cost_per_1k_answers") is None else float(m["cost_per_1k_answers"]),
                     hosted=bool(m.get("hosted", False)),
+                    intervals={str(k): (_float(low), _float(high)) for k, (low, high) in (m.get("intervals") or {}).items()},
                 )
             )
         checks = []
@@ -197,6 +219,10 @@ def report_from_dict(data: dict) -> Report:
                     passed=bool(c["passed"]),
                 )
             )
+        comparisons = []
+        for i, c in enumerate(data.get("comparisons") or []):
+            where = f"comparisons[{i}]"
+            comparisons.append(_comparison_from_dict(c))
         where = "report"
         return Report(
             pipeline=str(data["pipeline"]),
@@ -209,11 +235,39 @@ def report_from_dict(data: dict) -> Report:
             checks=checks,
             device=str(data["device"]),
             samples=[dict(s) for s in data.get("samples") or []],
+            judge=None if data.get("judge") is None else dict(data["judge"]),
+            comparisons=comparisons,
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: malformed value ({e})") from None
+
+
+def _comparison_from_dict(c: dict) -> PairedComparison:
+    return PairedComparison(
+        metric=str(c["metric"]),
+        other=str(c["other"]),
+        student_value=_float(c["student_value"]),
+        other_value=_float(c["other_value"]),
+        difference=_float(c["difference"]),
+        p_value=_float(c["p_value"]),
+        significant=bool(c["significant"]),
+        method=str(c["method"]),
+        n=int(c["n"]),
+    )
+
+
+def error_bar_metrics(report: Report) -> dict[str, float]:
+    """The error bars as tracking metrics: `student_<metric>_ci_low` / `_ci_high` for each of the student's quality
+    intervals, and `student_vs_<role>_<metric>_p_value` for each paired comparison."""
+    metrics: dict[str, float] = {}
+    student = model_of(report, "student")
+    for name, (low, high) in (student.intervals if student is not None else {}).items():
+        metrics[f"student_{name}_ci_low"], metrics[f"student_{name}_ci_high"] = low, high
+    for test in report.comparisons:
+        metrics[f"student_vs_{test.other}_{test.metric}_p_value"] = test.p_value
+    return metrics
 
 
 # Formatting helpers shared by Markdown, plot and console
@@ -222,6 +276,25 @@ def report_from_dict(data: dict) -> Report:
 def metric_label(name: str) -> str:
     """Human-readable name of a metric key ("rouge_l" -> "ROUGE-L")."""
     return METRIC_LABELS.get(name, name.replace("_", " ").capitalize())
+
+
+def metric_in_sentence(name: str) -> str:
+    """A metric's name in the middle of a sentence: "accuracy", but "ROUGE-L" and "F1"."""
+    label = metric_label(name)
+    # Acronyms keep their case ("ROUGE-L", "F1"); ordinary words go lower case mid-sentence.
+    return label if label[:2].isupper() else label.lower()
+
+
+def format_metric(value: float | None, fraction: bool, metric: str) -> str:
+    """A quality figure as shown: "73.3%" for a share (`fraction`, see `is_fraction_metric`), one decimal for BLEU's
+    0-100 scale, else three significant digits; "n/a" when it is missing or not a number."""
+    if not is_finite(value):
+        return "n/a"
+    if metric in RAW_SCALE_METRICS:
+        return f"{value:.1f}"
+    if fraction:
+        return f"{value * 100:.1f}%"
+    return f"{value:.3g}"
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:

@@ -20,6 +20,13 @@ class Completion:
     # A reasoning model's thinking before `text`, when the teacher returned it apart from the answer (hosted
     # reasoning models: `reasoning_content`, `reasoning` or a leading <think> block); None otherwise.
     reasoning: Optional[str] = None
+    # A label task's answer constrained to `task.labels` (synthesis.label_constraint): the teacher's probability of
+    # each label (scored by a local teacher, read from a hosted one's log-probabilities, or the vote shares of
+    # self-consistency); `text` is then the most likely label. None for a free answer.
+    label_probs: Optional[dict] = None
+    # The measure that made this answer usable where the free answer would have been rejected ("label scoring",
+    # "structured output", "logprobs", "self-consistency"), for the reject ledger; None when the free answer was usable.
+    rescued_by: Optional[str] = None
 
 
 @dataclass

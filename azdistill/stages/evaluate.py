@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from azdistill.config.evaluation import ServedModelConfig
-from azdistill.config.schema import DistillConfig
+from azdistill.config.schema import DistillConfig, label_method
 from azdistill.config.teacher import TeacherConfig
 from azdistill.data import digests
 from azdistill.data.files import write_json
@@ -30,11 +30,13 @@ from azdistill.evaluation.measure import (
     measure_logged,
     megabytes,
 )
-from azdistill.evaluation.metrics import TASK_METRICS, percentile, score_predictions
+from azdistill.evaluation.metrics import TASK_METRICS, ItemScores, item_scores, percentile
 from azdistill.evaluation.promotion import promotion_checks
 from azdistill.evaluation.publish import write_report
 from azdistill.evaluation.report import ModelResult, Report, report_from_dict
+from azdistill.evaluation.stats import metric_intervals, student_comparisons
 from azdistill.stages import state
+from azdistill.stages.judging import judge_student
 from azdistill.tracking.tracker import NullTracker, log_evaluation
 
 log = logging.getLogger(__name__)
@@ -134,13 +136,16 @@ def evaluate(
         return report
     state.begin(out_dir, stage_fingerprint, force, "evaluate", OWNED)
     predictions_dir = out_dir / "predictions"
-    _remove_stale_predictions(predictions_dir, all_models)
+    _remove_stale_predictions(predictions_dir, {**all_models, "judge": None})  # judge.json: the judge's verdicts
     with tracker.stage("evaluate"):
         measured: dict[str, dict] = {}
         for role, path in all_models.items():
             key = digests.fingerprint({**answers_depend_on, "model": identities[role]})
             measured[role] = _answers_of(config, role, path, records, predictions_dir / f"{role}.json", key, force)
         report = _build_report(config, all_models, measured, records)
+        report.judge = judge_student(
+            config, teacher_path, records, measured, identities["teacher"], predictions_dir, tracker, force
+        )
         paths = write_report(report, out_dir)
         log_evaluation(tracker, report, paths)  # metric names shared by every retrain: see tracking.py
         tracker.log_artifact(predictions_dir, "predictions")
@@ -173,6 +178,8 @@ def _what_answers_depend_on(config: DistillConfig) -> dict:
         "task": config.task.type,
         "evaluation": config.evaluation.model_dump(include={"max_new_tokens", "batch_size", "latency_samples"}),
         "runtime": config.runtime.model_dump(),
+        # Only where the teacher is constrained, so the saved answers of every other config keep their keys.
+        **({"label_constraint": label_method(config)} if label_method(config) is not None else {}),
     }
 
 
@@ -251,7 +258,9 @@ def _measure(config: DistillConfig, role: str, path: Optional[Path], records: li
         log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], where, len(conversations))
         return measure_logged(records) if config.teacher.kind == "logged" else measure_hosted(config, conversations)
     log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
-    return measure_in_child(path, conversations, config.evaluation, config.runtime, role)
+    # A teacher that synthesis constrained to the labels answers the held-out prompts the same way; students generate.
+    labels = list(config.task.labels or []) if role == "teacher" and label_method(config) == "scores" else None
+    return measure_in_child(path, conversations, config.evaluation, config.runtime, role, labels)
 
 
 def _build_report(
@@ -263,12 +272,15 @@ def _build_report(
     has_references = any(reference is not None for reference in references)
     primary = TASK_METRICS[config.task.type][0] if has_references else "agreement"
     labels = model_labels(config, all_models)
-    results = {
+    scores = {
         # The teacher's row is scored against the references only: agreement is with the teacher's answers.
-        role: _model_result(
-            config, role, labels[role], all_models[role], data, references, None if role == "teacher" else teacher_answers
+        role: item_scores(
+            config.task.type, data["answers"], references, None if role == "teacher" else teacher_answers, config.task.labels
         )
         for role, data in measured.items()
+    }
+    results = {
+        role: _model_result(config, role, labels[role], all_models[role], data, scores[role]) for role, data in measured.items()
     }
     checks = promotion_checks(config, results, primary)  # on the teacher, student and baseline rows only
     # The served rows sit right after the student: most often they are that student, as a client reaches it.
@@ -284,6 +296,7 @@ def _build_report(
         checks=checks,
         device=device_description(),
         samples=_samples(records, measured),
+        comparisons=student_comparisons(scores, primary),  # is the student's lead over each baseline real?
     )
 
 
@@ -293,11 +306,10 @@ def _model_result(
     name: str,
     path: Optional[Path],
     data: dict,
-    references: list,
-    teacher_answers: Optional[list],
+    scores: dict[str, ItemScores],
 ) -> ModelResult:
-    """One row of the report: a model's scores, speed, memory, size and cost from its measurements."""
-    metrics = score_predictions(config.task.type, data["answers"], references, teacher_answers, config.task.labels)
+    """One row of the report: a model's scores with their 95% intervals (`scores`: its metrics item by item), speed,
+    memory, size and cost from its measurements."""
     hosted, parameters = bool(data.get("hosted")), data["parameters"]
     if hosted and "prompt_tokens" in data:
         # Through an endpoint: priced and declared from the config now, so a price or count changed since still counts.
@@ -321,9 +333,10 @@ def _model_result(
         latency_p95_s=percentile(data["latencies_s"], 95) if data["latencies_s"] else float("nan"),
         throughput_tokens_per_s=data["throughput_tokens_per_s"],
         n=len(data["answers"]),
-        metrics=metrics,
+        metrics={name: items.value for name, items in scores.items()},
         cost_per_1k_answers=cost,
         hosted=hosted,
+        intervals=metric_intervals(scores),
     )
 
 

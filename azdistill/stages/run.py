@@ -1,6 +1,9 @@
 """Running stages on this machine: the whole distillation (synthesize -> finetune (-> finetune on references) ->
 evaluate) in this process, or one stage as its command runs it, with the models and teacher it needs.
 
+With `--seeds N` the student is also trained and evaluated with the next N - 1 seeds, each in its own folders under
+`<run_dir>/seeds/`, and the spread of its figures is written beside the first seed's report (`seeds.json`, `seeds.md`).
+
 The same stage functions run inside the Azure ML components; here they are chained under one MLflow parent
 run with a nested run per stage. A stage whose inputs and settings are unchanged is skipped; an interrupted
 one continues from what it had written. A rerun that skips every stage leaves no MLflow run: it says which
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,10 +22,11 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from azdistill.config.schema import DistillConfig
-from azdistill.data.files import write_json
+from azdistill.data.files import atomic_writer, write_json
 from azdistill.data.records import read_records
 from azdistill.errors import UserError
 from azdistill.evaluation.report import Report
+from azdistill.evaluation.seeds import SeedsSummary, render_seeds_markdown, seeds_to_dict, student_seed_metrics, summarise_seeds
 from azdistill.teachers.factory import synthesis_teacher
 from azdistill.tracking.tracker import NullTracker, make_tracker, pipeline_run_name, pipeline_tags
 
@@ -40,6 +45,7 @@ class RunResult:
     # Whether this run left a new MLflow run: not with tracking off, nor when every stage reused its outputs and
     # nothing was logged (run_id is then the earlier run holding those outputs).
     new_run: bool = True
+    seeds: Optional[SeedsSummary] = None  # with --seeds N > 1: the spread of every figure over the N students
 
 
 @dataclass
@@ -119,17 +125,19 @@ def register_student(config: DistillConfig, tracker: NullTracker, student: Path,
     return version
 
 
-def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None) -> RunResult:
+def run_local(config: DistillConfig, force: bool = False, tracker: Optional[NullTracker] = None, seeds: int = 1) -> RunResult:
     """Run every stage of a distillation on this machine; returns the evaluation report and stage timings.
 
-    The workdir is held for the whole run (`state.workdir_lock`): a second run on it is refused, not raced."""
+    With `seeds` above 1 the student is trained and evaluated once per seed (see `run_other_seeds`); the report,
+    registration and promotion stay the first seed's. The workdir is held for the whole run (`state.workdir_lock`):
+    a second run on it is refused, not raced."""
     from azdistill.stages.state import workdir_lock
 
     with workdir_lock(config.workdir):
-        return _run_stages(config, force, tracker)
+        return _run_stages(config, force, tracker, seeds)
 
 
-def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracker]) -> RunResult:
+def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracker], seeds: int = 1) -> RunResult:
     from azdistill.stages.evaluate import evaluate
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
@@ -152,6 +160,12 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
                 evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
         with _timed(seconds, "evaluate"):
             report = evaluate(config, models.teacher, evaluated, tracker, force)
+        spread = None
+        if seeds > 1:
+            with _timed(seconds, "other-seeds"):
+                spread = run_other_seeds(config, models, synthetic, evaluated, report, tracker, force, seeds)
+        else:
+            _remove_seed_summary(config)
         version = promotion = None
         if config.tracking.enabled:
             with _timed(seconds, "register"):
@@ -163,12 +177,121 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
         run_id = tracker.run_id
         if run_id is not None:
             tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
+            if spread is not None:
+                tracker.log_params({"seeds": seeds})
+                tracker.log_metrics(student_seed_metrics(spread))
     new_run = run_id is not None
     if config.tracking.enabled and not new_run:
         run_id = _say_nothing_changed(tracker, pipeline_tags(config, mode="local"))
     write_json(config.run_dir / "run.json", {"stage_seconds": seconds, "registered_version": version, "run_id": run_id})
     tracking_uri = config.tracking_uri if config.tracking.enabled else None
-    return RunResult(report, config.stage_dir("evaluate"), seconds, version, tracking_uri, run_id, promotion, new_run)
+    return RunResult(report, config.stage_dir("evaluate"), seconds, version, tracking_uri, run_id, promotion, new_run, spread)
+
+
+SEEDS_FILES = ("seeds.json", "seeds.md")
+
+
+def seed_dir(config: DistillConfig, seed: int) -> Path:
+    """The folder of a seed other than the first: its own `finetune` and `evaluate` stage folders."""
+    return config.run_dir / "seeds" / f"seed-{seed}"
+
+
+def run_other_seeds(
+    config: DistillConfig, models: Models, synthetic: Path, evaluated: dict[str, Path], first_report: Report,
+    tracker: NullTracker, force: bool, seeds: int,
+) -> SeedsSummary:
+    """Train and evaluate the student with seeds training.seed + 1 ... training.seed + seeds - 1 on the same
+    synthetic data, then write the spread over all the seeds beside the first seed's report; returns it.
+
+    The teacher's answers do not depend on the student's seed, so synthesis is not repeated, and the teacher's and
+    baselines' evaluation answers are shared from the first seed (see `_share_seed_independent_answers`). The
+    reference-trained baseline is trained once, with the first seed: training it per seed would double the cost of
+    every seed for a row that is not the one being measured. Each seed's stages skip when unchanged, like any stage.
+    """
+    from azdistill.stages.evaluate import evaluate
+    from azdistill.stages.finetune import finetune
+
+    first_seed = config.training.seed
+    reports = {first_seed: first_report}
+    for seed in range(first_seed + 1, first_seed + seeds):
+        log.info("seed %d (%d of %d): the student trains and is evaluated again", seed, seed - first_seed + 1, seeds)
+        seed_config = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+        folder, stages = seed_dir(config, seed), _SeedTracker(tracker, seed)
+        student = finetune(
+            seed_config, models.student_init, models.teacher, synthetic, stages, force, out_dir=folder / "finetune"
+        ) / "model"
+        _share_seed_independent_answers(config.stage_dir("evaluate") / "predictions", folder / "evaluate" / "predictions")
+        seed_models = {**evaluated, "student": student}
+        reports[seed] = evaluate(seed_config, models.teacher, seed_models, stages, force, out_dir=folder / "evaluate")
+    summary = summarise_seeds(reports)
+    out_dir = config.stage_dir("evaluate")
+    write_json(out_dir / "seeds.json", seeds_to_dict(summary))
+    with atomic_writer(out_dir / "seeds.md") as handle:
+        handle.write(render_seeds_markdown(summary))
+    log.info("seeds: the spread over %d seeds is in %s", seeds, out_dir / "seeds.md")
+    return summary
+
+
+def _share_seed_independent_answers(first: Path, target: Path) -> None:
+    """Give a seed's evaluation the first seed's saved answers of every model but the student (the teacher, the
+    baselines and served models answer the same whatever the student's seed).
+
+    A saved answer file is copied where the seed has none or has one measured under another key; the evaluation
+    itself still checks each key before reusing it. One with the same key is left alone: it is this seed's
+    finished output, and replacing it with an equal measurement would fail the stage's check of its outputs."""
+    if not first.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for source in first.glob("*.json"):
+        if source.stem == "student":
+            continue
+        destination = target / source.name
+        if _answers_key(destination) != _answers_key(source):
+            shutil.copyfile(source, destination)
+
+
+def _answers_key(path: Path) -> Optional[str]:
+    """The key a saved answers file was measured under; None when there is none or it cannot be read."""
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _remove_seed_summary(config: DistillConfig) -> None:
+    """A run with one seed removes the spread an earlier run with several left: it would describe other students."""
+    for name in SEEDS_FILES:
+        (config.stage_dir("evaluate") / name).unlink(missing_ok=True)
+
+
+class _SeedTracker(NullTracker):
+    """The run's tracker, for the stages of a seed other than the first: their MLflow runs are named
+    `<stage>-seed-<seed>`, so none passes for the first seed's stages (the `evaluate` run is the one whose figures
+    go on the pipeline run and into `azdistill runs list`)."""
+
+    def __init__(self, tracker: NullTracker, seed: int):
+        self._tracker, self._seed = tracker, seed
+
+    @property
+    def run_id(self) -> Optional[str]:  # type: ignore[override]
+        return self._tracker.run_id
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator["_SeedTracker"]:
+        with self._tracker.stage(f"{name}-seed-{self._seed}"):
+            yield self
+
+    def log_params(self, params: dict) -> None:
+        self._tracker.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self._tracker.log_metrics(metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self._tracker.log_artifact(path, artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._tracker.set_tags(tags)
 
 
 def _say_nothing_changed(tracker: NullTracker, tags: dict[str, str]) -> Optional[str]:

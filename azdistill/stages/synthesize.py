@@ -11,23 +11,30 @@ and started again reads the journal and asks the teacher only what it had not an
 asked concurrently, so the journal is in completion order; the final files are written in input order by
 reading the journal at the offsets of each record, so memory stays flat however long the split is: the
 stage streams its input, keeps only the records in flight and 8 bytes per record for the offsets.
+
+Augmentation (synthesis.augment > 0) comes first: the teacher writes new prompts from the training prompts
+(`synthesis.augment`, its own journal), the kept ones go to `augmented.jsonl`, and they are answered as more records of
+the train split, after the original ones (the same journal, checks and label constraint), so `train.jsonl` holds the
+original records first and the new ones after them. A rerun reads the augmentation journal and asks for no prompt twice.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from azdistill.config.schema import DistillConfig
+from azdistill.config.schema import DistillConfig, label_method
 from azdistill.console import Progress
 from azdistill.data import digests
-from azdistill.data.files import AppendLog, atomic_writer, write_json
-from azdistill.data.records import count_records, iter_records
+from azdistill.data.files import AppendLog, atomic_writer, iter_jsonl, write_json, write_jsonl
+from azdistill.data.records import Record, check_prompt_length, count_records, iter_records
 from azdistill.errors import StageFailed
 from azdistill.stages import state
+from azdistill.synthesis import augment
 from azdistill.synthesis.answering import Context, run_batches, run_concurrent
 from azdistill.synthesis.journal import Journal, SafeLog
 from azdistill.synthesis.outputs import SPLITS, finish_split
@@ -40,7 +47,8 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = ["train.jsonl", "validation.jsonl", "rejected.jsonl", "stats.json"]
 # Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
-OWNED = [*OUTPUTS, "*.journal.jsonl", "*.logprobs.jsonl"]
+OWNED = [*OUTPUTS, "augmented.jsonl", "*.journal.jsonl", "*.logprobs.jsonl"]
+AUGMENT_JOURNAL = "augment.journal.jsonl"
 
 
 def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) -> str:
@@ -57,12 +65,23 @@ def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) ->
             teacher.pop(name, None)  # request settings left at their default do not change earlier fingerprints
     synthesis = config.synthesis.model_dump(exclude={"min_success_ratio", "max_cost", "preflight"})
     for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("prompt_strategy", "plain"), ("keep_rationale", False),
-                          ("density_iterations", 4), ("max_summary_words", 80), ("top_logprobs", 0), ("reject_duplicates", True)):
+                          ("density_iterations", 4), ("max_summary_words", 80), ("top_logprobs", 0), ("reject_duplicates", True),
+                          ("self_consistency", 1)):
         if synthesis.get(name) == default:
             synthesis.pop(name)  # settings left at their default do not change earlier fingerprints
+    # What the constraint resolves to: none leaves the answers (and earlier fingerprints) as they were.
+    synthesis.pop("label_constraint")
+    if label_method(config) is not None:
+        synthesis["label_constraint"] = label_method(config)
+    inputs = {split: digests.file_digest(getattr(config.data, split)) for split in SPLITS}
+    if config.synthesis.augment:
+        inputs["test"] = digests.file_digest(config.data.test)  # the new prompts are decontaminated against it
+    else:  # no augmentation: earlier fingerprints stay valid
+        synthesis.pop("augment")
+        synthesis.pop("augment_max_similarity")
     return digests.fingerprint(
         {
-            "inputs": {split: digests.file_digest(getattr(config.data, split)) for split in SPLITS},
+            "inputs": inputs,
             "max_records": config.data.max_records,
             "task": config.task.model_dump(),
             "teacher": teacher,
@@ -117,8 +136,10 @@ def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts
     if teacher.budget is None:  # nothing billed (a local or logged teacher): no spend to restore, no endpoint to check
         return teacher
     spent = {} if fresh else {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
+    writing = {} if fresh else augment.read_journal(out_dir / AUGMENT_JOURNAL)  # new prompts written are paid for too
     teacher.budget.spent = teacher.budget.cost(
-        sum(j.prompt_tokens for j in spent.values()), sum(j.completion_tokens for j in spent.values())
+        sum(j.prompt_tokens for j in spent.values()) + sum(row.get("prompt_tokens", 0) for row in writing.values()),
+        sum(j.completion_tokens for j in spent.values()) + sum(row.get("completion_tokens", 0) for row in writing.values()),
     )
     if not config.synthesis.preflight:
         return teacher
@@ -157,16 +178,31 @@ class _SampleFirst(Teacher):
                 self._completion = None
         return completion if matches else self._teacher.complete(messages, stop)
 
+    def choose_one(self, messages, labels, stop: Optional[threading.Event] = None):
+        # The preflight's sample call was constrained the same way (synthesis.label_constraint), so it is this answer.
+        with self._lock:
+            completion, matches = self._completion, self._completion is not None and list(messages) == self._prompt
+            if matches:
+                self._completion = None
+        return completion if matches else self._teacher.choose_one(messages, labels, stop)
+
 
 def _synthesize(config: DistillConfig, teacher_factory, tracker: NullTracker, out_dir: Path, fingerprint: str,
                 counts: dict[str, int], resumed: bool, teacher: Optional[Teacher]) -> Path:
     """Answer what the journals do not hold yet, write the final files and figures, and judge the share accepted."""
     started = time.monotonic()
-    logprobs = config.teacher.hosted and config.synthesis.top_logprobs > 0
+    # The sidecar holds a hosted teacher's top log-probabilities, or the label distribution of a constrained label.
+    logprobs = (config.teacher.hosted and config.synthesis.top_logprobs > 0) or label_method(config) is not None
     outputs = OUTPUTS + ([f"{split}.logprobs.jsonl" for split in SPLITS] if logprobs else [])
+    outputs += ["augmented.jsonl"] if config.synthesis.augment else []
     with tracker.stage("synthesize"):
-        teacher = _answer_splits(config, teacher_factory, out_dir, counts, resumed, teacher)
-        stats = _finish_splits(config, out_dir, counts, logprobs)
+        teacher, augmented = _augment_train(config, teacher_factory, out_dir, counts, teacher)
+        # The new prompts are more records of the train split, after the original ones.
+        totals = {**counts, "train": counts["train"] + (augmented["kept"] if augmented else 0)}
+        teacher = _answer_splits(config, teacher_factory, out_dir, totals, resumed, teacher)
+        stats = _finish_splits(config, out_dir, totals, logprobs, counts["train"] if augmented else None)
+        if augmented:
+            stats["augmented"] = {**augmented, "accepted": stats["splits"]["train"].pop("augmented_accepted")}
         elapsed = time.monotonic() - started
         _add_run_figures(stats, config, teacher, elapsed)
         write_json(out_dir / "stats.json", stats)
@@ -182,6 +218,59 @@ def _synthesize(config: DistillConfig, teacher_factory, tracker: NullTracker, ou
         accepted, total, 100 * stats["success_ratio"], elapsed, out_dir,
     )
     return out_dir
+
+
+def _augment_train(config: DistillConfig, teacher_factory, out_dir: Path, counts: dict[str, int],
+                   teacher: Optional[Teacher]) -> tuple[Optional[Teacher], Optional[dict]]:
+    """synthesis.augment: the teacher writes new prompts for the training records its journal lacks, and the kept
+    ones are written to `augmented.jsonl`; returns the teacher (built only if it had prompts to write) and the
+    augmentation's stats, None when synthesis.augment is 0.
+
+    Which prompts are kept is decided from the journal every time (no teacher needed), so a rerun writes the same file.
+    """
+    if not config.synthesis.augment:
+        return teacher, None
+    journal_path = out_dir / AUGMENT_JOURNAL
+    examples = list(iter_records(config.data.train, config.task.type, config.data.max_records))
+    # A prompt past data.max_prompt_chars is rejected unasked, so it is no example either.
+    usable = [(index, record) for index, record in enumerate(examples)
+              if check_prompt_length(record.messages, config.data.max_prompt_chars) is None]
+    journal = augment.read_journal(journal_path)
+    built = None
+    try:
+        if any(index not in journal for index, _ in usable):
+            if teacher is None:
+                teacher = built = _ready_teacher(teacher_factory, config, out_dir, counts)
+            log.info("synthesize: the teacher writes %d new prompts for each of %d training prompts",
+                     config.synthesis.augment, sum(index not in journal for index, _ in usable))
+            augment.write_new_prompts(usable, config.synthesis.augment, teacher, journal_path, config.synthesis.seed)
+            journal = augment.read_journal(journal_path)
+    except BaseException:
+        if built is not None:
+            built.close()
+        raise
+    # Every prompt already in training (train and validation) and every held-out one, as the new ones are compared.
+    known = [augment.user_text(record) for split in SPLITS
+             for record in iter_records(getattr(config.data, split), config.task.type, config.data.max_records)]
+    test = [augment.user_text(record) for record in iter_records(config.data.test, config.task.type)]
+    choice = augment.choose_new_prompts(journal, examples, known, test, config.synthesis.augment_max_similarity)
+    write_jsonl(out_dir / "augmented.jsonl", augment.new_records(choice))
+    stats = augment.choice_stats(choice, journal, config.synthesis.augment)
+    log.info("synthesize: %d of %d new prompts kept (%d duplicates, %d near duplicates, %d too close to a test prompt, "
+             "%d unusable)", stats["kept"], stats["asked"], stats["dropped_duplicate"], stats["dropped_similar"],
+             stats["dropped_contaminated"], stats["dropped_unusable"])
+    return teacher, stats
+
+
+def _split_records(config: DistillConfig, split: str, out_dir: Path) -> Iterator[Record]:
+    """The records of a split as the teacher answers them: the train split's new prompts (augmented.jsonl) follow its
+    original records, numbered by their line in that file."""
+    records = iter_records(getattr(config.data, split), config.task.type, config.data.max_records)
+    if split != "train" or not config.synthesis.augment:
+        return records
+    written = (Record(messages=row["messages"], line=line, extra={"augmented_from": row["augmented_from"]})
+               for line, row in enumerate(iter_jsonl(out_dir / "augmented.jsonl"), start=1))
+    return itertools.chain(records, written)
 
 
 def _answer_splits(config: DistillConfig, teacher_factory, out_dir: Path, counts: dict[str, int], resumed: bool,
@@ -200,17 +289,18 @@ def _answer_splits(config: DistillConfig, teacher_factory, out_dir: Path, counts
                 continue
             if teacher is None:
                 teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
-            _answer_split(config, split, records, journal_path, done, teacher)
+            _answer_split(config, split, records, journal_path, done, teacher, out_dir)
     finally:
         if teacher is not None:
             teacher.close()
     return teacher
 
 
-def _answer_split(config: DistillConfig, split: str, records: int, journal_path: Path, done: Journal, teacher: Teacher) -> None:
+def _answer_split(config: DistillConfig, split: str, records: int, journal_path: Path, done: Journal, teacher: Teacher,
+                  out_dir: Path) -> None:
     """One split's missing answers, each finished record appended to the journal: a concurrent teacher from its
     worker threads (through a thread-safe log), any other in batches."""
-    numbered = enumerate(iter_records(getattr(config.data, split), config.task.type, config.data.max_records))
+    numbered = enumerate(_split_records(config, split, out_dir))
     with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
         context = Context(config, progress)
         if teacher.mode == "concurrent":
@@ -223,13 +313,16 @@ def _answer_split(config: DistillConfig, split: str, records: int, journal_path:
             run_batches(numbered, done, append_log, teacher, context)
 
 
-def _finish_splits(config: DistillConfig, out_dir: Path, counts: dict[str, int], logprobs: bool) -> dict:
-    """Each split's final file from its journal, and `rejected.jsonl` for all of them; returns the stats per split."""
+def _finish_splits(config: DistillConfig, out_dir: Path, counts: dict[str, int], logprobs: bool,
+                   first_augmented: Optional[int]) -> dict:
+    """Each split's final file from its journal, and `rejected.jsonl` for all of them; returns the stats per split.
+    The train split's records from `first_augmented` on are the new prompts of synthesis.augment."""
     stats: dict = {"splits": {}}
     with atomic_writer(out_dir / "rejected.jsonl") as rejected_out:
         for split, records in counts.items():
             journal_path = out_dir / f"{split}.journal.jsonl"
-            stats["splits"][split] = finish_split(split, records, journal_path, out_dir, rejected_out, config, logprobs)
+            stats["splits"][split] = finish_split(split, records, journal_path, out_dir, rejected_out, config, logprobs,
+                                                  first_augmented if split == "train" else None)
     return stats
 
 
@@ -241,8 +334,10 @@ def _accepted_of_total(stats: dict) -> tuple[int, int]:
 def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teacher], elapsed: float) -> None:
     """The figures of the whole run: the teacher, the share accepted, the time, the endpoint's counters and the cost."""
     accepted, total = _accepted_of_total(stats)
-    prompt_tokens = sum(s["prompt_tokens"] for s in stats["splits"].values())
-    completion_tokens = sum(s["completion_tokens"] for s in stats["splits"].values())
+    # Writing new prompts (synthesis.augment) is paid for like answering.
+    writing = stats.get("augmented", {})
+    prompt_tokens = sum(s["prompt_tokens"] for s in stats["splits"].values()) + writing.get("prompt_tokens", 0)
+    completion_tokens = sum(s["completion_tokens"] for s in stats["splits"].values()) + writing.get("completion_tokens", 0)
     # No teacher when every record was answered already: the config names it.
     name = (teacher.name if teacher is not None else None) or config.teacher.deployment or config.teacher.model
     stats.update(
@@ -280,6 +375,9 @@ def _stage_metrics(stats: dict, elapsed: float) -> dict:
             metrics[f"teacher_{key}"] = stats["endpoint"][key]
     if "cost" in stats:
         metrics["teacher_cost"] = stats["cost"]
+    for key in ("asked", "kept", "accepted"):
+        if "augmented" in stats:
+            metrics[f"augmented_{key}"] = stats["augmented"][key]
     return metrics
 
 

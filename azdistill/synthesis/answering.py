@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from azdistill.config.schema import DistillConfig
+from azdistill.config.schema import DistillConfig, label_method
 from azdistill.console import Progress
 from azdistill.data.records import Record
 from azdistill.models.generation import Completion
@@ -36,6 +36,9 @@ class Item:
     rationale_from_trace: bool = False  # keep_rationale with plain: the trace is the rationale of the target
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    label_probs: Optional[dict] = None  # a constrained label's distribution over task.labels (single-turn records)
+    rescued_by: Optional[str] = None  # the measure that made a would-be-rejected answer usable (reject ledger)
+    confidence: Optional[float] = None  # self-consistency: the share of the sampled answers that voted for this one
     rejected: Optional[tuple] = None  # (reason, the answer that failed)
     rejected_reasoning: Optional[str] = None  # the trace of the answer that failed
     retryable: bool = False  # given up on after transient faults: asked again on the next run
@@ -72,6 +75,13 @@ class Item:
         self.raw_answers.append(completion.text)
         self.reasoning.append(completion.reasoning)
         logprobs = getattr(completion, "logprobs", None)
+        if completion.label_probs is not None:
+            self.label_probs, self.rescued_by = completion.label_probs, completion.rescued_by
+            # The label distribution is the soft target: stored like a hosted teacher's top-k, one entry per label.
+            logprobs = label_logprobs(completion.text, completion.label_probs)
+        # Self-consistency: the vote share of the answer kept (math answers have no label distribution to carry it).
+        self.rescued_by = self.rescued_by or completion.rescued_by
+        self.confidence = getattr(completion, "confidence", None)
         if logprobs is not None:
             self.logprobs.append({"turn": len(self.answers), "text": completion.text, "content": logprobs})
         return None
@@ -92,6 +102,12 @@ class Item:
                 row["logprobs"] = self.logprobs
             if any(self.reasoning):
                 row["reasoning"] = self.reasoning  # one per assistant turn, None where the teacher gave none
+            if self.label_probs is not None:
+                row["label_probs"] = self.label_probs
+            if self.rescued_by:
+                row["rescued_by"] = self.rescued_by
+            if self.confidence is not None:
+                row["confidence"] = self.confidence
             if self.rationale_from_trace and not all(self.reasoning):
                 row["without_rationale"] = sum(1 for trace in self.reasoning if not trace)
         return row
@@ -100,6 +116,19 @@ class Item:
         where = f"turn {len(self.answers) + 1}: " if len(self.user_turns) > 1 else ""
         self.rejected = (where + reason, "")
         self.retryable = retryable
+
+
+def label_logprobs(label: str, probs: dict) -> list[dict]:
+    """A constrained label's distribution in the sidecar's top-k form (`training.examples.align_topk`): one entry
+    covering the answer (the label), whose candidates are every label with its log-probability. The student
+    learns the distribution where a label is one token of its vocabulary."""
+    import math
+
+    def logprob(p: float) -> float:
+        return math.log(p) if p > 0 else -1e4
+
+    top = [{"token": name, "logprob": logprob(p)} for name, p in sorted(probs.items(), key=lambda pair: -pair[1])]
+    return [{"token": label, "logprob": logprob(probs.get(label, 0.0)), "top_logprobs": top}]
 
 
 def start_item(record: Record, index: int, config: DistillConfig, partials: Optional[list[dict]] = None) -> Item:
@@ -136,6 +165,8 @@ class Context:
         self.config = config
         self.progress = progress
         self.rejected = 0
+        # The labels the teacher's answers are constrained to (synthesis.label_constraint), or None for free answers.
+        self.labels = list(config.task.labels or []) if label_method(config) is not None else None
 
     def finished(self, journal, row: dict) -> None:
         journal.append(row)
@@ -182,6 +213,8 @@ def _answer_chunk(chunk: list[Item], journal, teacher: Teacher, context: Context
             break
         if teacher.mode == "logged":
             completions = [teacher.logged_answer(item.messages, item.user_turns[len(item.answers)]) for item in active]
+        elif context.labels is not None:
+            completions = teacher.choose([item.teacher_prompt() for item in active], context.labels)
         else:
             completions = teacher.answer([item.teacher_prompt() for item in active])
         if len(completions) != len(active):
@@ -199,7 +232,10 @@ def _answer_item(item: Item, teacher: Teacher, context: Context, journal: SafeLo
 
     while not item.finished:
         try:
-            completion = teacher.complete(item.teacher_prompt(), stop)
+            if context.labels is not None:
+                completion = teacher.choose_one(item.teacher_prompt(), context.labels, stop)
+            else:
+                completion = teacher.complete(item.teacher_prompt(), stop)
         except RecordRejected as error:
             item.reject(str(error), retryable=error.retryable)
             break

@@ -49,15 +49,22 @@ def _duplicates(handle: IO[bytes], offsets: array) -> "object":
 
 
 def finish_split(
-    split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool
+    split: str, records: int, journal_path: Path, out_dir: Path, rejected_out: IO[str], config: DistillConfig, logprobs: bool,
+    first_augmented: int | None = None,
 ) -> dict:
-    """Write `<split>.jsonl` (and the logprobs sidecar) in input order from the journal; returns the split's stats."""
+    """Write `<split>.jsonl` (and the logprobs sidecar) in input order from the journal; returns the split's stats.
+
+    Records from `first_augmented` on are new prompts the teacher wrote (synthesis.augment): their rejects say split
+    "augmented" (their line is one of augmented.jsonl), and the stats count how many were accepted.
+    """
     done = Journal.scan(journal_path, records)
     missing = [index for index in range(records) if done.offsets[index] < 0]
     if missing:  # cannot happen unless the journal was edited: never write a set with holes
         raise RuntimeError(f"synthesize {split}: {len(missing)} records have no answer in {journal_path} (e.g. #{missing[0]})")
     reasons: dict[str, int] = {}
     accepted = without_rationale = 0
+    rescued: dict[str, int] = {}
+    constrained = accepted_augmented = 0
     with ExitStack() as files:
         handle = files.enter_context(journal_path.open("rb"))
         out = files.enter_context(atomic_writer(out_dir / f"{split}.jsonl"))
@@ -70,14 +77,20 @@ def finish_split(
                 row = {**row, "status": "rejected", "answer": row["messages"][-1]["content"],
                        "reason": f"exact duplicate of the example from input line {first['line']}",
                        "messages": row["messages"][:-1], "reasoning": (row.get("reasoning") or [None])[-1]}
+            augmented = first_augmented is not None and index >= first_augmented
             if row["status"] == "ok":
+                accepted_augmented += augmented
                 out.write(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n")
                 if sidecar is not None:
                     sidecar.write(json.dumps({"row": accepted, "index": index, "line": row["line"], "turns": row.get("logprobs") or []}, ensure_ascii=False) + "\n")
                 accepted += 1
                 without_rationale += row.get("without_rationale", 0)
+                constrained += "label_probs" in row
+                if row.get("rescued_by"):
+                    rescued[row["rescued_by"]] = rescued.get(row["rescued_by"], 0) + 1
             else:
-                rejected = {"split": split, **{k: row[k] for k in ("line", "reason", "answer", "messages")}}
+                rejected = {"split": "augmented" if augmented else split,
+                            **{k: row[k] for k in ("line", "reason", "answer", "messages")}}
                 if row.get("reasoning"):
                     rejected["reasoning"] = row["reasoning"]
                 rejected_out.write(json.dumps(rejected, ensure_ascii=False) + "\n")
@@ -91,6 +104,12 @@ def finish_split(
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
     }
+    if constrained or rescued:  # rescued without a label: self-consistency on math answers
+        # The reject ledger's other side: answers constrained to one label, and those a measure saved from rejection.
+        stats["constrained_labels"] = constrained
+        stats["rescued_by"] = rescued
+    if first_augmented is not None:
+        stats["augmented_accepted"] = accepted_augmented
     if config.synthesis.keep_rationale and config.synthesis.prompt_strategy == "plain":
         stats["trained_without_rationale"] = without_rationale  # answers that came with no reasoning trace
     return stats

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from azdistill.config.schema import DistillConfig
+from azdistill.config.schema import DistillConfig, label_method
 from azdistill.data.records import count_records, iter_records
 from azdistill.data.splits import AZURE_MINIMUM_DEFAULT, AZURE_MINIMUM_RECORDS
 from azdistill.errors import StageFailed, UserError
@@ -74,7 +74,8 @@ def preflight(
     report.lines.append(_records_line(config, counts, done))
     record = next(iter_records(config.data.train, config.task.type, 1))
     prompt = start_item(record, 0, config).teacher_prompt()
-    completion = _sample_call(teacher, prompt, sample, done, report)
+    labels = list(config.task.labels or []) if label_method(config) is not None else None
+    completion = _sample_call(teacher, prompt, sample, done, report, labels)
     answer_tokens, prompt_token_ratio = float(config.synthesis.max_new_tokens), 1.0
     if completion is not None:
         answer_tokens, prompt_token_ratio = _read_sample(config, teacher, prompt, completion, report)
@@ -107,17 +108,19 @@ def _records_line(config: DistillConfig, counts: dict[str, int], done: int) -> s
 
 
 def _sample_call(
-    teacher: EndpointTeacher, prompt: list, sample: bool, done: int, report: PreflightReport
+    teacher: EndpointTeacher, prompt: list, sample: bool, done: int, report: PreflightReport, labels: Optional[list] = None
 ) -> Optional[Completion]:
     """The teacher's answer to the first training prompt (kept in the report, as it is paid for), or None when no call
-    is made or the endpoint refuses that record; an endpoint that does not answer is a UserError."""
+    is made or the endpoint refuses that record; an endpoint that does not answer is a UserError. With `labels` (a
+    label constraint) the sample is asked the way the run asks, so it also finds out whether the endpoint has
+    structured outputs."""
     retries = teacher.max_retries
     teacher.max_retries = min(retries, 2)  # a dead endpoint should be reported in seconds, not minutes
     try:
         if not sample:
             report.lines.append(f"sample call: none (the run continues from {done} answered records)")
             return None
-        completion = teacher.complete(prompt)
+        completion = teacher.choose_one(prompt, labels) if labels is not None else teacher.complete(prompt)
         report.sample_prompt, report.sample_completion = prompt, completion
         return completion
     except BudgetExceeded:
@@ -145,7 +148,11 @@ def _read_sample(config: DistillConfig, teacher: EndpointTeacher, prompt: list, 
     report.sample_ok = problem is None
     verdict = "passes the checks" if problem is None else f"would be rejected: {problem}"
     logprobs = ""
-    if synthesis.top_logprobs:
+    if label_method(config) is not None:
+        # The label distribution is the soft target (training.topk_weight), whatever top_logprobs asked for.
+        how = "structured output" if teacher.label_mode == "json_schema" else "top log-probabilities (no structured outputs)"
+        logprobs = f", label chosen by {how}"
+    elif synthesis.top_logprobs:
         returned = getattr(completion, "logprobs", None)
         logprobs = ", top logprobs returned" if returned else ", NO logprobs returned (the endpoint ignores top_logprobs)"
         if not returned and config.training.topk_weight > 0:
@@ -171,7 +178,7 @@ def _add_estimates(config: DistillConfig, teacher: EndpointTeacher, report: Pref
                    answer_tokens: float, prompt_token_ratio: float) -> None:
     """The tokens and (with prices) the cost of the records still to answer: expected, and at worst every answer
     as long as max_new_tokens."""
-    max_new_tokens = config.synthesis.max_new_tokens
+    max_new_tokens = config.synthesis.max_new_tokens * teacher.self_consistency  # every sampled answer is paid for
     prompt_tokens, requests = _turn_prompts_tokens(config, answer_tokens)
     prompt_tokens = int(prompt_tokens * prompt_token_ratio)
     left = (total - done) / total if total else 0.0

@@ -81,6 +81,15 @@ class Teacher:
         """A concurrent teacher's answer to one conversation (thread-safe); `stop` set means send nothing more."""
         raise NotImplementedError(f"teacher {self.name} ({self.mode}) does not answer one conversation at a time")
 
+    def choose(self, conversations: Sequence[list[Message]], labels: Sequence[str]) -> list[Completion]:
+        """A batched teacher's answers constrained to one of `labels` each (`synthesis.label_constraint`, and LLM judges'
+        verdicts): `text` is the chosen label, `label_probs` the teacher's probability of every label."""
+        raise NotImplementedError(f"teacher {self.name} ({self.mode}) cannot be constrained to labels in batches")
+
+    def choose_one(self, messages: Sequence[Message], labels: Sequence[str], stop: Optional[threading.Event] = None) -> Completion:
+        """A concurrent teacher's answer to one conversation constrained to one of `labels` (thread-safe); as `choose`."""
+        raise NotImplementedError(f"teacher {self.name} ({self.mode}) cannot be constrained to labels one at a time")
+
     def logged_answer(self, messages: Sequence[Message], user_position: int) -> Completion:
         """A logged teacher's answer: the assistant turn after the user turn at `user_position` in the record."""
         raise NotImplementedError(f"teacher {self.name} ({self.mode}) has no logged answers")

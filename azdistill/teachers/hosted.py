@@ -13,6 +13,8 @@ Faults that retrying can fix (429, 408, 5xx, timeouts, dropped connections) are 
 backoff and jitter. Faults it cannot fix are not retried: a 400 from a content filter or a too-long prompt
 rejects that record (`RecordRejected`), 401/403/404 stop the run at once (`UserError`). A hard budget
 (`Budget`) reserves the worst-case price of each request before sending it, so the spend never passes it.
+
+Label-constrained answers and self-consistency votes (`constrained.CommittingTeacher`) go through the same requests.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from azdistill.data.records import Message
 from azdistill.errors import UserError
 from azdistill.models.generation import Completion
 from azdistill.secrets import redact
-from azdistill.teachers.base import EndpointCompletion, RecordRejected, Stopped, Teacher, TransientError
+from azdistill.teachers.base import EndpointCompletion, RecordRejected, Stopped, TransientError
+from azdistill.teachers.constrained import CommittingTeacher, StructuredOutputRefused, commitment, refuses_structured_output
 from azdistill.teachers.credentials import Credential
 from azdistill.teachers.limits import (
     THROTTLE_RETRY_FACTOR,
@@ -65,8 +68,9 @@ def request_url(kind: str, endpoint: str, deployment: Optional[str], api_version
     return url
 
 
-class EndpointTeacher(Teacher):
-    """A hosted teacher. `complete()` answers one conversation (thread-safe); `answer()` answers a batch."""
+class EndpointTeacher(CommittingTeacher):
+    """A hosted teacher. `complete()` answers one conversation (thread-safe); `answer()` answers a batch; `choose_one()`
+    and `choose()` answer with one of a task's labels."""
 
     mode = "concurrent"
 
@@ -95,6 +99,10 @@ class EndpointTeacher(Teacher):
         max_backoff_s: float = 60.0,
         limiter: Optional[AdaptiveRateLimiter] = None,
         budget: Optional[Budget] = None,
+        label_mode: str = "json_schema",
+        self_consistency: int = 1,
+        vote_task: Optional[str] = None,
+        vote_labels: Sequence[str] = (),
     ):
         self.kind = kind
         self.url = request_url(kind, endpoint, deployment, api_version)
@@ -134,6 +142,8 @@ class EndpointTeacher(Teacher):
         self._sessions_lock = threading.Lock()
         self._bad_requests_in_a_row = 0
         self._prompt_token_ratio = 1.0  # real/estimated prompt tokens, learned from answers
+        self.label_mode, self._mode_lock = label_mode, threading.Lock()
+        self.self_consistency, self.vote_task, self.vote_labels = self_consistency, vote_task, list(vote_labels)
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -180,10 +190,10 @@ class EndpointTeacher(Teacher):
 
     # -- one request -----------------------------------------------------------------------------------
 
-    def _send(self, messages: Sequence[Message]) -> EndpointCompletion:
+    def _send(self, messages: Sequence[Message], extra: Optional[dict] = None) -> list[EndpointCompletion]:
         import requests
 
-        body = dict(self.body, messages=list(messages))
+        body = dict(self.body, **(extra or {}), messages=list(messages))
         self.stats.count(requests=1)
         try:
             response = self._session().post(
@@ -206,7 +216,7 @@ class EndpointTeacher(Teacher):
             raise TransientError(f"request failed: {redact(str(error))[:200]}") from None
         status = response.status_code
         if status == 200:
-            return self._parse(response)
+            return self._parse_choices(response)
         text = redact(response.text or "")[:2000]
         # Again once decoded: a key echoed inside a JSON string is escaped twice (JSON over repr), once after decoding.
         detail = redact(_error_detail(text))
@@ -224,6 +234,8 @@ class EndpointTeacher(Teacher):
                 f"teacher endpoint {self.url.split('?')[0]} answered 404 ({detail[:200]}); check teacher.endpoint, "
                 f"teacher.deployment / teacher.model and teacher.api_version"
             )
+        if extra and "response_format" in extra and refuses_structured_output(status, text):
+            raise StructuredOutputRefused(f"HTTP {status}: {detail[:200]}")
         fix = _unsupported_setting_fix(text)
         if fix:  # the same for every record: the settings are wrong, not this record
             raise UserError(f"teacher endpoint {self.url.split('?')[0]} refused a request setting (HTTP {status}: {detail[:300]}); {fix}")
@@ -240,57 +252,44 @@ class EndpointTeacher(Teacher):
         return f"teacher endpoint {url}: a request header cannot be sent ({detail[:200]}); check teacher.deployment"
 
     def _parse(self, response) -> EndpointCompletion:
+        """The first choice of an answer, with the usage of the whole answer."""
+        return self._parse_choices(response)[0]
+
+    def _parse_choices(self, response) -> list[EndpointCompletion]:
+        """Every choice of an answer (several when `n` asked for them); the usage of all of them is on the first."""
         try:
             data = response.json()
-            choice = data["choices"][0]
-            message = choice.get("message") or {}
+            choices = [_read_choice(choice) for choice in data["choices"]]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise TransientError("unreadable answer (not a chat completion)") from None
-        content = message.get("content")
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        answer, thought = split_think_block(content or "")
-        # DeepSeek and vLLM's reasoning parser return the thinking as reasoning_content; newer vLLM, Ollama and
-        # OpenRouter as reasoning (vLLM sent both, alike, while it renamed the field). R1 served without a reasoning
-        # parser leaves it in the content as <think>...</think>.
-        traces = [message.get("reasoning_content"), message.get("reasoning"), thought]
-        traces = [trace.strip() for trace in traces if isinstance(trace, str) and trace.strip()]
-        reasoning = "\n\n".join(dict.fromkeys(traces)) or None
+        if not choices:
+            raise TransientError("unreadable answer (no choices)")
         usage = data.get("usage") or {}
-        logprobs = None
-        if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
-            logprobs = [
-                {
-                    "token": entry.get("token"),
-                    "logprob": entry.get("logprob"),
-                    "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")} for top in entry.get("top_logprobs") or []],
-                }
-                for entry in choice["logprobs"]["content"]
-            ]
-        return EndpointCompletion(
-            text=answer.strip(),
-            finish_reason=choice.get("finish_reason") or "unknown",
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            reasoning=reasoning,
-            logprobs=logprobs,
-        )
+        choices[0].prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        choices[0].completion_tokens = int(usage.get("completion_tokens") or 0)
+        return choices
 
-    def complete(self, messages: Sequence[Message], stop: Optional[threading.Event] = None) -> EndpointCompletion:
-        """Answer one conversation, retrying what can be retried. Raises RecordRejected, UserError, BudgetExceeded or Stopped."""
+
+    def _ask(self, messages: Sequence[Message], stop: Optional[threading.Event] = None, extra: Optional[dict] = None,
+             choices: int = 1) -> list[EndpointCompletion]:
+        """One request (with `extra` body keys; `choices` answers asked of it), retrying what can be retried; every
+        answer's usage is on the first. Raises RecordRejected, UserError, BudgetExceeded, Stopped or
+        StructuredOutputRefused."""
         estimate = max(1, int(estimate_tokens(messages) * self._prompt_token_ratio))
-        reserved = self.budget.reserve(estimate, self.max_new_tokens)
+        field = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        worst = int((extra or {}).get(field, self.max_new_tokens)) * choices  # the most the answers may take
+        reserved = self.budget.reserve(estimate, worst)
         faults = throttles = 0
         last_fault = ""
         try:
             while True:
                 if stop is not None and stop.is_set():
                     raise Stopped()
-                self.limiter.acquire(estimate + self.max_new_tokens, stop)
+                self.limiter.acquire(estimate + worst, stop)
                 try:
-                    completion = self._send(messages)
+                    answers = self._send(messages, extra)
                 except TransientError as error:
-                    self.limiter.refund(estimate + self.max_new_tokens)
+                    self.limiter.refund(estimate + worst)
                     if error.throttled:
                         throttles += 1
                         self.stats.count(throttled=1)
@@ -313,37 +312,42 @@ class EndpointTeacher(Teacher):
                     else:
                         time.sleep(delay)
                     continue
-                except RecordRejected:
+                except (RecordRejected, StructuredOutputRefused) as refusal:
                     self.limiter.on_accepted()
-                    self.limiter.refund(estimate + self.max_new_tokens)
-                    with self._sessions_lock:
-                        self._bad_requests_in_a_row += 1
-                        too_many = self._bad_requests_in_a_row >= MAX_CONSECUTIVE_BAD_REQUESTS
-                    self.stats.count(rejected=1)
-                    if too_many:
-                        raise UserError(
-                            f"the teacher endpoint refused {MAX_CONSECUTIVE_BAD_REQUESTS} requests in a row with no answer in "
-                            f"between; the settings are likely wrong (run `azdistill preflight` to see one refusal)"
-                        ) from None
+                    self.limiter.refund(estimate + worst)
+                    if isinstance(refusal, RecordRejected):
+                        self._count_bad_request()
                     raise
                 with self._sessions_lock:
                     self._bad_requests_in_a_row = 0
                 self.limiter.on_accepted()
                 self.limiter.on_success()
-                used = completion.prompt_tokens + completion.completion_tokens
-                self.limiter.refund(estimate + self.max_new_tokens - used)
-                if completion.prompt_tokens:
+                first = answers[0]
+                self.limiter.refund(estimate + worst - first.prompt_tokens - first.completion_tokens)
+                if first.prompt_tokens:
                     # Learn how our character-based estimate compares with the endpoint's tokenizer.
-                    self._prompt_token_ratio = 0.9 * self._prompt_token_ratio + 0.1 * (completion.prompt_tokens / max(1, estimate_tokens(messages)))
+                    self._prompt_token_ratio = 0.9 * self._prompt_token_ratio + 0.1 * first.prompt_tokens / max(1, estimate_tokens(messages))
                 else:
-                    completion.prompt_tokens = estimate
+                    first.prompt_tokens = estimate
                 self.stats.count(answered=1)
-                self.budget.settle(reserved, completion.prompt_tokens, completion.completion_tokens)
+                self.budget.settle(reserved, first.prompt_tokens, first.completion_tokens)
                 reserved = 0.0
-                return completion
+                return answers
         finally:
             if reserved:
                 self.budget.release(reserved)
+
+    def _count_bad_request(self) -> None:
+        """Count a refused record; too many in a row with no answer between mean the settings are wrong (UserError)."""
+        with self._sessions_lock:
+            self._bad_requests_in_a_row += 1
+            too_many = self._bad_requests_in_a_row >= MAX_CONSECUTIVE_BAD_REQUESTS
+        self.stats.count(rejected=1)
+        if too_many:
+            raise UserError(
+                f"the teacher endpoint refused {MAX_CONSECUTIVE_BAD_REQUESTS} requests in a row with no answer in "
+                f"between; the settings are likely wrong (run `azdistill preflight` to see one refusal)"
+            ) from None
 
     def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]:
         """The `Teacher` interface: answer a batch concurrently, in order. A refused record gets an empty answer."""
@@ -355,6 +359,39 @@ class EndpointTeacher(Teacher):
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(conversations)))) as pool:
             return list(pool.map(one, conversations))
+
+
+def _read_choice(choice: dict) -> EndpointCompletion:
+    """One choice of a chat completion: its answer, the thinking apart from it, and its top log-probabilities."""
+    message = choice.get("message") or {}
+    content = message.get("content")
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    answer, thought = split_think_block(content or "")
+    # DeepSeek and vLLM's reasoning parser return the thinking as reasoning_content; newer vLLM, Ollama and
+    # OpenRouter as reasoning (vLLM sent both, alike, while it renamed the field). R1 served without a reasoning
+    # parser leaves it in the content as <think>...</think>.
+    traces = [message.get("reasoning_content"), message.get("reasoning"), thought]
+    traces = [trace.strip() for trace in traces if isinstance(trace, str) and trace.strip()]
+    reasoning = "\n\n".join(dict.fromkeys(traces)) or None
+    logprobs = None
+    if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
+        logprobs = [
+            {
+                "token": entry.get("token"),
+                "logprob": entry.get("logprob"),
+                "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")} for top in entry.get("top_logprobs") or []],
+            }
+            for entry in choice["logprobs"]["content"]
+        ]
+    return EndpointCompletion(
+        text=answer.strip(),
+        finish_reason=choice.get("finish_reason") or "unknown",
+        prompt_tokens=0,
+        completion_tokens=0,
+        reasoning=reasoning,
+        logprobs=logprobs,
+    )
 
 
 def split_think_block(content: str) -> tuple[str, Optional[str]]:
@@ -459,4 +496,5 @@ def build_endpoint_teacher(config, credential: Optional[Credential] = None, spen
         max_backoff_s=teacher.max_backoff_s,
         limiter=AdaptiveRateLimiter(teacher.requests_per_minute, teacher.tokens_per_minute),
         budget=Budget(teacher.price_per_million_prompt_tokens, teacher.price_per_million_completion_tokens, synthesis.max_cost, spent),
+        **commitment(config),
     )

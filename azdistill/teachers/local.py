@@ -37,3 +37,20 @@ class LocalTeacher(Teacher):
 
     def answer(self, conversations: Sequence[list[Message]]) -> list[Completion]:
         return generate_batch(self.model, self.tokenizer, conversations, self.settings)
+
+    def choose(self, conversations: Sequence[list[Message]], labels: Sequence[str]) -> list[Completion]:
+        """Every label scored as the whole answer (`models.labels.score_labels`); the most likely one is the answer.
+
+        No `rescued_by`: whether the free answer would have been rejected is only known by generating it, which is
+        the cost scoring saves (docs/quality.md has the measured share on the demo)."""
+        from azdistill.models.labels import score_labels
+
+        completions = []
+        for scores in score_labels(self.model, self.tokenizer, conversations, labels, self.batch_size):
+            label = scores.label
+            completions.append(Completion(
+                text=label, finish_reason="stop", prompt_tokens=scores.prompt_tokens,
+                completion_tokens=len(self.tokenizer(label, add_special_tokens=False)["input_ids"]),
+                label_probs={name: round(p, 6) for name, p in scores.probs.items()},
+            ))
+        return completions

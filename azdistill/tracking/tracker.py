@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 from azdistill.config.loading import config_to_params
 from azdistill.config.schema import DistillConfig
-from azdistill.evaluation.report import is_finite
+from azdistill.evaluation.report import error_bar_metrics, is_finite
 from azdistill.tracking.store import local_artifact_location, local_store_path
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,11 @@ def evaluation_metrics(report: Any) -> dict[str, float]:
 
 
 def log_evaluation(tracker: "NullTracker", report: Any, paths: dict[str, Path]) -> None:
-    """Log an evaluation report to the active (evaluate) run: its metrics, the promote tag and the report
+    """Log an evaluation report to the active (evaluate) run: its metrics with the student's error bars
+    (`student_<metric>_ci_low` / `_ci_high`, `student_vs_<role>_<metric>_p_value`), the promote tag and the report
     files (`report.md`, `report.json`, and `report.png`, which the MLflow UI shows as an image)."""
-    tracker.log_metrics({key: value for key, value in evaluation_metrics(report).items() if is_finite(value)})
+    metrics = {**evaluation_metrics(report), **error_bar_metrics(report)}
+    tracker.log_metrics({key: value for key, value in metrics.items() if is_finite(value)})
     tracker.set_tags({"azdistill.promote": str(report.promote).lower()})
     for path in paths.values():
         tracker.log_artifact(path)

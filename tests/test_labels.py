@@ -100,3 +100,34 @@ def test_the_distribution_becomes_a_top_k_soft_target():
     assert [top["token"] for top in entry["top_logprobs"]] == ["positive", "negative", "neutral"]
     assert entry["top_logprobs"][1]["logprob"] == pytest.approx(math.log(0.25))
     assert entry["top_logprobs"][2]["logprob"] < -1000  # an impossible label: a finite, negligible log-probability
+
+
+def test_a_constrained_teacher_answers_the_held_out_set_by_scoring_and_students_generate(make_config, tmp_path, monkeypatch):
+    """Evaluation asks the teacher as synthesis did (its labels scored, label_constraint scores) and the students as
+    they are served (generation); turning the constraint off makes the teacher generate, and answers again."""
+    import json
+
+    from azdistill.config.loading import load_config
+    from azdistill.stages import evaluate as stage
+
+    asked: dict[str, object] = {}
+
+    def fake_measure(path, conversations, settings, runtime, description, labels=None):
+        asked[description] = labels
+        return {"answers": ["positive"] * len(conversations), "latencies_s": [0.1], "throughput_tokens_per_s": 10.0,
+                "generated_tokens": 10, "seconds": 1.0, "parameters": 10, "weights_bytes": 40, "peak_memory_bytes": 100,
+                "size_on_disk_bytes": 40, "device": "cpu"}
+
+    monkeypatch.setattr(stage, "measure_in_child", fake_measure)
+    models = {}
+    for role in ("teacher", "student", "baseline"):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "config.json").write_text(json.dumps({"role": role}))
+        models[role] = tmp_path / role
+    config_path = make_config(extra="synthesis:\n  min_success_ratio: 0.0\n")  # nli, a local teacher
+    teacher = models.pop("teacher")
+    stage.evaluate(load_config(config_path), teacher, models)
+    assert asked == {"teacher": ["positive", "negative"], "student": None, "baseline": None}
+    asked.clear()
+    stage.evaluate(load_config(config_path, ["synthesis.label_constraint=off"]), teacher, models)
+    assert asked == {"teacher": None}  # only the teacher's answers depend on the constraint

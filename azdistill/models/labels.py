@@ -65,11 +65,16 @@ def score_labels(model, tokenizer, conversations: Sequence[list[Message]], label
         for index, (_, sequence) in enumerate(sequences):  # right padding: each prompt's positions stay as generated
             input_ids[index, : len(sequence)] = torch.tensor(sequence)
             attention[index, : len(sequence)] = 1
+        # Logits only from the position before the shortest prompt's end: a full [rows, width, vocabulary] tensor would
+        # make the scorer's memory several times the model's (1.7 GB against 0.5 GB for the built-in teacher).
+        kept = width - (min(len(prompt_ids[row]) for row in rows) - 1)
         with torch.inference_mode():
-            logprobs = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float().log_softmax(-1).cpu()
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), logits_to_keep=kept).logits
+            logprobs = logits.float().log_softmax(-1).cpu()
+        first_kept = width - kept
         index = 0
         for row in rows:
-            length = len(prompt_ids[row])
+            length = len(prompt_ids[row]) - first_kept
             totals = []
             for tokens in candidates[row]:
                 totals.append(sum(logprobs[index, length - 1 + offset, token].item() for offset, token in enumerate(tokens)))
@@ -77,5 +82,5 @@ def score_labels(model, tokenizer, conversations: Sequence[list[Message]], label
             top = max(totals)
             weights = [math.exp(total - top) for total in totals]
             probs = {label: weight / sum(weights) for label, weight in zip(labels, weights)}
-            results.append(LabelScores(probs, length))
+            results.append(LabelScores(probs, len(prompt_ids[row])))
     return results

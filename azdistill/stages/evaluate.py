@@ -162,6 +162,8 @@ def _model_identities(config: DistillConfig, all_models: dict[str, Optional[Path
     for role, path in all_models.items():
         if role == "teacher":
             identities[role] = teacher_identity(config, path)
+            if label_method(config) is not None:  # its answers are labels chosen this way, not free answers
+                identities[role] += f"+labels:{label_method(config)}"
         elif role in served:
             identities[role] = endpoint_identity(served[role][1])
         else:
@@ -178,8 +180,6 @@ def _what_answers_depend_on(config: DistillConfig) -> dict:
         "task": config.task.type,
         "evaluation": config.evaluation.model_dump(include={"max_new_tokens", "batch_size", "latency_samples"}),
         "runtime": config.runtime.model_dump(),
-        # Only where the teacher is constrained, so the saved answers of every other config keep their keys.
-        **({"label_constraint": label_method(config)} if label_method(config) is not None else {}),
     }
 
 

@@ -42,7 +42,20 @@ class PromotionConfig(Section):
     )
 
 
-class ServedAuthConfig(TeacherAuthConfig):
+class OtherEndpointAuthConfig(TeacherAuthConfig):
+    """How to authenticate to an endpoint other than the teacher's (a served model, a judge): the teacher's methods,
+    with messages that name the endpoint's own keys; each kind sets its own default key variable."""
+
+    @model_validator(mode="after")
+    def _method_has_its_settings(self) -> "OtherEndpointAuthConfig":
+        try:
+            TeacherAuthConfig._method_has_its_settings(self)
+        except ValueError as error:
+            raise ValueError(_in_served_words(str(error))) from None
+        return self
+
+
+class ServedAuthConfig(OtherEndpointAuthConfig):
     """How to authenticate to a served model: the teacher's methods, with its own default key variable."""
 
     SECTION: ClassVar[str] = "evaluation.served.auth"
@@ -52,14 +65,6 @@ class ServedAuthConfig(TeacherAuthConfig):
         description="api_key_env: NAME of the environment variable holding the served endpoint's key (never the key "
         "itself). Its own default, so the teacher's key is never sent to another endpoint by accident.",
     )
-
-    @model_validator(mode="after")
-    def _method_has_its_settings(self) -> "ServedAuthConfig":
-        try:
-            TeacherAuthConfig._method_has_its_settings(self)
-        except ValueError as error:
-            raise ValueError(_in_served_words(str(error))) from None
-        return self
 
 
 class ServedModelConfig(TeacherConfig):
@@ -125,7 +130,7 @@ class ServedModelConfig(TeacherConfig):
 JUDGED_TASKS = ("summarization", "conversation", "chat", "qa")
 
 
-class JudgeAuthConfig(TeacherAuthConfig):
+class JudgeAuthConfig(OtherEndpointAuthConfig):
     """How to authenticate to a judge endpoint: the teacher's methods, with its own default key variable."""
 
     SECTION: ClassVar[str] = "evaluation.judge.endpoint.auth"
@@ -135,14 +140,6 @@ class JudgeAuthConfig(TeacherAuthConfig):
         description="api_key_env: NAME of the environment variable holding the judge endpoint's key (never the key "
         "itself). Its own default, so the teacher's key is never sent to another endpoint by accident.",
     )
-
-    @model_validator(mode="after")
-    def _method_has_its_settings(self) -> "JudgeAuthConfig":
-        try:
-            TeacherAuthConfig._method_has_its_settings(self)
-        except ValueError as error:
-            raise ValueError(_in_served_words(str(error))) from None
-        return self
 
 
 class JudgeEndpointConfig(TeacherConfig):

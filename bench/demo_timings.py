@@ -47,11 +47,16 @@ def one_run(workdir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs to take the median over")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each run's work folder under this folder (run-1, run-2, ...) to read its report later")
     args = parser.parse_args(argv)
     runs = []
     for index in range(args.repeat):
-        with tempfile.TemporaryDirectory(prefix="azdistill-bench-") as workdir:
-            runs.append(one_run(Path(workdir)))
+        if args.keep is not None:
+            runs.append(one_run(args.keep / f"run-{index + 1}"))
+        else:
+            with tempfile.TemporaryDirectory(prefix="azdistill-bench-") as workdir:
+                runs.append(one_run(Path(workdir)))
         print(f"run {index + 1}/{args.repeat}: " + ", ".join(f"{k}={v:.3g}" for k, v in runs[-1].items()), flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'measure':<28}{'median':>10}{'min':>10}{'max':>10}")

@@ -22,7 +22,7 @@ against Azure. It answers `POST .../chat/completions` for every endpoint kind's 
 - answer `response_format` json_schema with `{"label": ...}`, a label of the schema's enum (`structured` picks it
   from the free answer), or refuse
   it with a 400 naming response_format as endpoints without structured outputs do (`structured_outputs=False`);
-  `[[bad_structured]]` answers text that is not JSON;
+  `[[bad_structured]]` answers text that is not JSON (naming a label; `[[bad_structured_hedge]]` naming both);
 - return `n` choices (`choices` scripts their texts; `max_choices` caps them, as endpoints that ignore `n` do);
 - script the top log-probabilities at the label's position (`label_logprobs`: the first token of a free answer,
   the label value's first token of a structured one).
@@ -360,6 +360,8 @@ class FakeTeacherServer:
                     texts = [json.dumps({"label": server.structured(text, enum)}) for text in texts]
                     if "bad_structured" in markers:
                         texts = ["I would say it is positive"] * len(texts)
+                    if "bad_structured_hedge" in markers:
+                        texts = ["It could be positive or negative"] * len(texts)
                 built = [server._choice(index, text, markers, body, messages) for index, text in enumerate(texts)]
                 choices = [choice for choice, _ in built]
                 words = [word for _, tokens in built for word in tokens]

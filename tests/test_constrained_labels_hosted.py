@@ -213,17 +213,22 @@ def test_logprobs_rescue_hedged_answers_in_the_ledger_and_the_sidecar_holds_the_
         {"positive": p_positive, "negative": 1 - p_positive})
 
 
-def test_structured_answers_through_the_stage_keep_rejects_with_their_reason(tmp_path):
-    with FakeTeacherServer() as server:
-        config = hosted_config(tmp_path, server.url, [single("good 1"), single("[[bad_structured]] 2")], [single("good v")])
+def test_an_endpoint_that_ignores_structured_outputs_is_read_as_free_text_and_hedges_are_rejected(tmp_path, caplog):
+    """transformers serve takes response_format and answers free text: the label is read from that text (one warning),
+    and a free answer naming both labels is rejected with its reason."""
+    records = [single("good 1"), single("[[bad_structured]] 2"), single("[[bad_structured_hedge]] 3"),
+               single("[[bad_structured]] 4")]
+    with FakeTeacherServer() as server, caplog.at_level(logging.WARNING, logger="azdistill"):
+        config = hosted_config(tmp_path, server.url, records, [single("good v")])
         out = synthesize(config, hosted_teacher_factory(config))
     assert all(body["response_format"]["type"] == "json_schema" for body in server.bodies)
-    assert [row["messages"][-1]["content"] for row in read(out / "train.jsonl")] == ["positive"]
+    assert [row["messages"][-1]["content"] for row in read(out / "train.jsonl")] == ["positive"] * 3
     [rejected] = read(out / "rejected.jsonl")
-    assert rejected["reason"].startswith("structured answer is not a JSON object")
-    assert rejected["answer"] == "I would say it is positive"
+    assert rejected["line"] == 3 and rejected["answer"] == "It could be positive or negative"
+    assert rejected["reason"].startswith("the endpoint ignored the structured-output request and its free answer names none or several")
+    assert caplog.text.count("ignores structured outputs") == 1
     stats = json.loads((out / "stats.json").read_text())["splits"]["train"]
-    assert stats["constrained_labels"] == 1 and stats["rescued_by"] == {}
+    assert stats["constrained_labels"] == 3 and stats["rescued_by"] == {}
 
 
 def test_the_teacher_is_measured_constrained_and_a_served_model_answers_freely(tmp_path):

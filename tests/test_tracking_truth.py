@@ -206,9 +206,9 @@ def test_an_interrupted_run_ends_killed_and_a_failed_one_failed(tmp_path):
 def test_run_local_again_with_nothing_changed_says_so_and_adds_no_run(tmp_path, write_dataset, monkeypatch, caplog):
     """`run_local` twice with stand-in stages: the first does the work, the second reuses every stage as the real
     ones do (synthesize and finetune return before their stage, evaluate enters its stage and logs nothing)."""
-    from azdistill.stages import run as local_runner
     from azdistill.stages import evaluate as evaluate_module
     from azdistill.stages import finetune as finetune_module
+    from azdistill.stages import run as local_runner
     from azdistill.stages import synthesize as synthesize_module
 
     base = retrain_config(tmp_path, "1")

@@ -108,6 +108,16 @@ class CommittingTeacher(Teacher):
         readings = []
         for answer in answers:
             label, problem = read_structured_label(answer.text, labels, answer.finish_reason)
+            if problem and problem.startswith("structured answer is not a JSON object"):
+                # An endpoint that takes response_format without honouring it (transformers serve does) answers free
+                # text: read its label from the text as a free answer is read, and say so once.
+                self._warn_schema_ignored(answer.text)
+                free = parse_label(answer.text, labels)
+                problem = None if free is not None else (
+                    f"the endpoint ignored the structured-output request and its free answer names none or several of "
+                    f"the labels {list(labels)}: {answer.text[:80]!r}")
+                readings.append((free, one_hot(free, labels) if free is not None else None, problem, None))
+                continue
             probs = None
             if label is not None:
                 offset = structured_value_offset(answer.text)
@@ -137,6 +147,17 @@ class CommittingTeacher(Teacher):
                 where = "its top tokens" if answer.logprobs else "its text (the endpoint returned no log-probabilities)"
                 readings.append((None, None, f"no allowed label {list(labels)} in {where}", None))
         return self._committed(answers, readings, labels)
+
+    def _warn_schema_ignored(self, text: str) -> None:
+        """One warning per run that the endpoint answers structured-output requests with free text."""
+        with self._mode_lock:
+            if getattr(self, "_schema_ignored", False):
+                return
+            self._schema_ignored = True
+        log.warning(
+            "teacher endpoint %s ignores structured outputs (it answered %r): labels are read from its free answers, "
+            "and answers naming no single label are rejected", self.url.split("?")[0], text[:60],
+        )
 
     def _fall_back_to_logprobs(self, detail: str) -> None:
         """Switch this teacher to logprobs mode for the rest of the run, with one warning however many threads see it."""

@@ -98,7 +98,7 @@ def run_environment() -> dict[str, str]:
     return env
 
 
-def run_task(task: str, workdir: Path, seeds: int, force: bool) -> TaskRun:
+def run_task(task: str, workdir: Path, seeds: int, force: bool, overrides: tuple[str, ...] = ()) -> TaskRun:
     """Run one task to the end, its output kept in `<workdir>/<task>.log`; the last non-empty line of that output
     says why when it fails."""
     task_dir = workdir / task
@@ -106,6 +106,7 @@ def run_task(task: str, workdir: Path, seeds: int, force: bool) -> TaskRun:
     command = azdistill_command() + ["run", str(config_of(task)), "--seeds", str(seeds),
                                      "--set", f"workdir={task_dir}", "--set", "tracking.enabled=false"]
     command += ["--force"] if force else []
+    command += [item for override in overrides for item in ("--set", override)]
     print(f"[{task}] started: {config_of(task).relative_to(ROOT)}, {seeds} seed(s), log in {workdir / f'{task}.log'}",
           flush=True)
     started, last_line = time.monotonic(), ""
@@ -291,6 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table (and the machine line) to this file")
     parser.add_argument("--report-only", action="store_true", help="read the work folders of an earlier run, run nothing")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs are unchanged")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every task, e.g. evaluation.reference_baseline=false (repeatable)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -299,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     started, failed = time.monotonic(), []
     if not args.report_only:
-        runs = [run_task(task, workdir, args.seeds, args.force) for task in args.tasks]
+        runs = [run_task(task, workdir, args.seeds, args.force, tuple(args.overrides)) for task in args.tasks]
         failed += [f"{run.task}: run failed after {run.seconds:.0f} s: {run.last_line}" for run in runs if not run.ok]
     results = []
     for task in args.tasks:

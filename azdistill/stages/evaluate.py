@@ -16,7 +16,6 @@ from typing import Optional
 
 from azdistill.config.evaluation import ServedModelConfig
 from azdistill.config.schema import DistillConfig, label_method
-from azdistill.config.teacher import TeacherConfig
 from azdistill.data import digests
 from azdistill.data.files import write_json
 from azdistill.data.records import read_records
@@ -37,6 +36,7 @@ from azdistill.evaluation.report import ModelResult, Report, report_from_dict
 from azdistill.evaluation.stats import metric_intervals, student_comparisons
 from azdistill.stages import state
 from azdistill.stages.judging import judge_student
+from azdistill.teachers.factory import endpoint_identity
 from azdistill.tracking.tracker import NullTracker, log_evaluation
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ def teacher_identity(config: DistillConfig, teacher_path: Optional[Path]) -> str
         assert teacher_path is not None, "a local teacher is evaluated from its folder"
         return digests.folder_digest(teacher_path)
     return endpoint_identity(config.teacher)
-
-
-def endpoint_identity(endpoint: TeacherConfig) -> str:
-    """What a hosted model's answers depend on: which endpoint, kind and model (or deployment) answer.
-
-    What is deployed behind them is not seen: after a redeploy behind the same URL and model name, measure again
-    with `--force` (or name the new deployment in `deployment`)."""
-    return digests.fingerprint(endpoint.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
 
 
 def served_models(config: DistillConfig) -> dict[str, tuple[int, ServedModelConfig]]:
@@ -213,7 +205,7 @@ def _answers_of(
     """One model's answers and measurements: the saved ones in `cached` while their `key` holds, else measured
     afresh and saved there."""
     if not force:
-        previous = _saved_answers(cached, key)
+        previous = state.saved_under_key(cached, key)
         if previous is not None:
             log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
             return previous
@@ -231,17 +223,6 @@ def _where(config: DistillConfig, role: str, path: Optional[Path]) -> str:
     if served is not None:
         return f"{served[1].label} at {served[1].endpoint}"
     return config.teacher.label
-
-
-def _saved_answers(cached: Path, key: str) -> Optional[dict]:
-    """The answers saved in `cached` if they were measured under `key`; None if there are none, or other ones."""
-    if not cached.is_file():
-        return None
-    try:
-        previous = json.loads(cached.read_text())
-    except ValueError:
-        return None  # cut short by a kill: measured again
-    return previous if previous.get("key") == key else None
 
 
 def _measure(config: DistillConfig, role: str, path: Optional[Path], records: list) -> dict:

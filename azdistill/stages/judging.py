@@ -9,7 +9,6 @@ A local or batched judge is asked with `choose` (its answer constrained to A, B 
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,9 @@ from azdistill.data.files import write_json
 from azdistill.data.records import Message
 from azdistill.errors import UserError
 from azdistill.evaluation.judge import JUDGE_PROMPT, VERDICTS, judge_metrics, pairwise_prompts, parse_verdict, summarize
+from azdistill.stages.state import saved_under_key
 from azdistill.teachers.base import RecordRejected, Teacher
+from azdistill.teachers.factory import endpoint_identity
 from azdistill.tracking.tracker import NullTracker
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,9 @@ def judge_student(
     name = judge_name(config)
     key = digests.fingerprint({
         "conversations": conversations, "student": student, "teacher": teacher, "prompt": JUDGE_PROMPT,
-        "judge": _endpoint_identity(settings.endpoint) if settings.endpoint else teacher_identity,
+        "judge": endpoint_identity(settings.endpoint) if settings.endpoint else teacher_identity,
     })
-    saved = None if force else _saved_verdicts(cached, key)
+    saved = None if force else saved_under_key(cached, key)
     if saved is not None:
         log.info("evaluate: reusing the judge's verdicts (answers and judge unchanged)")
         verdicts, texts, method = saved["verdicts"], saved["texts"], saved["method"]
@@ -75,12 +76,6 @@ def judge_student(
         log.warning("evaluate: the judge named no verdict on %d of %d items (left out)", summary["no_verdict"], items)
     tracker.log_metrics(judge_metrics(summary))
     return summary
-
-
-def _endpoint_identity(endpoint) -> str:
-    """What a judge endpoint's verdicts depend on: which endpoint, kind and model (or deployment) answer, as for a
-    served model; its limits and key do not change a verdict."""
-    return digests.fingerprint(endpoint.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
 
 
 def judge_name(config: DistillConfig) -> str:
@@ -146,14 +141,3 @@ def _free_answers(judge: Teacher, prompts: Sequence[list[Message]]) -> list[str]
     for start in range(0, len(prompts), judge.batch_size):
         texts += [completion.text for completion in judge.answer(prompts[start : start + judge.batch_size])]
     return texts
-
-
-def _saved_verdicts(cached: Path, key: str) -> Optional[dict]:
-    """The verdicts saved in `cached` if they were asked under `key`; None if there are none, or other ones."""
-    if not cached.is_file():
-        return None
-    try:
-        previous = json.loads(cached.read_text())
-    except ValueError:
-        return None  # cut short by a kill: asked again
-    return previous if previous.get("key") == key else None

@@ -231,3 +231,15 @@ def _read_holder(text: str) -> str:
         return f"pid {holder['pid']}, `{holder['command']}`, since {holder['since']}"
     except (ValueError, KeyError, TypeError):
         return "a process that has not said which"
+
+
+def saved_under_key(cached: Path, key: str) -> Optional[dict]:
+    """What a stage saved in `cached` (a model's answers, a judge's verdicts) if it was saved under `key`; None if
+    nothing is there, a file cut short by a kill, or one saved under another key (asked again)."""
+    if not cached.is_file():
+        return None
+    try:
+        previous = json.loads(cached.read_text())
+    except ValueError:
+        return None
+    return previous if previous.get("key") == key else None

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from azdistill.config.schema import DistillConfig
-from azdistill.data.digests import folder_digest
+from azdistill.config.teacher import TeacherConfig
+from azdistill.data.digests import fingerprint, folder_digest
 from azdistill.teachers.logged import LoggedTeacher
 
 
@@ -38,6 +39,15 @@ def local_teacher_factory(config: DistillConfig, teacher_path: Path):
 def teacher_identity(teacher_path: Path) -> str:
     """A local teacher's identity: the digest of its folder, so new weights behind the same name count as a change."""
     return folder_digest(teacher_path)
+
+
+def endpoint_identity(endpoint: TeacherConfig) -> str:
+    """What a hosted model's answers depend on: which endpoint, kind and model (or deployment) answer; its limits,
+    prices and key do not change an answer. Used for a hosted teacher, a served model and a judge endpoint.
+
+    What is deployed behind them is not seen: after a redeploy behind the same URL and model name, measure again
+    with `--force` (or name the new deployment in `deployment`)."""
+    return fingerprint(endpoint.model_dump(include={"kind", "endpoint", "model", "deployment", "api_version"}))
 
 
 def synthesis_teacher(config: DistillConfig, teacher_path: Optional[Path]):

@@ -43,6 +43,7 @@ REASONS = {
     "psutil": "peak memory measurement in evaluation",
     "requests": "the hosted-teacher client",
     "numpy": "bounded-memory duplicate check of the synthesize stage",
+    "scipy": "bootstrap intervals and paired tests in evaluation; figures must match local runs",
 }
 
 IMAGES = {

@@ -203,6 +203,9 @@ def _augment_problems(config: DistillConfig) -> list[tuple[str, str]]:
         return [("synthesis.augment", f"the teacher writes new single-turn prompts ({', '.join(SINGLE_TURN_TASKS)}), and "
                  f"task.type {config.task.type} has conversations: set it to 0")]
     if config.teacher.kind == "logged":
-        return [("synthesis.augment", "needs a teacher that writes text, and teacher.kind logged only replays the answers "
-                 "in the data: set it to 0")]
+        return [("synthesis.augment", "needs a teacher that answers new prompts, and teacher.kind logged only replays the "
+                 "answers in the data: set it to 0")]
+    if config.synthesis.augment_method == "perturb" and config.task.type != "nli":
+        return [("synthesis.augment_method", f"perturb changes words of the inputs, which keeps a question answerable only "
+                 f"where the answer is a label (task.type nli), not for task.type {config.task.type}: use write")]
     return []

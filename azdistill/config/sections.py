@@ -131,6 +131,13 @@ class SynthesisConfig(Section):
         "prompt already kept are dropped, the rest are answered and trained on like training prompts "
         "(<synthesize>/augmented.jsonl, stats.json 'augmented'). 0 writes none.",
     )
+    augment_method: Literal["write", "perturb"] = Field(
+        default="write",
+        description="synthesis.augment: how new prompts are made. write: the teacher writes them (another subject, "
+        "same format). perturb (label tasks, nli): each training input with words dropped and replaced and sometimes "
+        "only a span kept (Tang et al. 2019), for the teacher to label: nothing to write, so as cheap as answering, "
+        "and the student learns the teacher's labels near every training input.",
+    )
     augment_max_similarity: float = Field(
         default=0.6, gt=0.0, le=1.0,
         description="synthesis.augment: drop a new prompt whose Jaccard similarity (over character 5-grams of its "

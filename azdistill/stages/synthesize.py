@@ -16,6 +16,8 @@ Augmentation (synthesis.augment > 0) comes first: the teacher writes new prompts
 (`synthesis.augment`, its own journal), the kept ones go to `augmented.jsonl`, and they are answered as more records of
 the train split, after the original ones (the same journal, checks and label constraint), so `train.jsonl` holds the
 original records first and the new ones after them. A rerun reads the augmentation journal and asks for no prompt twice.
+With synthesis.augment_method perturb the new prompts are perturbed copies of the training prompts instead
+(synthesis/perturb.py), made from the data and the seed alone, so there is no writing and no journal for them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from azdistill.data.files import AppendLog, atomic_writer, iter_jsonl, write_jso
 from azdistill.data.records import Record, check_prompt_length, count_records, iter_records
 from azdistill.errors import StageFailed
 from azdistill.stages import state
-from azdistill.synthesis import augment
+from azdistill.synthesis import augment, perturb
 from azdistill.synthesis.answering import Context, run_batches, run_concurrent
 from azdistill.synthesis.journal import Journal, SafeLog
 from azdistill.synthesis.outputs import SPLITS, finish_split
@@ -79,6 +81,8 @@ def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) ->
     else:  # no augmentation: earlier fingerprints stay valid
         synthesis.pop("augment")
         synthesis.pop("augment_max_similarity")
+    if synthesis.get("augment_method") in ("write", None) or "augment" not in synthesis:
+        synthesis.pop("augment_method", None)  # the default, or no augmentation: earlier fingerprints stay valid
     return digests.fingerprint(
         {
             "inputs": inputs,
@@ -235,10 +239,15 @@ def _augment_train(config: DistillConfig, teacher_factory, out_dir: Path, counts
     # A prompt past data.max_prompt_chars is rejected unasked, so it is no example either.
     usable = [(index, record) for index, record in enumerate(examples)
               if check_prompt_length(record.messages, config.data.max_prompt_chars) is None]
-    journal = augment.read_journal(journal_path)
+    if config.synthesis.augment_method == "perturb":  # made here, a pure function of the data: nothing to journal
+        made = perturb.perturbed_prompts([record for _, record in usable], config.synthesis.augment, config.synthesis.seed)
+        journal = {index: {**made[position], "index": index} for position, (index, _) in enumerate(usable)}
+        log.info("synthesize: %d perturbed copies of each of %d training prompts", config.synthesis.augment, len(usable))
+    else:
+        journal = augment.read_journal(journal_path)
     built = None
     try:
-        if any(index not in journal for index, _ in usable):
+        if config.synthesis.augment_method == "write" and any(index not in journal for index, _ in usable):
             if teacher is None:
                 teacher = built = _ready_teacher(teacher_factory, config, out_dir, counts)
             log.info("synthesize: the teacher writes %d new prompts for each of %d training prompts",
@@ -253,7 +262,8 @@ def _augment_train(config: DistillConfig, teacher_factory, out_dir: Path, counts
     known = [augment.user_text(record) for split in SPLITS
              for record in iter_records(getattr(config.data, split), config.task.type, config.data.max_records)]
     test = [augment.user_text(record) for record in iter_records(config.data.test, config.task.type)]
-    choice = augment.choose_new_prompts(journal, examples, known, test, config.synthesis.augment_max_similarity)
+    choice = augment.choose_new_prompts(journal, examples, known, test, config.synthesis.augment_max_similarity,
+                                        perturbed=config.synthesis.augment_method == "perturb")
     write_jsonl(out_dir / "augmented.jsonl", augment.new_records(choice))
     stats = augment.choice_stats(choice, journal, config.synthesis.augment)
     log.info("synthesize: %d of %d new prompts kept (%d duplicates, %d near duplicates, %d too close to a test prompt, "

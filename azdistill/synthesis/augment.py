@@ -273,23 +273,25 @@ class Choice:
 
 
 def choose_new_prompts(journal: dict[int, dict], examples: Sequence[Record], known: Iterable[str], test: Iterable[str],
-                       max_similarity: float) -> Choice:
+                       max_similarity: float, perturbed: bool = False) -> Choice:
     """Keep each new prompt, in the order written, unless it is unusable, an exact or near duplicate of a known
     prompt (train, validation, a new one kept before it), or contaminated (an exact or near copy of a test prompt);
-    near means a character 5-gram Jaccard similarity above `max_similarity`."""
+    near means a character 5-gram Jaccard similarity above `max_similarity`. Perturbed prompts (`perturbed`) are
+    near copies of their example by design and already in its format: only exact duplicates and contamination drop
+    them."""
     kept, held_out, choice = SimilarityIndex(known), SimilarityIndex(test), Choice()
     for index, example in enumerate(examples):
         texts = journal.get(index, {}).get("texts", [])
         for raw in texts:
             choice.asked += 1
-            prompt = clean_prompt(raw, example.messages[1]["content"])
+            prompt = raw if perturbed else clean_prompt(raw, example.messages[1]["content"])
             if prompt is None:
                 reason = "unusable"
             elif held_out.holds(prompt) or held_out.most_similar(prompt) > max_similarity:
                 reason = "contaminated"
             elif kept.holds(prompt):
                 reason = "duplicate"
-            elif kept.most_similar(prompt) > max_similarity:
+            elif not perturbed and kept.most_similar(prompt) > max_similarity:
                 reason = "similar"
             else:
                 kept.add(prompt)

@@ -28,6 +28,7 @@ from azdistill.stages import evaluate as evaluate_module
 from azdistill.stages import finetune as finetune_module
 from azdistill.stages import run as local_runner
 from azdistill.stages import synthesize as synthesize_module
+from azdistill.stages import state
 from azdistill.tracking.tracker import log_evaluation
 
 AGREEMENT_BY_SEED = {42: 0.8, 43: 0.9, 44: 1.0}
@@ -138,6 +139,7 @@ class StandInStages:
 
     def evaluate(self, config, teacher, models, tracker, force, out_dir=None):
         out_dir = Path(out_dir or config.stage_dir("evaluate"))
+        state.check_writable(out_dir, "evaluate")  # as the real stage does first: it refuses a folder that is not its own
         predictions = out_dir / "predictions"
         predictions.mkdir(parents=True, exist_ok=True)
         for role in ["teacher", *models]:  # answers saved as the real stage saves them, under a key; reused while it holds
@@ -196,7 +198,7 @@ def test_run_with_one_seed_is_the_run_it_always_was(make_config, tmp_path, monke
     stages = StandInStages(tmp_path, seed_reports(config))
     stages.install(monkeypatch)
     stale = config.stage_dir("evaluate") / "seeds.json"  # left by an earlier run with several seeds
-    stale.parent.mkdir(parents=True)
+    state.claim(stale.parent, "evaluate")  # in the evaluate stage's own folder
     stale.write_text("{}")
 
     result = local_runner.run_local(config)

@@ -208,6 +208,7 @@ def run_other_seeds(
     reference-trained baseline is trained once, with the first seed: training it per seed would double the cost of
     every seed for a row that is not the one being measured. Each seed's stages skip when unchanged, like any stage.
     """
+    from azdistill.stages import state
     from azdistill.stages.evaluate import evaluate
     from azdistill.stages.finetune import finetune
 
@@ -220,6 +221,7 @@ def run_other_seeds(
         student = finetune(
             seed_config, models.student_init, models.teacher, synthetic, stages, force, out_dir=folder / "finetune"
         ) / "model"
+        state.claim(folder / "evaluate", "evaluate")  # the shared answers go into a folder the stage will own
         _share_seed_independent_answers(config.stage_dir("evaluate") / "predictions", folder / "evaluate" / "predictions")
         seed_models = {**evaluated, "student": student}
         reports[seed] = evaluate(seed_config, models.teacher, seed_models, stages, force, out_dir=folder / "evaluate")

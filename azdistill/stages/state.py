@@ -169,6 +169,18 @@ def begin(stage_dir: Path, stage_fingerprint: str, force: bool = False, stage: s
     return resumable
 
 
+def claim(stage_dir: Path, stage: str) -> None:
+    """Mark a new or empty folder as the stage's, unfinished (a fingerprint no run has), so that inputs can be put in
+    it before the stage runs (a seed's evaluation gets the first seed's saved answers); the stage then starts as on
+    any unfinished folder of its own. A folder that already has a marker is left as it is."""
+    stage_dir = Path(stage_dir)
+    check_writable(stage_dir, stage)
+    if stage_dir.is_dir() and _marker(stage_dir) is not None:
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stage_dir / IN_PROGRESS_FILE, {"stage": stage, "fingerprint": ""})
+
+
 def finish(stage_dir: Path, stage_fingerprint: str, outputs: list[str], summary: dict[str, Any], stage: Optional[str] = None) -> None:
     stage_dir = Path(stage_dir)
     record = {"fingerprint": stage_fingerprint, "outputs": outputs, "files": _output_files(stage_dir, outputs), "summary": summary}

@@ -40,6 +40,7 @@ REASONS = {
     "sacrebleu": "BLEU in evaluation; metric values must match local runs",
     "rouge-score": "ROUGE in evaluation; metric values must match local runs",
     "matplotlib": "report plots",
+    "markdown-it-py": "report.html converted from report.md",
     "psutil": "peak memory measurement in evaluation",
     "requests": "the hosted-teacher client",
     "numpy": "bounded-memory duplicate check of the synthesize stage",

@@ -3,8 +3,9 @@
 Used by tests/test_registry.py, tests/test_runs.py and tests/test_mlflow_ui.py. `record_retrain` logs what
 `run_local` logs (parent run, nested stage runs, a train_loss history, the evaluation report and its metrics,
 the registered student and the champion decision) with made-up numbers, in about a second.
-`QuickTracker` registers the student with `create_model_version` instead of logging a transformers model;
-tests/test_tracking.py covers the real model logging once.
+`QuickTracker` logs a stand-in student (a tiny pyfunc model, through the same `Model.log` as the transformers flavour,
+so MLflow links run metrics to it the same way) instead of a transformers model; tests/test_tracking.py covers the
+real model logging once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from azdistill.config.schema import DistillConfig
 from azdistill.evaluation.promotion import promotion_checks
 from azdistill.evaluation.publish import write_report
 from azdistill.evaluation.report import ModelResult, Report
-from azdistill.tracking.tracker import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
+from azdistill.tracking.headline import pipeline_tags
+from azdistill.tracking.tracker import Tracker, log_evaluation
 
 NAME = "sentiment"
 
@@ -36,22 +38,19 @@ def retrain_config(workdir: Path, data_version: str, name: str = NAME, **promoti
 
 
 class QuickTracker(Tracker):
-    """Registers a stand-in student (a small artifact folder) instead of a transformers model."""
+    """Logs a stand-in student (a pyfunc model of a few files) instead of a transformers model."""
 
-    def _log_model(self, model_dir: Path) -> Optional[str]:
-        from mlflow.exceptions import MlflowException
+    def _log_model(self, model_dir: Path) -> tuple[Optional[str], Optional[str]]:
+        import mlflow.pyfunc
 
-        run = self.mlflow.active_run()
-        self.mlflow.log_text("stand-in for the student's weights\n", "student/README.txt")
-        try:
-            self.client.create_registered_model(self.config.registered_model_name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = self.client.create_model_version(
-            self.config.registered_model_name, f"{run.info.artifact_uri}/student", run_id=run.info.run_id
+        class Student(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input: list[str], params=None) -> list[str]:
+                return ["positive"] * len(model_input)
+
+        info = mlflow.pyfunc.log_model(
+            name="student", python_model=Student(), pip_requirements=[], registered_model_name=self.config.registered_model_name
         )
-        return str(version.version)
+        return str(info.registered_model_version), info.model_id
 
 
 def make_report(config: DistillConfig, agreement: float, accuracy: float, student_latency: float = 0.05) -> Report:
@@ -79,7 +78,7 @@ def record_retrain(workdir: Path, data_version: str, agreement: float, accuracy:
     config = retrain_config(workdir, data_version, **promotion)
     tracker = QuickTracker(config)
     report = make_report(config, agreement, accuracy)
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+    with tracker.pipeline(tags=pipeline_tags(config)):
         with tracker.stage("synthesize"):
             tracker.log_metrics({"synthetic_train_kept": 150.0, "synthetic_success_ratio": 0.62})
         with tracker.stage("finetune"):
@@ -92,6 +91,8 @@ def record_retrain(workdir: Path, data_version: str, agreement: float, accuracy:
                                                       "promote": str(report.promote).lower(),
                                                       **{f"metric.{k}": f"{v:.4f}" for k, v in report.models[1].metrics.items()}})
         decision = tracker.promote_student(version, report)
+        tracker.log_headline(report, decision)
+        tracker.log_metrics({"stage_seconds_evaluate": 1.5})
         run_id = tracker.run_id
     tracker.mlflow.set_tracking_uri(None)
     return run_id, decision, report

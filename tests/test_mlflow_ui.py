@@ -1,8 +1,10 @@
 """The real MLflow UI, started by `azdistill ui` on a local store holding two retrains, read in headless Chromium.
 
-Checks what a person reviewing runs sees: the experiment with both retrains, their metrics side by side in
-MLflow's compare view, the report plot of a run as an image, and the registered student whose newer version
-holds the `champion` alias. Screenshots of each page are kept under tests/artifacts/ (or
+Checks what a person reviewing runs sees, starting from the bare address as a user would: the runs table (not
+MLflow 3's GenAI pages) with both retrains told apart by name, a retrain's page with the decision and the headline
+figures without opening Artifacts, its HTML report in the artifact viewer, the retrains side by side in MLflow's
+compare view with the report plot of each as an image, and the registered student whose newer version holds the
+`champion` alias. Screenshots of each page are kept under tests/artifacts/ (or
 $AZDISTILL_TEST_ARTIFACTS) and their paths printed.
 
 Needs Debian's `chromium` (`make test` installs it when run as root with apt) and the `playwright` package
@@ -172,28 +174,54 @@ def test_the_mlflow_ui_shows_both_retrains_their_metrics_and_the_champion(ui):
                 "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
             )
 
-            # The experiment, with both retrains by name...
-            page.goto(experiment_url)
-            expect(page.get_by_role("link", name="sentiment@data-v1")).to_be_visible()
-            expect(page.get_by_role("link", name="sentiment@data-v2")).to_be_visible()
-            expect(page.get_by_role("main").get_by_role("link", name="sentiment", exact=True)).to_be_visible()
+            # As a reviewer would: the bare address, then a click on the experiment. It opens the runs table (the
+            # model-training view, not MLflow 3's GenAI pages), where the two retrains are told apart by name.
+            page.goto(address)
+            page.get_by_role("link", name="sentiment", exact=True).first.click()
+            expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs\?workflowType=machine_learning"))
+            first_name, second_name = (f"data-v{version} #{run_id[:6]} sentiment" for version, run_id in (("1", first_run), ("2", second_run)))
+            expect(page.get_by_role("link", name=first_name, exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name=second_name, exact=True)).to_be_visible()
             screenshot(page, "experiment")
-            # ... and its chart view: one bar per retrain for each metric.
+
+            # The retrain's own page, without opening Artifacts: the decision first in its description, and the
+            # headline figures (agreement, the latency ratio) as named, rounded metrics.
+            page.get_by_role("link", name=second_name, exact=True).click()
+            expect(page.get_by_role("heading", name=second_name)).to_be_visible()
+            expect(page.get_by_text("Decision: champion.", exact=True)).to_be_visible()
+            expect(page.get_by_text("Version 2 is the champion", exact=False).first).to_be_visible()
+
+            def metric_row(name: str):
+                return page.get_by_role("row").filter(has=page.get_by_role("link", name=name, exact=True))
+
+            expect(metric_row("agreement")).to_contain_text("0.86")
+            expect(metric_row("student_vs_teacher_speedup")).to_contain_text("4")
+            expect(metric_row("student_vs_teacher_latency_ratio")).to_contain_text("0.25")
+            expect(metric_row("promoted")).to_contain_text("1")
+            screenshot(page, "run-overview")
+            # The whole report renders in MLflow's artifact viewer: report.html, its plot inside.
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("report.html", exact=True).first.click()
+            report = page.frame_locator("iframe").first
+            expect(report.locator("img").first).to_be_visible()
+            expect(report.get_by_role("table").first).to_be_visible()
+            screenshot(page, "report-html")
+
+            # The experiment's chart view: one bar per retrain for the headline.
+            page.goto(experiment_url)
             page.locator("label:has(input[value=CHART])").click()
-            page.get_by_placeholder("Search metric charts").fill("student_a")
-            expect(page.get_by_text("student_agreement", exact=True).first).to_be_visible()
-            expect(page.get_by_text("student_accuracy", exact=True).first).to_be_visible()
+            page.get_by_placeholder("Search metric charts").fill("agreement")
+            expect(page.get_by_text("agreement", exact=True).first).to_be_visible()
             screenshot(page, "experiment-charts")
 
-            # MLflow's compare view lines the two retrains up, metric by metric.
+            # MLflow's compare view lines the two retrains up, metric by metric, each counted once.
             runs = [RunSummary(run_id, "", "", None, None, experiment_id) for run_id in (first_run, second_run)]
             page.set_viewport_size({"width": 1500, "height": 2600})  # tall: the page scrolls inside a panel
             page.goto(ui_compare_url(runs, address))
             expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible()
-            expect(page.get_by_text("sentiment@data-v1").first).to_be_visible()
-            expect(page.get_by_text("sentiment@data-v2").first).to_be_visible()
-            for metric, first_value, second_value in (("student_agreement", "0.72", "0.86"), ("student_accuracy", "0.84", "0.87")):
-                assert values_beside(page.get_by_role("link", name=metric, exact=True)) == [first_value, second_value]
+            expect(page.get_by_text(first_name).first).to_be_visible()
+            expect(page.get_by_text(second_name).first).to_be_visible()
+            assert values_beside(page.get_by_role("link", name="agreement", exact=True)) == ["0.72", "0.86"]
             # Each run's report plot, side by side, as images.
             page.get_by_text("report.png", exact=True).first.click()
             plots = page.locator("img[alt='report.png']")

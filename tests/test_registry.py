@@ -35,23 +35,31 @@ def test_a_tie_keeps_the_champion():
     assert not decide("3", "agreement", 0.81, [], "2", 0.81).promoted
 
 
-def test_a_better_challenger_that_failed_a_check_is_kept_with_the_failed_checks():
+def test_a_better_challenger_that_failed_a_check_is_rejected_with_the_failed_checks():
     decision = decide("3", "agreement", 0.95, ["latency_ratio 0.9 > 0.5"], champion_version="2", champion_value=0.81)
-    assert not decision.promoted
+    assert not decision.promoted and decision.decision == "rejected"
     assert decision.reason == "failed the promotion checks: latency_ratio 0.9 > 0.5"
+    # It was never measured against the champion, so no tag says it was.
+    assert decision.version_tags() == {
+        "promotion.decision": "rejected", "promotion.reason": decision.reason, "promotion.metric": "agreement",
+    }
 
 
 def test_the_first_version_becomes_champion_only_if_it_passed_the_checks():
     first = decide("1", "agreement", 0.7, [], None, None)
     assert first.promoted and first.reason == "first version to pass the promotion checks (agreement 0.7)"
-    assert not decide("1", "agreement", 0.7, ["agreement 0.7 < 0.8"], None, None).promoted
+    # A lone first version that fails the checks is rejected, not a challenger: there is nothing it challenges.
+    failed = decide("1", "agreement", 0.7, ["agreement 0.7 < 0.8"], None, None)
+    assert not failed.promoted and failed.decision == "rejected"
+    assert failed.run_tags()["azdistill.promotion"] == "rejected"
 
 
 def test_without_the_metric_nothing_is_compared():
     missing = decide("3", "accuracy", None, [], "2", 0.8)
     assert not missing.promoted and missing.reason.startswith("no accuracy was measured for this version")
+    assert missing.decision == "challenger"  # it passed the checks: not rejected, just not comparable
     champion_lacks_it = decide("3", "accuracy", 0.9, [], "2", None)
-    assert not champion_lacks_it.promoted
+    assert not champion_lacks_it.promoted and champion_lacks_it.decision == "challenger"
     assert "champion version 2 has no recorded accuracy" in champion_lacks_it.reason
 
 
@@ -82,7 +90,12 @@ def test_the_console_line_says_what_the_version_is_now():
     assert decide("3", "agreement", 0.78, [], "2", 0.81).summary() == (
         "version 3 stays a challenger (champion: version 2): agreement 0.78 does not beat champion version 2 (0.81)")
     assert decide("1", "agreement", 0.767, ["agreement 0.767 < 0.8"], None, None).summary() == (
-        "version 1 is registered, not champion (there is none yet): failed the promotion checks: agreement 0.767 < 0.8")
+        "version 1 is rejected, so there is no champion yet: failed the promotion checks: agreement 0.767 < 0.8")
+    assert decide("4", "agreement", 0.9, ["latency_ratio 0.9 > 0.5"], "2", 0.81).summary() == (
+        "version 4 is rejected (champion: version 2 stays): failed the promotion checks: latency_ratio 0.9 > 0.5")
+    assert decide("1", "agreement", None, [], None, None).summary() == (
+        "version 1 stays a challenger (there is no champion yet): no agreement was measured for this version, so it "
+        "cannot be compared with a champion")
 
 
 def test_decision_tags():
@@ -143,16 +156,56 @@ def test_a_worse_retrain_stays_registered_as_challenger_with_its_reason(registry
     assert run.data.tags["azdistill.promotion.reason"] == loser.tags["promotion.reason"]
 
 
-def test_a_retrain_that_fails_a_check_is_kept_however_good_its_metric(registry):
+def test_a_retrain_that_fails_a_check_is_rejected_however_good_its_metric(registry):
     from retrains import record_retrain
+
+    from azdistill.evaluation.markdown import headline_lines, render_markdown
 
     client, _, workdir = registry
     # Best agreement so far, but far too slow: max_latency_ratio 0.1 fails it.
-    _, decision, report = record_retrain(workdir, "4", 0.99, 0.89, max_latency_ratio=0.1)
+    run_id, decision, report = record_retrain(workdir, "4", 0.99, 0.89, max_latency_ratio=0.1)
     assert not report.promote and not decision.promoted
     assert decision.reason == "failed the promotion checks: latency_ratio 0.25 > 0.1"
-    assert client.get_model_version("sentiment-student", "4").tags["promotion.reason"] == decision.reason
+    rejected = client.get_model_version("sentiment-student", "4")
+    assert rejected.tags["promotion.reason"] == decision.reason and rejected.tags["promotion.decision"] == "rejected"
+    assert "promotion.compared_with" not in rejected.tags
+    assert client.get_run(run_id).data.tags["azdistill.promotion"] == "rejected"
     assert champion_version(client, "sentiment-student") == "2"
+    # The report said so before the registry did, in the same words.
+    assert headline_lines(report)[-1] == f"promotion: REJECTED: {decision.reason}"
+    assert f"## Promotion: REJECTED\n\nF{decision.reason[1:]}." in render_markdown(report)
+
+
+def test_a_lone_first_version_that_fails_the_checks_is_rejected(tmp_path):
+    from mlflow import MlflowClient
+    from retrains import record_retrain
+
+    from azdistill.evaluation.markdown import headline_lines
+
+    _, decision, report = record_retrain(tmp_path, "1", 0.4, 0.5)  # agreement 0.4 < min_agreement 0.6
+    assert not decision.promoted and decision.decision == "rejected" and decision.champion_version is None
+    assert decision.summary() == f"version 1 is rejected, so there is no champion yet: {decision.reason}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_model_version("sentiment-student", "1").tags["promotion.decision"] == "rejected"
+    assert champion_version(client, "sentiment-student") is None
+    assert headline_lines(report)[-1] == f"promotion: REJECTED: {decision.reason}"
+
+
+def test_the_report_words_its_promotion_as_the_registry_decides():
+    """What the report says will happen is what `decide` does with the same checks."""
+    from azdistill.evaluation.promotion import promotion_verdict
+    from azdistill.evaluation.report import Report
+
+    checks = [PromotionCheck("agreement", 0.7123, 0.8, ">=", False), PromotionCheck("latency_ratio", 0.3, 0.5, "<=", True)]
+    report = Report("p", "nli", "1", "now", "accuracy", [], False, checks, "cpu", champion_metric="accuracy")
+    verdict, what = promotion_verdict(report)
+    decision = decide("5", "accuracy", 0.9, failed_check_descriptions(checks), "4", 0.8)
+    assert (verdict, what) == ("REJECTED", decision.reason) and decision.decision == "rejected"
+
+    report.checks = checks[1:]
+    assert promotion_verdict(report) == ("PROMOTE", "becomes champion unless the current champion's accuracy is as high")
+    assert decide("5", "accuracy", 0.8, [], "4", 0.8).decision == "challenger"  # as high: the champion stays
+    assert decide("5", "accuracy", 0.8, [], None, None).decision == "champion"  # none yet: it becomes champion
 
 
 def test_the_configured_metric_decides(registry):

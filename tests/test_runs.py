@@ -25,6 +25,11 @@ def store(tmp_path_factory):
     return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db"), run_ids, workdir
 
 
+def name_of(run_ids: list[str], data_version: int) -> str:
+    """The run name of retrain `data_version` of the store (see tracker.pipeline_run_name)."""
+    return f"data-v{data_version} #{run_ids[data_version - 1][:6]} sentiment"
+
+
 def overrides(workdir) -> list[str]:
     """`--set` options that point the (embedded demo) config at the test store."""
     return ["--set", "name=sentiment", "--set", f"tracking.uri=sqlite:///{workdir}/mlflow.db"]
@@ -73,9 +78,9 @@ def test_runs_logged_before_metrics_were_copied_to_the_parent_get_them_from_thei
 
 
 @pytest.mark.parametrize("ref, data_version", [
-    ("sentiment@data-v2", "2"), ("v1", "1"), ("@champion", "2"), ("V3", "3"),
+    ("data-v2", "2"), ("v1", "1"), ("@champion", "2"), ("V3", "3"),
 ])
-def test_a_run_is_found_by_name_version_or_alias(store, ref, data_version):
+def test_a_run_is_found_by_data_version_registered_version_or_alias(store, ref, data_version):
     client, _, _ = store
     rows = list_runs(client, "sentiment", "sentiment-student")
     assert resolve_run(rows, ref, "sentiment-student").data_version == data_version
@@ -86,10 +91,12 @@ def test_a_run_is_found_by_id_or_a_unique_prefix(store):
     rows = list_runs(client, "sentiment", "sentiment-student")
     assert resolve_run(rows, run_ids[0]).run_id == run_ids[0]
     assert resolve_run(rows, run_ids[1][:10]).run_id == run_ids[1]
+    assert resolve_run(rows, f"#{run_ids[2][:6]}").run_id == run_ids[2]  # as the run name shows it
+    assert resolve_run(rows, name_of(run_ids, 1)).run_id == run_ids[0]
 
 
 @pytest.mark.parametrize("ref, message", [
-    ("nope", "nope: no pipeline run with that id or name (runs: sentiment@data-v3, sentiment@data-v2, sentiment@data-v1)"),
+    ("nope", "nope: no pipeline run with that id or name (runs: data-v3 #{3} sentiment, data-v2 #{2} sentiment, data-v1 #{1} sentiment)"),
     ("v9", "v9: no run in this experiment registered version 9 of 'sentiment-student' (registered: v3, v2, v1)"),
     ("@prod", "@prod: the only alias azdistill sets is @champion"),
 ])
@@ -98,7 +105,8 @@ def test_an_unknown_run_is_a_user_error_that_lists_what_exists(store, ref, messa
     rows = list_runs(client, "sentiment", "sentiment-student")
     with pytest.raises(UserError) as error:
         resolve_run(rows, ref, "sentiment-student")
-    assert str(error.value) == message
+    run_ids = store[1]
+    assert str(error.value) == message.format(None, *(run_id[:6] for run_id in run_ids))
 
 
 def test_runs_table_puts_the_champion_metric_first(store):
@@ -116,10 +124,10 @@ def test_runs_list_command_prints_one_row_per_retrain(store):
     _, run_ids, workdir = store
     result = invoke("runs", "list", *overrides(workdir))
     assert result.exit_code == 0, result.output
-    champion = row_of(result.output, "sentiment@data-v2")
+    champion = row_of(result.output, name_of(run_ids, 2))
     assert run_ids[1][:8] in champion and "0.85" in champion and "passed" in champion and "v2 ★ champion" in champion
-    assert "v3 challenger" in row_of(result.output, "sentiment@data-v3")
-    assert "v1 former champion" in row_of(result.output, "sentiment@data-v1")
+    assert "v3 challenger" in row_of(result.output, name_of(run_ids, 3))
+    assert "v1 former champion" in row_of(result.output, name_of(run_ids, 1))
     # Below the table, why each version is where it is.
     assert "\n  v3 challenger: agreement 0.78 does not beat champion version 2 (0.85)\n" in result.output
     assert "\n  v2 champion: agreement 0.85 beats champion version 1 (0.7)\n" in result.output
@@ -128,17 +136,17 @@ def test_runs_list_command_prints_one_row_per_retrain(store):
 
 
 def test_runs_list_limit(store):
-    _, _, workdir = store
+    _, run_ids, workdir = store
     result = invoke("runs", "list", *overrides(workdir), "--limit", "1")
-    assert "sentiment@data-v3" in result.output and "sentiment@data-v2" not in result.output
+    assert name_of(run_ids, 3) in result.output and name_of(run_ids, 2) not in result.output
     assert "(2 older runs not shown; --limit 3 shows all)" in result.output
 
 
 def test_runs_compare_command_shows_every_metric_the_change_and_the_settings_that_differ(store):
     _, run_ids, workdir = store
-    result = invoke("runs", "compare", "v2", "sentiment@data-v3", *overrides(workdir))
+    result = invoke("runs", "compare", "v2", "data-v3", *overrides(workdir))
     assert result.exit_code == 0, result.output
-    assert "A: sentiment@data-v2" in result.output and "B: sentiment@data-v3" in result.output
+    assert f"A: {name_of(run_ids, 2)}" in result.output and f"B: {name_of(run_ids, 3)}" in result.output
     assert re.search(r"student_agreement \*\s+│\s+0\.85\s+│\s+0\.78\s+│\s+-0\.07 \(-8%\)", result.output)
     assert re.search(r"student_accuracy\s+│\s+0\.86\s+│\s+0\.88\s+│\s+\+0\.02 \(\+2%\)", result.output)
     assert re.search(r"teacher_latency_p50_s\s+│\s+0\.2\s+│\s+0\.2\s+│\s+=", result.output)
@@ -151,10 +159,10 @@ def test_runs_compare_command_shows_every_metric_the_change_and_the_settings_tha
 
 
 def test_runs_compare_refuses_the_same_run_twice(store):
-    _, _, workdir = store
+    _, run_ids, workdir = store
     result = invoke("runs", "compare", "v2", "@champion", *overrides(workdir))
     assert result.exit_code == 2
-    assert "error: v2 and @champion are the same run (sentiment@data-v2," in result.stderr
+    assert f"error: v2 and @champion are the same run ({name_of(run_ids, 2)}," in result.stderr
 
 
 def test_runs_commands_on_a_store_that_does_not_exist_say_what_to_run(tmp_path):
@@ -184,6 +192,11 @@ def test_direction_of_change():
     assert direction("student_latency_p50_s") == -1 and direction("teacher_peak_memory_mb") == -1
     assert direction("stage_seconds_finetune") == -1
     assert direction("student_parameters") == 0 and direction("promote") == 0
+    # The pipeline run's headline: student against teacher.
+    assert direction("student_vs_teacher_speedup") == 1 and direction("quality_retained") == 1 and direction("agreement") == 1
+    assert direction("student_vs_teacher_latency_ratio") == -1 and direction("student_vs_teacher_ttft_ratio") == -1
+    assert direction("student_vs_teacher_latency_per_token_ratio") == -1 and direction("student_vs_teacher_memory_ratio") == -1
+    assert direction("student_vs_teacher_param_ratio") == 0
 
 
 def test_ui_addresses():

@@ -27,8 +27,8 @@ from azdistill.evaluation.seeds import (
 from azdistill.stages import evaluate as evaluate_module
 from azdistill.stages import finetune as finetune_module
 from azdistill.stages import run as local_runner
-from azdistill.stages import synthesize as synthesize_module
 from azdistill.stages import state
+from azdistill.stages import synthesize as synthesize_module
 from azdistill.tracking.tracker import log_evaluation
 
 AGREEMENT_BY_SEED = {42: 0.8, 43: 0.9, 44: 1.0}
@@ -243,11 +243,15 @@ def test_mlflow_keeps_the_first_seeds_figures_on_the_pipeline_run_and_adds_the_s
     client = tracker.client
     parent = client.get_run(result.run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    label = f"data-v1 #{result.run_id[:6]}"
     assert sorted(run.info.run_name for run in children) == [
-        "evaluate", "evaluate-seed-43", "evaluate-seed-44", "finetune", "finetune-seed-43", "finetune-seed-44"
+        f"{label} / {stage}"
+        for stage in ("evaluate", "evaluate-seed-43", "evaluate-seed-44", "finetune", "finetune-seed-43", "finetune-seed-44")
     ]
     assert parent.data.params["seeds"] == "3"
-    assert parent.data.metrics["student_agreement"] == 0.8  # the first seed's student, the one registered
+    assert parent.data.metrics["agreement"] == 0.8  # the headline is the first seed's student, the one registered
+    (evaluate,) = [run for run in children if run.data.tags["azdistill.stage"] == "evaluate"]
+    assert evaluate.data.metrics["student_agreement"] == 0.8 and "student_agreement" not in parent.data.metrics
     assert parent.data.metrics["student_agreement_seed_mean"] == pytest.approx(0.9)
     assert parent.data.metrics["student_agreement_seed_sd"] == pytest.approx(0.1)
     tracker.mlflow.set_tracking_uri(None)

@@ -9,12 +9,23 @@ from pathlib import Path
 import pytest
 from retrains import make_report, record_retrain, retrain_config
 
-from azdistill.tracking.tracker import NullTracker, evaluation_metrics, pipeline_run_name, pipeline_tags
+from azdistill.tracking.headline import (
+    evaluation_metrics,
+    headline_metrics,
+    pipeline_run_name,
+    pipeline_tags,
+    run_label,
+    run_note,
+    stage_run_name,
+)
+from azdistill.tracking.tracker import NullTracker
 
 
 def test_pipeline_runs_are_named_and_tagged_after_the_config_and_its_data_version(tmp_path):
     config = retrain_config(tmp_path, "2024-06")
-    assert pipeline_run_name(config) == "sentiment@data-v2024-06"
+    # The data version and a short id first, where the runs table does not cut them; stages after their pipeline run.
+    assert pipeline_run_name(config, "1a2b3c4d5e6f") == "data-v2024-06 #1a2b3c sentiment"
+    assert stage_run_name(run_label(config, "1a2b3c4d5e6f"), "evaluate") == "data-v2024-06 #1a2b3c / evaluate"
     assert pipeline_tags(config) == {
         "azdistill.pipeline": "sentiment", "azdistill.task": "nli", "azdistill.teacher": "builtin",
         "azdistill.student": "pruned-teacher", "azdistill.data_version": "2024-06", "azdistill.mode": "local",
@@ -28,6 +39,36 @@ def test_evaluation_metrics_are_named_role_underscore_metric(tmp_path):
     assert metrics["promote"] == 1.0
     assert set(metrics) >= {f"{role}_{name}" for role in ("teacher", "student", "baseline")
                             for name in ("latency_p50_s", "latency_p95_s", "throughput_tokens_per_s", "peak_memory_mb", "parameters")}
+
+
+def test_the_headline_metrics_are_rounded_and_named_apart_from_the_evaluations(tmp_path):
+    from azdistill.tracking.registry import decide
+
+    report = make_report(retrain_config(tmp_path, "1"), agreement=0.7333333333333333, accuracy=0.85, student_latency=0.07)
+    decision = decide("3", "agreement", 0.7333, [], None, None)
+    metrics = headline_metrics(report, decision)
+    assert metrics["agreement"] == 0.7333 and metrics["quality_retained"] == 0.9444  # 0.85 / 0.9, 4 significant digits
+    assert metrics["student_vs_teacher_speedup"] == 2.857 and metrics["student_vs_teacher_latency_ratio"] == 0.35
+    assert metrics["student_vs_teacher_param_ratio"] == 0.4736 and metrics["student_vs_teacher_memory_ratio"] == 0.4736
+    assert metrics["checks_passed"] == 1.0 and metrics["promoted"] == 1.0
+    assert not set(metrics) & set(evaluation_metrics(report))  # a retrain is counted once in every chart
+    assert "promoted" not in headline_metrics(report)  # not before the decision
+
+
+def test_the_run_note_puts_student_and_teacher_side_by_side_with_the_decision(tmp_path):
+    from azdistill.tracking.registry import decide
+
+    report = make_report(retrain_config(tmp_path, "1"), agreement=0.8, accuracy=0.85)
+    pending = run_note(report)
+    assert "| Agreement with the teacher | — | 80.0% |  |" in pending
+    assert "| Accuracy (primary metric) | 90.0% | 85.0% | 94.4% kept |" in pending
+    assert "| Latency per response, p50 (s) | 0.2 | 0.05 | 4.00x faster |" in pending
+    assert "| Parameters (M) | 134.5 | 63.7 | 0.47x the teacher's |" in pending
+    assert "**Promotion checks:** all 4 passed." in pending and "**Decision:** pending" in pending
+    decided = run_note(report, decide("1", "agreement", 0.8, [], None, None))
+    # The run page shows the note's first lines and folds the rest: the decision comes first.
+    assert decided.startswith("**Decision: champion.** Version 1 is the champion: first version to pass the promotion checks")
+    assert pending.startswith("**Decision:** pending")
 
 
 def test_a_tracker_leaves_the_environment_as_it_found_it(tmp_path, monkeypatch):
@@ -65,26 +106,76 @@ def test_the_experiment_is_marked_as_model_training_for_the_mlflow_ui(retrain):
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_each_stage_is_a_nested_run_tagged_with_its_stage(retrain):
+def test_an_experiment_created_without_the_kind_gets_it(tmp_path):
+    """An experiment an older azdistill created has no kind: MLflow 3's UI opened it on its GenAI views."""
+    from mlflow import MlflowClient
+
+    from azdistill.tracking.tracker import Tracker
+
+    config = retrain_config(tmp_path, "1")
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment_id = client.create_experiment(config.experiment_name)
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    Tracker(config)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def children_of(client, parent) -> list:
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def test_each_stage_is_a_nested_run_named_after_its_pipeline_run(retrain):
     client, parent, _ = retrain
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = children_of(client, parent)
     assert sorted(run.data.tags["azdistill.stage"] for run in children) == ["evaluate", "finetune", "synthesize"]
-    assert sorted(run.info.run_name for run in children) == ["evaluate", "finetune", "synthesize"]
-    finetune = next(run for run in children if run.info.run_name == "finetune")
+    label = f"data-v1 #{parent.info.run_id[:6]}"
+    assert parent.info.run_name == f"{label} sentiment"
+    assert sorted(run.info.run_name for run in children) == [f"{label} / {stage}" for stage in ("evaluate", "finetune", "synthesize")]
+    finetune = next(run for run in children if run.data.tags["azdistill.stage"] == "finetune")
     assert [point.step for point in client.get_metric_history(finetune.info.run_id, "train_loss")] == [0, 5, 10, 15]
 
 
-def test_the_parent_run_carries_the_evaluation_so_retrains_compare_side_by_side(retrain):
+def test_the_parent_run_carries_its_headline_not_the_stages_metrics(retrain):
+    """Each retrain is counted once in a chart: the evaluation's metrics stay on the evaluate run."""
     client, parent, _ = retrain
-    assert parent.info.run_name == "sentiment@data-v1"
-    assert parent.data.tags["azdistill.data_version"] == "1"
-    assert parent.data.tags["azdistill.promote"] == "true"
-    assert parent.data.metrics["student_agreement"] == 0.8
-    assert parent.data.metrics["teacher_latency_p50_s"] == 0.2
+    (evaluate,) = [run for run in children_of(client, parent) if run.data.tags["azdistill.stage"] == "evaluate"]
+    assert evaluate.data.metrics["student_agreement"] == 0.8 and evaluate.data.metrics["teacher_latency_p50_s"] == 0.2
+    assert not set(parent.data.metrics) & set(evaluate.data.metrics)
+    assert parent.data.metrics == {
+        "agreement": 0.8, "quality_retained": 0.9444, "checks_passed": 1.0, "promoted": 1.0,
+        "student_vs_teacher_speedup": 4.0, "student_vs_teacher_latency_ratio": 0.25,
+        "student_vs_teacher_param_ratio": 0.4736, "student_vs_teacher_memory_ratio": 0.4736,
+        "student_vs_teacher_weights_memory_ratio": 0.4736, "student_vs_teacher_throughput_ratio": 4.0,
+        "stage_seconds_evaluate": 1.5,
+    }
+    assert all(len(client.get_metric_history(parent.info.run_id, name)) == 1 for name in parent.data.metrics)
+    assert parent.data.tags["azdistill.data_version"] == "1" and parent.data.tags["azdistill.promote"] == "true"
     assert parent.data.params["data.version"] == "1"
-    # The training history stays with the finetune run; only the evaluation's final figures are copied.
-    assert "train_loss" not in parent.data.metrics
-    assert "synthetic_train_kept" not in parent.data.metrics
+
+
+def test_the_parent_run_note_is_the_headline_with_the_decision(retrain):
+    client, parent, _ = retrain
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**Decision: champion.** Version 1 is the champion: first version to pass the promotion checks")
+    assert "**sentiment**, data version 1: the distilled student against its teacher" in note
+    assert "| Agreement with the teacher | — | 80.0% |  |" in note
+    assert "| Latency per response, p50 (s) | 0.2 | 0.05 | 4.00x faster |" in note
+    assert parent.data.tags["azdistill.promotion"] == "champion"
+
+
+def test_the_students_logged_model_carries_the_students_figures_only(retrain):
+    client, parent, _ = retrain
+    (evaluate,) = [run for run in children_of(client, parent) if run.data.tags["azdistill.stage"] == "evaluate"]
+    (output,) = parent.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "student" and model.source_run_id == parent.info.run_id
+    names = {metric.key for metric in model.metrics}
+    assert names == {name for name in evaluate.data.metrics if name.startswith("student_") and "_vs_" not in name}
+    assert {"student_agreement", "student_accuracy", "student_latency_p50_s"} <= names
+    assert {metric.run_id for metric in model.metrics} == {evaluate.info.run_id}  # measured there
+    assert next(metric.value for metric in model.metrics if metric.key == "student_agreement") == 0.8
+    # Linking added no point to the evaluate run's own history.
+    assert all(len(client.get_metric_history(evaluate.info.run_id, name)) == 1 for name in evaluate.data.metrics)
 
 
 def test_the_report_and_its_plot_are_artifacts_of_the_parent_and_the_evaluate_run(retrain):
@@ -102,9 +193,9 @@ def test_the_registered_version_links_to_its_run_and_data_version(retrain):
     (version,) = client.search_model_versions("name='sentiment-student'")
     assert version.run_id == parent.info.run_id
     assert version.tags["data_version"] == "1"
-    assert version.tags["run_name"] == "sentiment@data-v1"
+    assert version.tags["run_name"] == parent.info.run_name
     assert version.tags["metric.agreement"] == "0.8000"
-    assert version.description == f"Student distilled from builtin on data version 1 by run sentiment@data-v1 ({parent.info.run_id})."
+    assert version.description == f"Student distilled from builtin on data version 1 by run {parent.info.run_name} ({parent.info.run_id})."
 
 
 def tiny_chat_model(folder: Path) -> Path:
@@ -125,22 +216,38 @@ def tiny_chat_model(folder: Path) -> Path:
     return folder
 
 
-def test_log_student_registers_a_real_transformers_model_with_its_lineage(tmp_path):
+def test_log_student_registers_a_real_transformers_model_with_its_lineage_and_the_students_figures_only(tmp_path):
+    """The transformers flavour's `log_model` links every step-0 metric of its run to the model: with the evaluation
+    and the headline logged as `run_local` logs them, the model still carries no teacher or baseline figure."""
     from mlflow import MlflowClient
 
-    from azdistill.tracking.tracker import Tracker
+    from azdistill.evaluation.publish import write_report
+    from azdistill.tracking.tracker import Tracker, log_evaluation
 
     config = retrain_config(tmp_path, "7")
     tracker = Tracker(config)
     model = tiny_chat_model(tmp_path / "student")
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+    report = make_report(config, agreement=0.9, accuracy=0.85)
+    with tracker.pipeline(tags=pipeline_tags(config)):
+        with tracker.stage("evaluate"):
+            log_evaluation(tracker, report, write_report(report, tmp_path / "evaluate"))
         version = tracker.log_student(model, {"teacher": "builtin", "data_version": "7", "promote": "true", "metric.agreement": "0.9000"})
+        tracker.log_headline(report, tracker.promote_student(version, report))
+        tracker.log_metrics({"stage_seconds_evaluate": 2.0})
         run_id = tracker.run_id
     tracker.mlflow.set_tracking_uri(None)
     assert version == "1"
-    registered = MlflowClient(tracking_uri=config.tracking_uri).get_model_version("sentiment-student", "1")
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    registered = client.get_model_version("sentiment-student", "1")
     assert registered.run_id == run_id
+    run_name = client.get_run(run_id).info.run_name
+    assert run_name == f"data-v7 #{run_id[:6]} sentiment"
     assert {key: registered.tags[key] for key in ("data_version", "pipeline", "task", "run_name", "promote")} == {
-        "data_version": "7", "pipeline": "sentiment", "task": "nli", "run_name": "sentiment@data-v7", "promote": "true",
+        "data_version": "7", "pipeline": "sentiment", "task": "nli", "run_name": run_name, "promote": "true",
     }
     assert "data version 7" in registered.description
+    (output,) = client.get_run(run_id).outputs.model_outputs
+    names = {metric.key for metric in client.get_logged_model(output.model_id).metrics}
+    assert {"student_agreement", "student_accuracy", "student_latency_p50_s", "student_parameters"} <= names
+    assert not {name for name in names if name.startswith(("teacher_", "baseline_")) or not name.startswith("student_")}
+    assert not {name for name in names if "_vs_" in name}  # nor the student's comparisons with them

@@ -20,7 +20,8 @@ import pytest
 from retrains import QuickTracker, make_report, retrain_config
 
 from azdistill.evaluation.publish import write_report
-from azdistill.tracking.tracker import Tracker, log_evaluation, pipeline_run_name, pipeline_tags
+from azdistill.tracking.headline import pipeline_tags
+from azdistill.tracking.tracker import Tracker, log_evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ELSEWHERE = """
 import os, signal, sys
 from retrains import retrain_config
-from azdistill.tracking.tracker import Tracker, pipeline_run_name, pipeline_tags
+from azdistill.tracking.headline import pipeline_tags
+from azdistill.tracking.tracker import Tracker
 config = retrain_config(sys.argv[1], "1")
 tracker = Tracker(config)
-with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+with tracker.pipeline(tags=pipeline_tags(config)):
     with tracker.stage("finetune"):
         tracker.log_metrics({"train_loss": 2.0}, step=0)
         stage_id = tracker.run_id
@@ -90,7 +92,7 @@ def test_a_killed_run_is_closed_as_killed_when_the_next_run_starts(tmp_path, cap
 
     tracker = Tracker(config)
     with caplog.at_level(logging.INFO, logger="azdistill"):
-        with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+        with tracker.pipeline(tags=pipeline_tags(config)):
             with tracker.stage("synthesize"):
                 tracker.log_metrics({"synthetic_train_kept": 4.0})
                 new_id = tracker.run_id
@@ -107,7 +109,7 @@ def test_a_run_whose_process_is_alive_is_left_running(tmp_path):
     try:
         parent_id, stage_id = live.stdout.readline().split()
         tracker = Tracker(config)
-        with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+        with tracker.pipeline(tags=pipeline_tags(config)):
             with tracker.stage("synthesize"):
                 tracker.log_metrics({"synthetic_train_kept": 4.0})
         assert status(config, parent_id) == status(config, stage_id) == "RUNNING"
@@ -139,7 +141,7 @@ def test_only_runs_of_this_workdir_and_host_whose_process_is_gone_are_closed(tmp
     other_workdir = left_running(**{"azdistill.workdir": str(tmp_path / "elsewhere")})
     untagged = client.create_run(experiment_id).info.run_id
 
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+    with tracker.pipeline(tags=pipeline_tags(config)):
         pass  # closing happens when a run would start, whether or not it logs anything
     assert status(config, gone) == status(config, pid_reused) == "KILLED"
     assert status(config, other_host) == status(config, other_workdir) == status(config, untagged) == "RUNNING"
@@ -148,7 +150,7 @@ def test_only_runs_of_this_workdir_and_host_whose_process_is_gone_are_closed(tmp
 def test_a_rerun_whose_stages_log_nothing_leaves_no_run(tmp_path):
     config = retrain_config(tmp_path, "1")
     tracker = Tracker(config)
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+    with tracker.pipeline(tags=pipeline_tags(config)):
         # synthesize and finetune return before entering their stage when they reuse their outputs; a stage that
         # enters and logs nothing must not leave a run either.
         with tracker.stage("evaluate"):
@@ -161,7 +163,7 @@ def test_a_stage_that_logs_starts_its_run_under_the_pipeline_run_from_when_it_wa
     config = retrain_config(tmp_path, "1")
     tracker = Tracker(config)
     report = make_report(config, agreement=0.8, accuracy=0.85)
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+    with tracker.pipeline(tags=pipeline_tags(config)):
         with tracker.stage("synthesize"):
             pass  # reused
         entered = int(time.time() * 1000)
@@ -175,11 +177,15 @@ def test_a_stage_that_logs_starts_its_run_under_the_pipeline_run_from_when_it_wa
     client = client_for(config)
     parent = client.get_run(parent_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(run.info.run_name for run in children) == ["evaluate", "finetune"]
+    label = f"data-v1 #{parent_id[:6]}"
+    assert sorted(run.info.run_name for run in children) == [f"{label} / evaluate", f"{label} / finetune"]
     assert len(all_runs(config)) == 3
-    assert parent.info.run_name == "sentiment@data-v1" and parent.data.params["data.version"] == "1"
-    assert parent.data.metrics["student_agreement"] == 0.8 and parent.data.tags["azdistill.promote"] == "true"
-    finetune = next(run for run in children if run.info.run_name == "finetune")
+    assert parent.info.run_name == f"{label} sentiment" and parent.data.params["data.version"] == "1"
+    evaluate = next(run for run in children if run.data.tags["azdistill.stage"] == "evaluate")
+    assert evaluate.data.metrics["student_agreement"] == 0.8 and "student_agreement" not in parent.data.metrics
+    assert parent.data.tags["azdistill.promote"] == "true"
+    assert "**Decision:** pending" in parent.data.tags["mlflow.note.content"]  # until the student is registered
+    finetune = next(run for run in children if run.data.tags["azdistill.stage"] == "finetune")
     assert finetune.data.params["stage.examples"] == "4"
     assert finetune.info.start_time < entered + 700  # the time the stage began, not the time it first logged
     assert parent.info.start_time <= finetune.info.start_time
@@ -196,7 +202,7 @@ def test_an_interrupted_run_ends_killed_and_a_failed_one_failed(tmp_path):
     tracker = Tracker(config)
     for error, expected in ((KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")):
         with pytest.raises(error):
-            with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config)):
+            with tracker.pipeline(tags=pipeline_tags(config)):
                 with tracker.stage("finetune"):
                     tracker.log_metrics({"train_loss": 1.0}, step=0)
                     raise error()
@@ -258,6 +264,10 @@ def test_run_local_again_with_nothing_changed_says_so_and_adds_no_run(tmp_path, 
     with caplog.at_level(logging.INFO, logger="azdistill"):
         second = local_runner.run_local(config, tracker=QuickTracker(config))
     assert [run.info.run_id for run in all_runs(config)] == runs_after_first
-    assert f"nothing changed since run {first.run_id} (sentiment@data-v1): every stage reused; no new MLflow run" in caplog.messages
+    name = f"data-v1 #{first.run_id[:6]} sentiment"
+    assert f"nothing changed since run {first.run_id} ({name}): every stage reused; no new MLflow run" in caplog.messages
+    first_run = client_for(config).get_run(first.run_id)
+    assert first_run.data.metrics["promoted"] == 1.0 and first_run.data.metrics["agreement"] == 0.8
+    assert "**Decision: champion.**" in first_run.data.tags["mlflow.note.content"]
     assert second.run_id == first.run_id and second.registered_version == "1"
     assert json.loads((config.run_dir / "run.json").read_text())["run_id"] == first.run_id

@@ -394,7 +394,9 @@ def register_student(
         if decision.promoted and champion is not None:
             champion.tags = {**(champion.tags or {}), CHAMPION_TAG: "false", REPLACED_BY_TAG: version}
             client.models.create_or_update(champion)
-        result.update(promoted=decision.promoted, reason=decision.reason, champion_before=decision.champion_version)
+        result.update(
+            promoted=decision.promoted, decision=decision.decision, reason=decision.reason, champion_before=decision.champion_version
+        )
     write_json(Path(output) / "decision.json", result)
-    log.info("registered %s version %s: %s", name, version, result["reason"])
+    log.info("registered %s version %s (%s): %s", name, version, result.get("decision", "registered"), result["reason"])
     return result

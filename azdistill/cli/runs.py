@@ -111,8 +111,8 @@ def compare_command(
 ) -> None:
     """Compare two pipeline runs: every metric (B against A) and the settings that differ.
 
-    RUN is a run id or a unique prefix of one, a run name (NAME@data-vN; the newest run of that name), a
-    registered version (v3) or @champion.
+    RUN is a run id or a unique prefix of one (the #1a2b3c of a run name), a data version (data-v3; the newest
+    run on it), a run name (the newest run of that name), a registered version (v3) or @champion.
     """
     from azdistill.tracking.runs import compare_tables, list_runs, open_client, resolve_run, ui_address, ui_compare_url
 
@@ -156,7 +156,9 @@ def ui(config: Optional[Path], overrides: tuple[str, ...], port: int) -> None:
     # azdistill runs no MLflow server jobs (GenAI judges); without them the server starts no huey worker processes.
     # One worker: a local UI has one user, and each worker is a full MLflow process on a small machine.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # --app-name azdistill: MLflow's server app, opening in the model-training views (tracking/ui_app.py).
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--app-name", "azdistill"]
     try:
         subprocess.run(command, check=False, env=env)
     except KeyboardInterrupt:

@@ -10,6 +10,9 @@ import click
 from azdistill.cli.options import config_argument, force_option, load_settings, output_dir_option, set_option
 from azdistill.tracking.store import local_store_path, redact_uri
 
+# What the "Report:" line names beside report.md: the other files of the report (evaluation/publish.py writes them).
+REPORT_FILES_BESIDE = "report.html with the plot inside, report.json, report.png"
+
 
 @click.command()
 @config_argument
@@ -30,7 +33,7 @@ def run(config: Optional[Path], overrides: tuple[str, ...], force: bool, seeds: 
     settings = load_settings(config, overrides)
     result = run_local(settings, force=force, seeds=seeds)
     click.echo("")
-    click.echo(f"Report: {result.report_dir / 'report.md'} (plot: {result.report_dir / 'report.png'})")
+    click.echo(f"Report: {result.report_dir / 'report.md'} (beside it: {REPORT_FILES_BESIDE})")
     for line in headline_lines(result.report):
         click.echo(f"  {line}")
     if result.seeds is not None:
@@ -135,7 +138,7 @@ def evaluate(
 
     settings = load_settings(config, overrides)
     report = run_evaluate(settings, force, output_dir, student_dir, reference_dir)
-    click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'}")
+    click.echo(f"Report: {(output_dir or settings.stage_dir('evaluate')) / 'report.md'} (beside it: {REPORT_FILES_BESIDE})")
     for line in headline_lines(report):
         click.echo(f"  {line}")
 

@@ -7,8 +7,8 @@ from typing import Any, Iterable, Optional
 
 from azdistill.evaluation.error_bars import quality_cell, significance_headline, significance_section
 from azdistill.evaluation.judge import render_judge_section
+from azdistill.evaluation.promotion import CHALLENGER, CHAMPION, REJECTED, champion_metric_phrase, promotion_verdict
 from azdistill.evaluation.report import (
-    FAILED_SIGN,
     METRIC_LABELS,
     ModelResult,
     Report,
@@ -70,11 +70,16 @@ def _fmt_parameters(model: "ModelResult") -> str:
     return _fmt_params_m(model.parameters)
 
 
-def _fmt_latency(value: float) -> str:
+def _fmt_latency(value: Optional[float]) -> str:
     if not is_finite(value):
         return "n/a"
     # Small students answer in tens of milliseconds; keep three significant digits.
     return f"{value:.3f}" if value < 10 else f"{value:,.1f}"
+
+
+def _fmt_per_token(value: Optional[float]) -> str:
+    # A token takes milliseconds: one more decimal than a whole response, so small models do not all read "0.003".
+    return f"{value:.4f}" if is_finite(value) and value < 1 else _fmt_latency(value)
 
 
 def _fmt_check_value(value: float) -> str:
@@ -135,7 +140,7 @@ def _cost_phrase(report: Report, ratio: float) -> str:
 def _headline_phrase(report: Report, comp: dict[str, float]) -> str:
     parts = []
     if "latency_ratio" in comp:
-        parts.append(_less_or_more(comp["latency_ratio"], "latency"))
+        parts.append(_less_or_more(comp["latency_ratio"], "latency per response (p50)"))
     if "memory_ratio" in comp:
         parts.append(_less_or_more(comp["memory_ratio"], "memory"))
     if "quality_retained" in comp:
@@ -178,8 +183,10 @@ def _models_section(report: Report, metrics: list[str]) -> list[str]:
         "Parameters (M)",
         "Size on disk (MB)",
         "Peak memory (MB)",
-        "Latency p50 (s)",
-        "Latency p95 (s)",
+        "Latency per response p50 (s)",
+        "Latency per response p95 (s)",
+        "Time to first token p50 (s)",
+        "Latency per output token p50 (s)",
         "Throughput (tok/s)",
         "Cost / 1k answers",
     ]
@@ -208,6 +215,8 @@ def _model_row(m: ModelResult, metrics: list[str], fractions: dict[str, bool]) -
         _fmt_hosted(m, m.peak_memory_mb),
         _fmt_latency(m.latency_p50_s),
         _fmt_latency(m.latency_p95_s),
+        _fmt_latency(m.ttft_p50_s),
+        _fmt_per_token(m.latency_per_token_p50_s),
         _fmt_num(m.throughput_tokens_per_s),
         _fmt_cost(m.cost_per_1k_answers),
     ] + [quality_cell(m, k, fractions[k]) for k in metrics]
@@ -221,7 +230,9 @@ def _measurement_notes(report: Report, metrics: list[str]) -> str:
     else:
         answered = "held-out records answered: " + ", ".join(f"{_cell(m.name)} {m.n}" for m in report.models)
     return (
-        f"Latency is seconds per response with prompts answered one at a time; throughput is generated "
+        f"Latency is timed with prompts answered one at a time: seconds per response, seconds to the answer's first "
+        f"token, and per output token (a response's seconds over the tokens it generated, so a model that answers at "
+        f"length is not called slow for it); throughput is generated "
         f"tokens per second answering in batches; peak memory is the resident memory of the process "
         f"that loaded the model; {answered}."
         + (" Agreement is how often a model's answer matches the teacher's." if "agreement" in metrics else "")
@@ -239,7 +250,24 @@ def _measurement_notes(report: Report, metrics: list[str]) -> str:
             "hourly price times the measured answering time for a local one."
             if any(is_finite(m.cost_per_1k_answers) for m in report.models) else ""
         )
+        + _latency_gaps(report)
     )
+
+
+def _latency_gaps(report: Report) -> str:
+    """Why a row's time to first token or per-token latency reads "n/a", for the kinds of row that have them."""
+    notes = []
+    if any(m.hosted and is_finite(m.latency_p50_s) and not is_finite(m.ttft_p50_s) for m in report.models):
+        notes.append(
+            " A hosted model's time to first token is not measured: the endpoint client asks without streaming, so the "
+            "first token arrives with the whole answer."
+        )
+    if any(not m.hosted and is_finite(m.ttft_p50_s) and m.latency_per_token_p50_s is None for m in report.models):
+        notes.append(
+            " A teacher that scores the labels answers in one piece: its first token is its whole answer, and it "
+            "generates no tokens to time one by one."
+        )
+    return "".join(notes)
 
 
 def _student_vs_teacher_section(report: Report, comp: dict[str, float]) -> list[str]:
@@ -254,6 +282,10 @@ def _student_vs_teacher_section(report: Report, comp: dict[str, float]) -> list[
         bullets.append(f"Parameters: {_pct(comp['param_ratio'])} of the teacher's")
     if "speedup" in comp:
         bullets.append(f"Latency per response (p50): {_times(comp['speedup'])} faster than the teacher")
+    if comp.get("ttft_ratio", 0) > 0:
+        bullets.append(f"Time to first token (p50): {_faster_or_slower(comp['ttft_ratio'])} than the teacher")
+    if comp.get("latency_per_token_ratio", 0) > 0:
+        bullets.append(f"Latency per output token (p50): {_faster_or_slower(comp['latency_per_token_ratio'])} than the teacher")
     if "memory_ratio" in comp:
         bullets.append(f"Peak memory: {_pct(comp['memory_ratio'])} of the teacher's")
     if "weights_memory_ratio" in comp:
@@ -271,6 +303,11 @@ def _student_vs_teacher_section(report: Report, comp: dict[str, float]) -> list[
     out += [f"- {b}" for b in bullets]
     out.append("")
     return out
+
+
+def _faster_or_slower(ratio: float) -> str:
+    """A positive ratio of seconds, student over teacher, as people say it: 0.25 -> "4.0x faster", 2 -> "2.0x slower"."""
+    return f"{_times(1 / ratio)} faster" if ratio <= 1 else f"{_times(ratio)} slower"
 
 
 def _served_comparison(report: Report, served: ModelResult) -> str:
@@ -303,8 +340,22 @@ def _served_section(report: Report) -> list[str]:
 
 
 def _promotion_section(report: Report) -> list[str]:
-    """The decision, and each promotion check with its value, threshold and result."""
-    out = [f"## Promotion: {'PROMOTE' if report.promote else 'KEEP CURRENT'}", ""]
+    """The decision in the registry's words, what the registry will do with it, and each promotion check with its
+    value, threshold and result."""
+    verdict, what = promotion_verdict(report)
+    out = [f"## Promotion: {verdict}", ""]
+    if verdict == "PROMOTE":
+        passed = f"Passed all {len(report.checks)} promotion checks" if report.checks else "No checks to fail"
+        out.append(
+            f"{passed}: the registered student becomes {CHAMPION} if there is none yet or its "
+            f"{champion_metric_phrase(report)} beats the current {CHAMPION}'s; otherwise it stays a {CHALLENGER}."
+        )
+    else:
+        out.append(
+            f"{what[0].upper() + what[1:]}. The registered student is tagged {REJECTED} and does not become {CHAMPION}; "
+            f"the current {CHAMPION}, if any, stays."
+        )
+    out.append("")
     if report.checks:
         out += _table(
             ["Check", "Value", "Threshold", "Result"],
@@ -350,6 +401,19 @@ def _samples_section(report: Report) -> list[str]:
     return out
 
 
+def _felt_latency_line(teacher: ModelResult, student: ModelResult) -> str:
+    """"first token 0.050 s vs 0.120 s, per output token 0.0100 s vs 0.0200 s (p50, student vs teacher)", for the
+    figures the student has; "" when it has neither (a report from before they were measured)."""
+    parts = []
+    for label, own, theirs, fmt in (
+        ("first token", student.ttft_p50_s, teacher.ttft_p50_s, _fmt_latency),
+        ("per output token", student.latency_per_token_p50_s, teacher.latency_per_token_p50_s, _fmt_per_token),
+    ):
+        if is_finite(own):
+            parts.append(f"{label} {fmt(own)} s vs {fmt(theirs) + ' s' if is_finite(theirs) else 'n/a'}")
+    return ", ".join(parts) + " (p50, student vs teacher)" if parts else ""
+
+
 def headline_lines(report: Report) -> list[str]:
     """A few plain-text lines summarising the run for the console."""
     comp = comparison(report)
@@ -368,6 +432,9 @@ def headline_lines(report: Report) -> list[str]:
                 f"{word} per response (p50 {student.latency_p50_s:.2f} s vs {teacher.latency_p50_s:.2f} s)"
             )
         lines.append(", ".join(parts))
+        felt = _felt_latency_line(teacher, student)
+        if felt:
+            lines.append(felt)
 
         mem = []
         if is_finite(student.peak_memory_mb) and is_finite(teacher.peak_memory_mb):
@@ -407,17 +474,11 @@ def headline_lines(report: Report) -> list[str]:
             lines.append(f"{pm}: {shown}")
     lines += significance_headline(report)
 
-    decision = "PROMOTE" if report.promote else "KEEP CURRENT"
-    failed = [c for c in report.checks if not c.passed]
-    if not report.checks:
-        lines.append(f"promotion: {decision} (no checks configured)")
-    elif not failed:
-        lines.append(f"promotion: {decision} (all {len(report.checks)} checks passed)")
+    verdict, what = promotion_verdict(report)
+    if verdict != "PROMOTE":
+        lines.append(f"promotion: {verdict}: {what}")
+    elif not report.checks:
+        lines.append(f"promotion: {verdict}: {what} (no checks configured)")
     else:
-        why = "; ".join(
-            f"{c.name} {_fmt_check_value(c.value)} {FAILED_SIGN.get(c.comparison, 'vs')} "
-            f"{_fmt_check_value(c.threshold)}"
-            for c in failed
-        )
-        lines.append(f"promotion: {decision} (failed: {why})")
+        lines.append(f"promotion: {verdict}: {what} (all {len(report.checks)} checks passed)")
     return lines

@@ -1,8 +1,9 @@
 """Measuring one model on the held-out set: quality, latency, throughput, memory, size and cost.
 
-A local model is measured in a fresh process, so its peak memory is its own; latency per response is timed
-with prompts answered one at a time, throughput with the whole set answered in batches (those answers are
-the ones scored). A hosted model is measured through its endpoint with the client synthesis uses."""
+A local model is measured in a fresh process, so its peak memory is its own; latency is timed with prompts
+answered one at a time (per response, to the first token, and per output token), throughput with the whole set
+answered in batches (those answers are the ones scored). A hosted model is measured through its endpoint with the
+client synthesis uses: that client does not stream, so its time to first token is not seen (None)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from azdistill.config.evaluation import EvaluationConfig
 from azdistill.config.schema import DistillConfig
@@ -23,6 +25,7 @@ from azdistill.config.sections import RuntimeConfig
 from azdistill.config.teacher import TeacherConfig
 from azdistill.data.records import Message
 from azdistill.errors import StageFailed, UserError
+from azdistill.evaluation.metrics import percentile
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,10 @@ def measure_hosted(
 
     The model is the hosted teacher, or the served model `endpoint` (an `evaluation.served` entry, whose settings
     are under `key_path`, which its errors name). Latency per response: the first `latency_samples` prompts sent
-    one at a time. Quality: every prompt answered with the endpoint's concurrency (greedy,
-    evaluation.max_new_tokens), whose tokens/s is the throughput. Cost: the configured token prices times the
+    one at a time, with the output tokens the endpoint counted for each (latency per output token); the time to
+    first token is not measured, as the client asks without streaming (`first_token_s` None). Quality: every
+    prompt answered with the endpoint's concurrency (greedy, evaluation.max_new_tokens), whose tokens/s is the
+    throughput. Cost: the configured token prices times the
     tokens the endpoint counted. Size and memory cannot be measured for a hosted model: they stay empty (the
     report says "hosted"), parameters are the declared count if any.
 
@@ -76,16 +81,18 @@ def _measure_endpoint(
     teacher = build_endpoint_teacher(config.model_copy(update={"synthesis": greedy, "teacher": endpoint}))
     try:
         latencies: list[float] = []
+        output_tokens: list[int] = []
         timed = conversations[: evaluation.latency_samples]
         with Progress(len(timed), f"latency {description} (endpoint)", unit="answers") as progress:
             for messages in timed:
                 started = time.perf_counter()
                 try:
-                    teacher.choose_one(messages, labels) if labels is not None else teacher.complete(messages)
+                    timed_answer = teacher.choose_one(messages, labels) if labels is not None else teacher.complete(messages)
                 except RecordRejected:
                     pass  # a refused prompt tells nothing about latency
                 else:
                     latencies.append(time.perf_counter() - started)
+                    output_tokens.append(timed_answer.completion_tokens)  # 0 when the endpoint reported no usage
                 progress.update(1)
         started = time.perf_counter()
         with Progress(len(conversations), f"answer {description} (endpoint)", unit="answers") as progress:
@@ -115,6 +122,10 @@ def _measure_endpoint(
     return {
         "answers": [completion.text for completion in completions],
         "latencies_s": latencies,
+        # Not measured: the client asks without streaming, so the first token arrives with the whole answer. Timing
+        # the whole answer here would report latency per response under another name.
+        "first_token_s": None,
+        "output_tokens": output_tokens,
         "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
         "generated_tokens": generated_tokens,
         "prompt_tokens": prompt_tokens,
@@ -153,7 +164,8 @@ def measure_logged(records: list) -> dict:
     if not any(answers):
         raise UserError("evaluate: teacher.kind logged takes the teacher's answers from the test split, and none of its records has one")
     return {
-        "answers": answers, "latencies_s": [], "throughput_tokens_per_s": float("nan"), "generated_tokens": 0, "seconds": 0.0,
+        "answers": answers, "latencies_s": [], "first_token_s": None, "output_tokens": None,
+        "throughput_tokens_per_s": float("nan"), "generated_tokens": 0, "seconds": 0.0,
         "parameters": 0, "weights_bytes": None, "peak_memory_bytes": None, "size_on_disk_bytes": None, "device": "logged",
         "hosted": True, "cost_per_1k_answers": None,
     }
@@ -185,7 +197,7 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     from azdistill.console import Progress, configure_logging
     from azdistill.determinism import make_repeatable
     from azdistill.models.files import size_on_disk, weights_bytes
-    from azdistill.models.generation import GenerationSettings, timed_single_answers
+    from azdistill.models.generation import GenerationSettings
     from azdistill.models.loading import count_parameters, load_model, load_tokenizer, pick_device
 
     configure_logging()
@@ -203,8 +215,13 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     with Progress(len(timed), f"latency {description}", unit="answers") as progress:
         if labels:
             latencies = timed_single_choices(model, tokenizer, timed, labels, progress)
+            # A chosen label arrives whole: its first token is the whole answer, and no token is generated one by one.
+            first_tokens, output_tokens = list(latencies), None
         else:
-            latencies = timed_single_answers(model, tokenizer, timed, generation, progress)
+            timings = timed_single_answers(model, tokenizer, timed, generation, progress)
+            latencies = [timing.seconds for timing in timings]
+            first_tokens = [timing.first_token_s for timing in timings]
+            output_tokens = [timing.output_tokens for timing in timings]
 
     started = time.perf_counter()
     with Progress(len(conversations), f"answer {description}", unit="answers") as progress:
@@ -222,6 +239,8 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     return {
         "answers": answers,
         "latencies_s": latencies,
+        "first_token_s": first_tokens,
+        "output_tokens": output_tokens,
         "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
         "generated_tokens": generated_tokens,
         "seconds": seconds,
@@ -257,6 +276,77 @@ def _chosen_labels(model, tokenizer, conversations: list[list[Message]], labels:
         answers += [scores.label for scores in score_labels(model, tokenizer, conversations[start : start + batch_size], labels, batch_size)]
         progress.update(len(answers) - progress.count)
     return answers, len(answers)
+
+
+@dataclass
+class ResponseTiming:
+    """One prompt answered alone: seconds to the whole answer, to its first token (None if no token came), and the
+    tokens it generated (the stop token included, as the throughput counts them)."""
+
+    seconds: float
+    first_token_s: Optional[float]
+    output_tokens: int
+
+
+class FirstTokenClock:
+    """A transformers streamer (the `put` / `end` of `BaseStreamer`) that notes when the first answer token is chosen.
+
+    `generate` calls `put` once with the prompt, then with each new token as soon as it is picked, so the second
+    call is the first token: timed inside the one generation that also gives the whole answer's time."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.prompt_seen = False
+        self.first_token_at: Optional[float] = None
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        elif self.first_token_at is None:
+            self.first_token_at = self.clock()
+
+    def end(self) -> None:
+        pass
+
+
+def timed_single_answers(
+    model, tokenizer, conversations: Sequence[list[Message]], settings, progress=None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[ResponseTiming]:
+    """Latency as a user sees it, prompts answered one at a time: each response's seconds, its time to first token
+    and its output tokens (`settings`: the `GenerationSettings` of the scored answers; `clock`: seconds, monotonic)."""
+    from azdistill.models.generation import GenerationSettings, generate_batch
+
+    single = GenerationSettings(settings.max_new_tokens, 0.0, 1.0, 1, settings.seed)
+    generate_batch(model, tokenizer, [conversations[0]], GenerationSettings(4, 0.0, 1.0, 1))  # warm-up
+    timings = []
+    for messages in conversations:
+        first_token = FirstTokenClock(clock)
+        started = clock()
+        (completion,) = generate_batch(model, tokenizer, [messages], single, streamer=first_token)
+        seconds = clock() - started
+        at = first_token.first_token_at
+        timings.append(ResponseTiming(seconds, None if at is None else at - started, completion.completion_tokens))
+        if progress is not None:
+            progress.update(1)
+    return timings
+
+
+def latency_figures(measured: dict) -> dict[str, Optional[float]]:
+    """The report's latency figures from a model's saved measurements: latency per response (p50, p95; NaN when
+    nothing was timed), time to first token (p50) and seconds per output token (p50: each response's seconds over
+    its output tokens). The last two are None where they were not measured, saved answers from before they were
+    included."""
+    latencies = measured["latencies_s"]
+    first_tokens = [value for value in measured.get("first_token_s") or [] if value is not None]
+    tokens = measured.get("output_tokens") or []
+    per_token = [seconds / count for seconds, count in zip(latencies, tokens) if count > 0]
+    return {
+        "latency_p50_s": percentile(latencies, 50) if latencies else float("nan"),
+        "latency_p95_s": percentile(latencies, 95) if latencies else float("nan"),
+        "ttft_p50_s": percentile(first_tokens, 50) if first_tokens else None,
+        "latency_per_token_p50_s": percentile(per_token, 50) if per_token else None,
+    }
 
 
 def timed_single_choices(model, tokenizer, conversations: list[list[Message]], labels: list[str], progress=None) -> list[float]:

@@ -1,10 +1,11 @@
-"""`report.png`: bar charts of quality, latency, memory and size per model."""
+"""`report.png`: bar charts of quality, latency (per response, and to the first token where measured), memory and size
+per model."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import matplotlib
 
@@ -33,8 +34,10 @@ _OTHER_COLOR = "#8172B3"
 # Every served model shares one colour and one legend entry; the names down the side tell them apart.
 SERVED_COLOR = "#C44E52"
 
-# A panel of one measurement: title, unit on the x axis, one value per model, and how a bar's value label reads.
-Panel = tuple[str, str, list[float | None], Callable[[float], str]]
+# A panel of one measurement: title, unit on the x axis, one value per model, how a bar's value label reads, and
+# optionally a second measurement in the same unit, drawn hatched beside the first (the panel's title then, and
+# one value per model).
+Panel = tuple[str, str, list[float | None], Callable[[float], str], Optional[tuple[str, list[float | None]]]]
 
 
 
@@ -82,12 +85,16 @@ def _build_figure(report: Report):
 
 
 def _measurement_panels(report: Report) -> list[Panel]:
-    """The panels every report has, whatever the task: latency, peak memory and parameters."""
+    """The panels every report has, whatever the task: latency (per response, with the time to first token hatched
+    beside it where some model has one), peak memory and parameters."""
     models = report.models
+    first_tokens = [m.ttft_p50_s for m in models]
+    first_token = ("Latency p50: response (solid), first token (hatched)", first_tokens) \
+        if any(is_finite(v) for v in first_tokens) else None
     return [
-        ("Latency per response (p50)", "seconds", [m.latency_p50_s for m in models], lambda v: f"{v:.3g} s"),
-        ("Peak memory", "MB", [m.peak_memory_mb for m in models], lambda v: f"{v:,.0f} MB"),
-        ("Parameters", "millions", [m.parameters / 1e6 for m in models], lambda v: f"{v:,.1f}M"),
+        ("Latency per response (p50)", "seconds", [m.latency_p50_s for m in models], lambda v: f"{v:.3g} s", first_token),
+        ("Peak memory", "MB", [m.peak_memory_mb for m in models], lambda v: f"{v:,.0f} MB", None),
+        ("Parameters", "millions", [m.parameters / 1e6 for m in models], lambda v: f"{v:,.1f}M", None),
     ]
 
 
@@ -137,14 +144,22 @@ def _draw_quality_panel(ax, report: Report, quality: list[tuple[str, bool, list[
 
 
 def _draw_measurement_panel(ax, report: Report, panel: Panel) -> None:
-    """One bar per model for one measurement; a missing value draws no bar and reads "n/a"."""
-    title, unit, values, fmt = panel
+    """One bar per model for one measurement (two side by side, the second hatched, when the panel has a second); a
+    missing value draws no bar and reads "n/a"."""
+    title, unit, values, fmt, second = panel
     models = report.models
-    ys = list(range(len(models)))
-    finite = [v for v in values if is_finite(v)]
+    colors = [_role_color(m.role) for m in models]
+    series = [values] + ([second[1]] if second else [])
+    finite = [v for vals in series for v in vals if is_finite(v)]
     max_value = max(finite) if finite else 1.0
-    ax.barh(ys, [v if is_finite(v) else 0.0 for v in values], height=0.7, color=[_role_color(m.role) for m in models])
-    _value_labels(ax, ys, values, fmt, max_value)
+    height = 0.7 / len(series)
+    for j, vals in enumerate(series):
+        ypos = [y + (j - (len(series) - 1) / 2) * height for y in range(len(models))]
+        paired = {"height": height * 0.92, "hatch": "///" if j else "", "edgecolor": "white", "alpha": 0.65 if j else 1.0}
+        ax.barh(ypos, [v if is_finite(v) else 0.0 for v in vals], color=colors, **(paired if second else {"height": height}))
+        _value_labels(ax, ypos, vals, fmt, max_value)
+    if second:
+        title = second[0]
     _finish_panel(ax, report, title, f"{unit} (lower is better)" if title != "Parameters" else unit, max_value)
 
 

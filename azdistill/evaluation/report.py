@@ -52,6 +52,13 @@ class ModelResult:
     # Per quality metric, its 95% bootstrap confidence interval over the held-out items (evaluation.stats); empty in
     # reports written before intervals existed, and for a metric counted on fewer than two items.
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Latency as users feel it, timed with the same prompts one at a time as latency_p50_s (evaluation.measure):
+    # seconds from sending a prompt to the first token of its answer, and a response's seconds over the tokens it
+    # generated, each the median over the prompts. None where it could not be seen: a hosted model's time to first
+    # token (the endpoint client does not stream), the per-token figure of a teacher that scores the labels (its
+    # answer comes whole, no token is generated), anything of a logged teacher, and reports written before them.
+    ttft_p50_s: Optional[float] = None
+    latency_per_token_p50_s: Optional[float] = None
 
 
 # How a failed check reads: "agreement 0.71 < 0.8".
@@ -101,6 +108,9 @@ class Report:
     samples: list[dict] = field(default_factory=list)
     judge: Optional[dict] = None  # the LLM judge's wins, ties and losses of the student (evaluation.judge.summarize)
     comparisons: list[PairedComparison] = field(default_factory=list)  # the student against each baseline row
+    # The metric on which the registry compares a student that passed the checks with the champion
+    # (evaluation.promotion.champion_metric); None in reports written before it was recorded.
+    champion_metric: Optional[str] = None
 
 
 
@@ -129,7 +139,8 @@ def model_of(report: Report, role: str) -> ModelResult | None:
 def comparison(report: Report) -> dict[str, float]:
     """Student relative to teacher.
 
-    Keys: ``param_ratio``, ``latency_ratio`` (student p50 / teacher p50), ``speedup`` (its inverse),
+    Keys: ``param_ratio``, ``latency_ratio`` (student p50 / teacher p50, per response), ``speedup`` (its inverse),
+    ``ttft_ratio`` (time to first token, p50), ``latency_per_token_ratio`` (seconds per output token, p50),
     ``memory_ratio`` (peak), ``weights_memory_ratio``, ``quality_retained`` (student / teacher on
     the primary metric), ``throughput_ratio`` and ``cost_ratio`` (per 1,000 answers). A key whose denominator is zero or missing is left
     out rather than reported as infinity; an empty dict if the teacher or student is absent.
@@ -142,6 +153,8 @@ def comparison(report: Report) -> dict[str, float]:
         "param_ratio": _ratio(student.parameters, teacher.parameters),
         "latency_ratio": _ratio(student.latency_p50_s, teacher.latency_p50_s),
         "speedup": _ratio(teacher.latency_p50_s, student.latency_p50_s),
+        "ttft_ratio": _ratio(student.ttft_p50_s, teacher.ttft_p50_s),
+        "latency_per_token_ratio": _ratio(student.latency_per_token_p50_s, teacher.latency_per_token_p50_s),
         "memory_ratio": _ratio(student.peak_memory_mb, teacher.peak_memory_mb),
         "weights_memory_ratio": _ratio(student.weights_memory_mb, teacher.weights_memory_mb),
         "quality_retained": _ratio(student.metrics.get(pm), teacher.metrics.get(pm)),
@@ -178,6 +191,10 @@ def _float(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _optional_float(x: Any) -> Optional[float]:
+    return None if x is None else float(x)
+
+
 def report_from_dict(data: dict) -> Report:
     """Rebuild a :class:`Report` from :func:`report_to_dict` output (derived keys are ignored).
 
@@ -202,9 +219,11 @@ def report_from_dict(data: dict) -> Report:
                     throughput_tokens_per_s=_float(m["throughput_tokens_per_s"]),
                     n=int(m["n"]),
                     metrics={str(k): _float(v) for k, v in (m.get("metrics") or {}).items()},
-                    cost_per_1k_answers=None if m.get("cost_per_1k_answers") is None else float(m["cost_per_1k_answers"]),
+                    cost_per_1k_answers=_optional_float(m.get("cost_per_1k_answers")),
                     hosted=bool(m.get("hosted", False)),
                     intervals={str(k): (_float(low), _float(high)) for k, (low, high) in (m.get("intervals") or {}).items()},
+                    ttft_p50_s=_optional_float(m.get("ttft_p50_s")),
+                    latency_per_token_p50_s=_optional_float(m.get("latency_per_token_p50_s")),
                 )
             )
         checks = []
@@ -237,6 +256,7 @@ def report_from_dict(data: dict) -> Report:
             samples=[dict(s) for s in data.get("samples") or []],
             judge=None if data.get("judge") is None else dict(data["judge"]),
             comparisons=comparisons,
+            champion_metric=None if data.get("champion_metric") is None else str(data["champion_metric"]),
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e.args[0]!r}") from None

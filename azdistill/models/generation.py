@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -50,8 +49,11 @@ def render_prompts(tokenizer, conversations: Sequence[list[Message]]) -> list[st
     return [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages in conversations]
 
 
-def generate_batch(model, tokenizer, conversations: Sequence[list[Message]], settings: GenerationSettings) -> list[Completion]:
-    """Answer up to one batch of conversations together (left padding, so all prompts end aligned)."""
+def generate_batch(
+    model, tokenizer, conversations: Sequence[list[Message]], settings: GenerationSettings, streamer: Optional[object] = None
+) -> list[Completion]:
+    """Answer up to one batch of conversations together (left padding, so all prompts end aligned); `streamer`, a
+    transformers streamer (`put` with the prompt, then each new token as it is chosen), watches one conversation."""
     import torch
 
     texts = render_prompts(tokenizer, conversations)
@@ -69,6 +71,7 @@ def generate_batch(model, tokenizer, conversations: Sequence[list[Message]], set
             top_k=None,
             eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
         )
     prompt_width = encoded["input_ids"].shape[1]
     completions = []
@@ -101,19 +104,3 @@ def generate_in_batches(
         indices = order[start : start + settings.batch_size]
         completions = generate_batch(model, tokenizer, [conversations[i] for i in indices], settings)
         yield list(zip(indices, completions))
-
-
-def timed_single_answers(
-    model, tokenizer, conversations: Sequence[list[Message]], settings: GenerationSettings, progress: Optional[object] = None
-) -> list[float]:
-    """Seconds per response when prompts are answered one at a time (latency as a user sees it)."""
-    single = GenerationSettings(settings.max_new_tokens, 0.0, 1.0, 1, settings.seed)
-    generate_batch(model, tokenizer, [conversations[0]], GenerationSettings(4, 0.0, 1.0, 1))  # warm-up
-    latencies = []
-    for messages in conversations:
-        started = time.perf_counter()
-        generate_batch(model, tokenizer, [messages], single)
-        latencies.append(time.perf_counter() - started)
-        if progress is not None:
-            progress.update(1)
-    return latencies

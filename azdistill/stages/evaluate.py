@@ -1,9 +1,10 @@
 """Evaluate: teacher, distilled student and baselines answer the held-out set; quality, speed, memory, size.
 
 Each model is measured in a fresh process, so its peak memory is its own and not the high-water mark of
-whatever ran before it in this process. Latency per response is timed with prompts answered one at a
-time; throughput with the whole set answered in batches (those answers are the ones scored). Served models
-(`evaluation.served`) answer through their endpoints, as a hosted teacher does, one report row each.
+whatever ran before it in this process. Latency is timed with prompts answered one at a time (per response, to
+the first token, per output token); throughput with the whole set answered in batches (those answers are the
+ones scored). Served models (`evaluation.served`) answer through their endpoints, as a hosted teacher does, one
+report row each.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from azdistill.evaluation.markdown import headline_lines
 from azdistill.evaluation.measure import (
     device_description,
     hosted_cost_per_1k_answers,
+    latency_figures,
     local_cost_per_1k_answers,
     measure_hosted,
     measure_in_child,
     measure_logged,
     megabytes,
 )
-from azdistill.evaluation.metrics import TASK_METRICS, ItemScores, item_scores, percentile
+from azdistill.evaluation.metrics import TASK_METRICS, ItemScores, item_scores
 from azdistill.evaluation.promotion import promotion_checks
 from azdistill.evaluation.publish import write_report
 from azdistill.evaluation.report import ModelResult, Report, report_from_dict
@@ -42,10 +44,10 @@ from azdistill.tracking.tracker import NullTracker, log_evaluation
 log = logging.getLogger(__name__)
 
 
-OUTPUTS = ["report.json", "report.md", "report.png", "predictions"]
+OUTPUTS = ["report.json", "report.md", "report.html", "report.png", "predictions"]
 # What a rerun under other settings removes. The predictions stay: each model's answers carry the key of what they
 # depend on (`measurement_key`) and are reused while it holds, whatever else (thresholds, prices) changed.
-OWNED = ["report.json", "report.md", "report.png"]
+OWNED = ["report.json", "report.md", "report.html", "report.png"]
 ROLE_NAMES = {
     "teacher": "teacher",
     "student": "distilled student",
@@ -278,6 +280,7 @@ def _build_report(
         device=device_description(),
         samples=_samples(records, measured),
         comparisons=student_comparisons(scores, primary),  # is the student's lead over each baseline real?
+        champion_metric=config.evaluation.promotion.champion_metric,  # what the registry will compare it on
     )
 
 
@@ -310,8 +313,7 @@ def _model_result(
         size_on_disk_mb=megabytes(data["size_on_disk_bytes"]),
         weights_memory_mb=megabytes(data["weights_bytes"]),
         peak_memory_mb=megabytes(data["peak_memory_bytes"]),
-        latency_p50_s=percentile(data["latencies_s"], 50) if data["latencies_s"] else float("nan"),
-        latency_p95_s=percentile(data["latencies_s"], 95) if data["latencies_s"] else float("nan"),
+        **latency_figures(data),  # per response (p50, p95), to the first token, per output token
         throughput_tokens_per_s=data["throughput_tokens_per_s"],
         n=len(data["answers"]),
         metrics={name: items.value for name, items in scores.items()},

@@ -28,7 +28,8 @@ from azdistill.errors import UserError
 from azdistill.evaluation.report import Report
 from azdistill.evaluation.seeds import SeedsSummary, render_seeds_markdown, seeds_to_dict, student_seed_metrics, summarise_seeds
 from azdistill.teachers.factory import synthesis_teacher
-from azdistill.tracking.tracker import NullTracker, make_tracker, pipeline_run_name, pipeline_tags
+from azdistill.tracking.headline import pipeline_tags
+from azdistill.tracking.tracker import NullTracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
         read_records(getattr(config.data, split), config.task.type, config.data.max_records)
     tracker = tracker or make_tracker(config)
     seconds: dict[str, float] = {}
-    with tracker.pipeline(run_name=pipeline_run_name(config), tags=pipeline_tags(config, mode="local")):
+    with tracker.pipeline(tags=pipeline_tags(config, mode="local")):
         with _timed(seconds, "prepare"):
             models = prepare_models(config)
         with _timed(seconds, "synthesize"):
@@ -176,6 +177,8 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
                     promotion = tracker.promote_student(version, report)
         run_id = tracker.run_id
         if run_id is not None:
+            # The pipeline run's own metrics come after the student is logged: they are not the model's.
+            tracker.log_headline(report, promotion)
             tracker.log_metrics({f"stage_seconds_{stage}": value for stage, value in seconds.items()})
             if spread is not None:
                 tracker.log_params({"seeds": seeds})
@@ -267,9 +270,10 @@ def _remove_seed_summary(config: DistillConfig) -> None:
 
 
 class _SeedTracker(NullTracker):
-    """The run's tracker, for the stages of a seed other than the first: their MLflow runs are named
-    `<stage>-seed-<seed>`, so none passes for the first seed's stages (the `evaluate` run is the one whose figures
-    go on the pipeline run and into `azdistill runs list`)."""
+    """The run's tracker, for the stages of a seed other than the first: their stages are `<stage>-seed-<seed>`
+    (runs named `data-v<version> #<id> / evaluate-seed-43`), so none passes for the first seed's stages (the
+    `evaluate` run is the one `azdistill runs list` reads and whose student figures the logged model carries), and
+    they leave the pipeline run's note alone (`set_pipeline_note` does nothing here)."""
 
     def __init__(self, tracker: NullTracker, seed: int):
         self._tracker, self._seed = tracker, seed

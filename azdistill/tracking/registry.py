@@ -7,8 +7,11 @@ Every retrain registers its student as a new version of the config's registered 
 2. it beats the current champion on `evaluation.promotion.champion_metric` (higher is better; a tie keeps the
    champion, so a retrain that changed nothing does not churn the alias).
 
-The first version that passes the checks becomes champion. A challenger that loses stays registered, with
-tags saying why (`promotion.reason`), so the registry tells the whole story: what was tried and what won.
+The first version that passes the checks becomes champion. A version that fails the checks is `rejected`, with the
+checks it failed as its reason, whether or not there is a champion; one that passed them but does not beat the
+champion stays a `challenger`. Either way it stays registered with tags saying why (`promotion.reason`), so the
+registry tells the whole story: what was tried and what won. The evaluation report words its promotion line the same
+way (`evaluation/promotion.py` holds the shared words).
 
 `decide` is the rule alone, on plain values; `apply_promotion` reads the registry, decides and writes the
 alias and tags. The metric values are the `metric.<name>` tags every version gets when it is registered.
@@ -24,14 +27,22 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from azdistill.evaluation.report import FAILED_SIGN
+# failed_check_descriptions: the tracker and the Azure register step read it from here, beside the rule it feeds.
+from azdistill.evaluation.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    REJECTED,
+    check_figure,
+    failed_check_descriptions,  # noqa: F401
+    rejection_reason,
+)
 
-CHAMPION_ALIAS = "champion"
+CHAMPION_ALIAS = CHAMPION  # the alias is named after the decision it records
 # The champion on Azure ML, whose MLflow has no aliases: "true" on the champion version, "false" on the others the
 # register step has judged (azure/injob.py writes it; keep the two names alike).
 CHAMPION_TAG = "azdistill.champion"
 # Model version tags written by `apply_promotion`.
-DECISION_TAG = "promotion.decision"  # "champion" or "challenger"
+DECISION_TAG = "promotion.decision"  # "champion", "challenger" or "rejected"
 REASON_TAG = "promotion.reason"
 METRIC_TAG = "promotion.metric"
 COMPARED_WITH_TAG = "promotion.compared_with"  # the champion version it was measured against, if any
@@ -40,8 +51,6 @@ REPLACED_BY_TAG = "promotion.replaced_by"  # on a former champion: the version t
 RUN_VERSION_TAG = "azdistill.registered_version"
 RUN_DECISION_TAG = "azdistill.promotion"
 RUN_REASON_TAG = "azdistill.promotion.reason"
-
-# How a failed check reads: the comparison that did not hold, negated.
 
 
 @dataclass(frozen=True)
@@ -55,40 +64,36 @@ class PromotionDecision:
     value: Optional[float]  # the version's value of `metric`
     champion_version: Optional[str]  # the champion before the decision (None: there was none)
     champion_value: Optional[float]
+    rejected: bool = False  # it failed the promotion checks: never compared with a champion
 
     @property
     def decision(self) -> str:
-        return CHAMPION_ALIAS if self.promoted else "challenger"
+        """The version's `promotion.decision` tag: "champion", "rejected" (failed the checks) or "challenger"."""
+        if self.promoted:
+            return CHAMPION_ALIAS
+        return REJECTED if self.rejected else CHALLENGER
 
     def summary(self) -> str:
         """One line for the console: what the version is now, and why."""
         if self.promoted:
             return f"version {self.version} is the {CHAMPION_ALIAS}: {self.reason}"
+        if self.rejected:
+            if self.champion_version is None:
+                return f"version {self.version} is {REJECTED}, so there is no {CHAMPION_ALIAS} yet: {self.reason}"
+            champion = f"{CHAMPION_ALIAS}: version {self.champion_version} stays"
+            return f"version {self.version} is {REJECTED} ({champion}): {self.reason}"
         if self.champion_version is None:
-            return f"version {self.version} is registered, not {CHAMPION_ALIAS} (there is none yet): {self.reason}"
-        return f"version {self.version} stays a challenger ({CHAMPION_ALIAS}: version {self.champion_version}): {self.reason}"
+            return f"version {self.version} stays a {CHALLENGER} (there is no {CHAMPION_ALIAS} yet): {self.reason}"
+        return f"version {self.version} stays a {CHALLENGER} ({CHAMPION_ALIAS}: version {self.champion_version}): {self.reason}"
 
     def version_tags(self) -> dict[str, str]:
         tags = {DECISION_TAG: self.decision, REASON_TAG: self.reason, METRIC_TAG: self.metric}
-        if self.champion_version is not None and self.champion_version != self.version:
-            tags[COMPARED_WITH_TAG] = self.champion_version
+        if not self.rejected and self.champion_version is not None and self.champion_version != self.version:
+            tags[COMPARED_WITH_TAG] = self.champion_version  # a rejected version was never compared with it
         return tags
 
     def run_tags(self) -> dict[str, str]:
         return {RUN_VERSION_TAG: self.version, RUN_DECISION_TAG: self.decision, RUN_REASON_TAG: self.reason}
-
-
-def _fmt(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
-
-
-def failed_check_descriptions(checks: Iterable[Any]) -> list[str]:
-    """`["agreement 0.7 < 0.8", ...]` for the report's promotion checks that did not pass."""
-    return [
-        f"{check.name} {_fmt(check.value)} {FAILED_SIGN.get(check.comparison, 'vs')} {_fmt(check.threshold)}"
-        for check in checks
-        if not check.passed
-    ]
 
 
 def decide(
@@ -101,13 +106,13 @@ def decide(
 ) -> PromotionDecision:
     """The champion/challenger rule (see the module docstring) on plain values; writes nothing."""
 
-    def outcome(promoted: bool, reason: str) -> PromotionDecision:
-        return PromotionDecision(version, promoted, reason, metric, value, champion_version, champion_value)
+    def outcome(promoted: bool, reason: str, rejected: bool = False) -> PromotionDecision:
+        return PromotionDecision(version, promoted, reason, metric, value, champion_version, champion_value, rejected)
 
     if champion_version == version:
         return outcome(True, f"already the champion ({metric} {_show(value)})")
     if failed_checks:
-        return outcome(False, "failed the promotion checks: " + "; ".join(failed_checks))
+        return outcome(False, rejection_reason(failed_checks), rejected=True)
     if value is None:
         return outcome(False, f"no {metric} was measured for this version, so it cannot be compared with a champion")
     if champion_version is None:
@@ -126,7 +131,7 @@ def decide(
 
 
 def _show(value: Optional[float]) -> str:
-    return "n/a" if value is None else _fmt(value)
+    return "n/a" if value is None else check_figure(value)
 
 
 def metric_from_tags(tags: dict[str, str], metric: str) -> Optional[float]:

@@ -32,10 +32,15 @@ PIPELINE_TAG = "azdistill.pipeline"
 # version has no MLflow run link of its own (azure/injob.py student_tags).
 JOB_TAG = "azdistill.job"
 # Metric name endings where less is better; every other metric is a score (higher is better) or neutral.
-LOWER_IS_BETTER = ("_latency_p50_s", "_latency_p95_s", "_peak_memory_mb", "_loss", "stage_seconds_")
-NEUTRAL = ("_parameters", "promote")
+LOWER_IS_BETTER = (
+    "_latency_p50_s", "_latency_p95_s", "_ttft_p50_s", "_latency_per_token_p50_s", "_peak_memory_mb", "_loss", "stage_seconds_",
+    # The pipeline run's headline ratios, student / teacher.
+    "_latency_ratio", "_ttft_ratio", "_per_token_ratio", "_memory_ratio", "_cost_ratio",
+)
+NEUTRAL = ("_parameters", "_param_ratio", "promote")
 # Student metrics that measure cost, not quality; shown in their own column of `runs list`.
-COST_SUFFIXES = ("_latency_p50_s", "_latency_p95_s", "_throughput_tokens_per_s", "_peak_memory_mb", "_parameters")
+COST_SUFFIXES = ("_latency_p50_s", "_latency_p95_s", "_ttft_p50_s", "_latency_per_token_p50_s", "_throughput_tokens_per_s",
+                 "_peak_memory_mb", "_parameters")
 UI_PORT = 5000  # where `azdistill ui` serves by default
 UI_ADDRESS = f"http://127.0.0.1:{UI_PORT}"
 STATUS_WORDS = {"FINISHED": "done", "RUNNING": "running", "FAILED": "[red]failed[/]", "KILLED": "[red]killed[/]", "SCHEDULED": "scheduled"}
@@ -55,7 +60,7 @@ class RunSummary:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     version: Optional[str] = None  # the registered student version this run produced
-    registry_state: Optional[str] = None  # "champion", "challenger" or "former champion"
+    registry_state: Optional[str] = None  # "champion", "challenger", "rejected" or "former champion"
     registry_reason: Optional[str] = None
 
     @property
@@ -144,9 +149,10 @@ def _registry_entries(client: Any, model_name: Optional[str]) -> list[tuple[str,
 def list_runs(client: Any, experiment_name: str, model_name: Optional[str] = None) -> list[RunSummary]:
     """The pipeline runs of an experiment, newest first, with their evaluation metrics and registry state.
 
-    A pipeline run without the evaluation's metrics (logged before they were copied onto it, or an Azure ML
-    pipeline job, whose steps log only to their own runs) gets them, and the config's params, from its evaluate
-    stage run. A version registered from a step run counts for that step's pipeline run.
+    A row's metrics are its evaluate stage run's (the evaluation, which stays on that run) with the pipeline run's
+    own (its headline metrics and stage times; older runs also hold a copy of the evaluation) over them; its params
+    are the config's. An Azure ML pipeline job, whose steps log only to their own runs, reads the same. A version
+    registered from a step run counts for that step's pipeline run.
     """
     experiment_id = _experiment_id(client, experiment_name)
     runs = _all_runs(client, experiment_id)
@@ -190,8 +196,9 @@ def list_runs(client: Any, experiment_name: str, model_name: Optional[str] = Non
 
 
 def resolve_run(runs: list[RunSummary], ref: str, model_name: Optional[str] = None) -> RunSummary:
-    """Find a pipeline run by run id, a unique run id prefix, run name (the newest of that name), registered
-    version (`v3`) or alias (`@champion`)."""
+    """Find a pipeline run by run id, a unique run id prefix (`#` before it allowed, as run names show it), run
+    name (the newest of that name), data version (`data-v3`: the newest run on it), registered version (`v3`) or
+    alias (`@champion`)."""
     if ref.startswith("@"):
         alias = ref[1:]
         if alias != CHAMPION_ALIAS:
@@ -206,10 +213,12 @@ def resolve_run(runs: list[RunSummary], ref: str, model_name: Optional[str] = No
             known = ", ".join(f"v{run.version}" for run in runs if run.version) or "none"
             raise UserError(f"{ref}: no run in this experiment registered version {ref[1:]} of '{model_name}' (registered: {known})")
         return matches[0]
+    prefix = ref[1:] if ref.startswith("#") else ref
     for match in (
         [run for run in runs if run.run_id == ref],
         [run for run in runs if run.name == ref],  # newest first: a rerun of the same data version wins
-        [run for run in runs if len(ref) >= 4 and run.run_id.startswith(ref)],
+        [run for run in runs if len(prefix) >= 4 and run.run_id.startswith(prefix)],
+        [run for run in runs if ref.startswith("data-v") and run.data_version == ref[len("data-v"):]][:1],  # the newest
     ):
         if len(match) == 1 or (match and match[0].name == ref):
             return match[0]
@@ -244,7 +253,7 @@ def quality_metrics(rows: list[RunSummary], champion_metric: str, limit: int = 2
     """The student quality metrics to show as columns: the champion metric first, then agreement, then others."""
     names = {
         name for row in rows for name in row.metrics
-        if name.startswith("student_") and not name.endswith(COST_SUFFIXES)
+        if name.startswith("student_") and not name.startswith("student_vs_") and not name.endswith(COST_SUFFIXES)
     }
     first = list(dict.fromkeys(name for name in (f"student_{champion_metric}", "student_agreement") if name in names))
     return (first + sorted(names - set(first), key=lambda name: (name == "student_parse_rate", name)))[:limit]

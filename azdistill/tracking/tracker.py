@@ -1,16 +1,16 @@
 """MLflow tracking: one parent run per pipeline, a nested run per stage, the student in the model registry.
 
 Stages talk to a `Tracker`; `NullTracker` has the same methods and does nothing, for runs with tracking off
-and for unit tests that do not look at MLflow.
+and for unit tests that do not look at MLflow. What the runs say (names, metrics, the headline) is in
+`tracking.headline`: the pipeline run `data-v3 #1a2b3c <name>`, its stages `data-v3 #1a2b3c / evaluate`, the
+evaluation's `<role>_<metric>` metrics on the evaluate run, the training loss as the finetune run's `train_loss`.
 
-Names are fixed so MLflow's compare view lines retrains up side by side:
-
-- the parent run is `<name>@data-v<version>` (`pipeline_run_name`), tagged `azdistill.*` (`pipeline_tags`);
-- each stage is a nested run named after the stage and tagged `azdistill.stage`;
-- evaluation metrics are `<role>_<metric>` (`student_agreement`, `teacher_latency_p50_s`, ...), and the
-  training loss is the `train_loss` history of the finetune run;
-- what the evaluate stage logs (metrics without a step, tags, the report files) is also logged on the parent
-  run, so comparing parent runs compares retrains, and a parent run shows its report without opening a child.
+Each retrain is counted once in every chart: a stage's metrics stay on its stage run, and the pipeline run logs
+only its own headline metrics and note (`log_headline`). The evaluate stage's report files and tags also go on the
+pipeline run, so a parent run shows its report without opening a child. The student's logged model (an MLflow 3
+LoggedModel) carries the student's own figures of the evaluate run (`link_student_metrics`). MLflow links to a model
+every step-0 metric its run holds when it is logged, and any metric the fluent API logs later at that step: the
+pipeline run logs its metrics through the client, after the student.
 
 What MLflow shows is what happened:
 
@@ -35,15 +35,32 @@ from typing import Any, Iterator, Optional
 from azdistill.config.loading import config_to_params
 from azdistill.config.schema import DistillConfig
 from azdistill.evaluation.report import error_bar_metrics, is_finite
+from azdistill.tracking.headline import (
+    MAX_NOTE_LENGTH,
+    evaluation_metrics,
+    headline_metrics,
+    is_model_metric,
+    pipeline_run_name,
+    run_label,
+    run_note,
+    stage_run_name,
+)
+from azdistill.tracking.registry import apply_promotion, failed_check_descriptions
 from azdistill.tracking.store import local_artifact_location, local_store_path
 
 log = logging.getLogger(__name__)
 
 # MLflow caps a param value at 6000 characters; longer values (system prompts) are cut rather than failing the run.
 MAX_PARAM_LENGTH = 6000
-# Stages whose results describe the whole pipeline; see the module docstring.
+# Stages whose results describe the whole pipeline: their report files and tags also go on the pipeline run (never
+# their metrics), `azdistill runs list` reads their metrics, and the student's logged model carries their student_*
+# figures. See the module docstring.
 SUMMARY_STAGES = ("evaluate",)
 STAGE_TAG = "azdistill.stage"
+NOTE_TAG = "mlflow.note.content"  # the run's description, shown as Markdown on its overview page
+# Tells MLflow 3's UI an experiment is model training, so it opens on the runs table, not its GenAI views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # Where a run runs from: what `Tracker.close_interrupted_runs` needs to tell a killed run from a live one.
 WORKDIR_TAG = "azdistill.workdir"
 HOST_TAG = "azdistill.host"
@@ -51,53 +68,17 @@ PID_TAG = "azdistill.pid"
 PID_CREATE_TIME_TAG = "azdistill.pid_create_time"  # psutil's create_time: a pid reused by another process differs
 
 
-def pipeline_run_name(config: DistillConfig) -> str:
-    """Name of a pipeline's parent run: the retrains of one config differ by their data version."""
-    return f"{config.name}@data-v{config.data.version}"
-
-
-def pipeline_tags(config: DistillConfig, mode: str = "local") -> dict[str, str]:
-    """Tags of a pipeline's parent run: what was distilled into what, on which data, where."""
-    return {
-        "azdistill.pipeline": config.name,
-        "azdistill.task": config.task.type,
-        "azdistill.teacher": config.teacher.label,
-        "azdistill.student": config.student.model,
-        "azdistill.data_version": config.data.version,
-        "azdistill.mode": mode,
-    }
-
-
-def evaluation_metrics(report: Any) -> dict[str, float]:
-    """What an evaluation logs: `<role>_<metric>` for each model's quality metrics and its cost figures
-    (latency p50/p95, throughput, peak memory, parameters, cost per 1,000 answers), and `promote` (1 if every check passed)."""
-    metrics: dict[str, float] = {}
-    for model in report.models:
-        metrics.update({f"{model.role}_{name}": value for name, value in model.metrics.items()})
-        metrics.update(
-            {
-                f"{model.role}_latency_p50_s": model.latency_p50_s,
-                f"{model.role}_latency_p95_s": model.latency_p95_s,
-                f"{model.role}_throughput_tokens_per_s": model.throughput_tokens_per_s,
-                f"{model.role}_peak_memory_mb": model.peak_memory_mb,
-                f"{model.role}_parameters": model.parameters,
-                f"{model.role}_cost_per_1k_answers": model.cost_per_1k_answers,
-            }
-        )
-    metrics["promote"] = float(report.promote)
-    return metrics
-
-
 def log_evaluation(tracker: "NullTracker", report: Any, paths: dict[str, Path]) -> None:
     """Log an evaluation report to the active (evaluate) run: its metrics with the student's error bars
     (`student_<metric>_ci_low` / `_ci_high`, `student_vs_<role>_<metric>_p_value`), the promote tag and the report
-    files (`report.md`, `report.json`, and `report.png`, which the MLflow UI shows as an image)."""
+    files (`report.md`, `report.json`, and `report.png`, which the MLflow UI shows as an image). The pipeline run's
+    note gets the headline, its decision pending (`Tracker.log_headline` writes it again once decided)."""
     metrics = {**evaluation_metrics(report), **error_bar_metrics(report)}
     tracker.log_metrics({key: value for key, value in metrics.items() if is_finite(value)})
     tracker.set_tags({"azdistill.promote": str(report.promote).lower()})
     for path in paths.values():
         tracker.log_artifact(path)
-
+    tracker.set_pipeline_note(run_note(report))
 
 
 class NullTracker:
@@ -106,7 +87,7 @@ class NullTracker:
     run_id: Optional[str] = None
 
     @contextmanager
-    def pipeline(self, run_name: str, tags: dict[str, str]) -> Iterator["NullTracker"]:
+    def pipeline(self, tags: dict[str, str]) -> Iterator["NullTracker"]:
         yield self
 
     @contextmanager
@@ -120,6 +101,12 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def set_pipeline_note(self, note: str) -> None:
+        """Write the pipeline run's description (Markdown; see `run_note`)."""
+
+    def log_headline(self, report: Any, decision: Any = None) -> None:
+        """Log the pipeline run's headline metrics and note (`headline_metrics`, `run_note`)."""
 
     def log_student(self, model_dir: Path, tags: dict[str, str]) -> Optional[str]:
         return None
@@ -137,10 +124,10 @@ class NullTracker:
 class _Context:
     """A pipeline or stage `Tracker` is inside of; its MLflow run starts when something is first logged in it."""
 
-    name: str
+    stage: Optional[str]  # None: a pipeline
     tags: dict[str, str]
     params: dict[str, Any]  # logged when the run starts: the config, on a run that is not nested
-    summary: bool  # a SUMMARY_STAGES stage inside a pipeline: what it logs also goes on the pipeline run
+    summary: bool  # a SUMMARY_STAGES stage inside a pipeline: its tags and report files also go on the pipeline run
     began_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     run_id: Optional[str] = None
 
@@ -150,7 +137,8 @@ class Tracker(NullTracker):
 
     `pipeline` and `stage` only note that a run would start; the run (and any pipeline run above it, parents
     first) starts in MLflow on the first `log_*`, `set_tags`, `log_student` or `promote_student` inside it, with
-    the start time of the context. A stage that reuses its outputs and logs nothing leaves no run.
+    the start time of the context, and is then named after its id (`pipeline_run_name`, `stage_run_name`). A stage
+    that reuses its outputs and logs nothing leaves no run.
     """
 
     def __init__(self, config: DistillConfig):
@@ -161,6 +149,7 @@ class Tracker(NullTracker):
         self.mlflow = mlflow
         self._client = None
         self._contexts: list[_Context] = []
+        self._evaluation_run_id: Optional[str] = None  # this pipeline's evaluate run, once it has started
         self.origin = {
             WORKDIR_TAG: str(Path(config.workdir).resolve()),
             HOST_TAG: socket.gethostname(),
@@ -186,10 +175,10 @@ class Tracker(NullTracker):
         experiment = mlflow.get_experiment_by_name(config.experiment_name)
         if experiment is None:
             location = local_artifact_location(uri)
-            # The kind tells MLflow 3's UI this is model training, not a GenAI app (its default view).
-            mlflow.create_experiment(
-                config.experiment_name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
-            )
+            mlflow.create_experiment(config.experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        elif EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+            # Created by an older azdistill, without the kind: the UI would open it on its GenAI views.
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.experiment_id = mlflow.set_experiment(config.experiment_name).experiment_id
 
     @property
@@ -199,8 +188,8 @@ class Tracker(NullTracker):
         return run.info.run_id if run else None
 
     @contextmanager
-    def pipeline(self, run_name: str, tags: dict[str, str]) -> Iterator["Tracker"]:
-        with self._context(_Context(run_name, tags, config_to_params(self.config), summary=False)):
+    def pipeline(self, tags: dict[str, str]) -> Iterator["Tracker"]:
+        with self._context(_Context(None, tags, config_to_params(self.config), summary=False)):
             yield self
 
     @contextmanager
@@ -215,6 +204,7 @@ class Tracker(NullTracker):
     def _context(self, context: _Context) -> Iterator[None]:
         if not self._contexts:
             self.close_interrupted_runs()
+            self._evaluation_run_id = None
         self._contexts.append(context)
         status = "FINISHED"
         try:
@@ -229,6 +219,8 @@ class Tracker(NullTracker):
             self._contexts.pop()
             if context.run_id is not None:
                 self.mlflow.end_run(status)
+                if context.summary:
+                    self._evaluation_run_id = context.run_id
 
     def _start_runs(self) -> None:
         """Start in MLflow the runs of the contexts we are in that have not started yet, parents first."""
@@ -236,12 +228,20 @@ class Tracker(NullTracker):
             if context.run_id is None:
                 self._start(context)
 
+    def _run_name(self, context: _Context, run_id: str, parent: Any) -> str:
+        """A pipeline run is named after its own id; a stage run after its pipeline run's (or its own, alone)."""
+        if context.stage is None:
+            return pipeline_run_name(self.config, run_id)
+        return stage_run_name(run_label(self.config, parent.info.run_id if parent is not None else run_id), context.stage)
+
     def _start(self, context: _Context) -> None:
         parent = self.mlflow.active_run()
         tags = {**context.tags, **self.origin}
         if parent is None and os.environ.get("MLFLOW_RUN_ID"):
-            # Inside an Azure ML job MLflow resumes the job's own run, named by MLFLOW_RUN_ID; it began with the job.
-            run = self.mlflow.start_run(run_name=context.name, tags=tags)
+            # Inside an Azure ML job MLflow resumes the job's own run, named by MLFLOW_RUN_ID; it began with the job. A
+            # step is named after its pipeline job (AZUREML_ROOT_RUN_ID), as a stage after its pipeline run here.
+            pipeline_id = os.environ.get("AZUREML_ROOT_RUN_ID") or os.environ["MLFLOW_RUN_ID"]
+            run = self.mlflow.start_run(run_name=self._run_name(context, pipeline_id, None), tags=tags)
         else:
             from mlflow.tracking.context.registry import resolve_tags
             from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -249,10 +249,12 @@ class Tracker(NullTracker):
             if parent is not None:
                 tags[MLFLOW_PARENT_RUN_ID] = parent.info.run_id
             # Created through the client to date it from when the context began (`start_run` dates it now, when the
-            # first thing is logged); resolve_tags adds the source and user tags `start_run` would add.
+            # first thing is logged); resolve_tags adds the source and user tags `start_run` would add. The name
+            # holds the run's id, known once it exists.
             created = self.client.create_run(
-                self.experiment_id, start_time=context.began_ms, tags=resolve_tags(tags), run_name=context.name
+                self.experiment_id, start_time=context.began_ms, tags=resolve_tags(tags), run_name=context.stage or "pipeline"
             )
+            self.client.update_run(created.info.run_id, name=self._run_name(context, created.info.run_id, parent))
             run = self.mlflow.start_run(run_id=created.info.run_id, nested=parent is not None)
         context.run_id = run.info.run_id
         if context.params:
@@ -264,6 +266,14 @@ class Tracker(NullTracker):
         if len(self._contexts) >= 2 and self._contexts[-1].summary:
             return self._contexts[-2].run_id
         return None
+
+    @property
+    def _pipeline_run(self) -> Optional[str]:
+        """Run id of the outermost run we are in (the pipeline run; a stage run on its own), started if need be."""
+        if not self._contexts:
+            return self.run_id
+        self._start_runs()
+        return self._contexts[0].run_id
 
     def close_interrupted_runs(self) -> list[str]:
         """Close as KILLED the runs of this workdir left RUNNING by an azdistill process that is gone; returns their ids.
@@ -314,12 +324,17 @@ class Tracker(NullTracker):
         if not clean:
             return
         self._start_runs()
-        self.mlflow.log_metrics(clean, step=step)
-        if self._summary_parent and step is None:
-            from mlflow.entities import Metric
+        self._log_batch(self.run_id, clean, step or 0)  # type: ignore[arg-type]
 
-            now = int(time.time() * 1000)
-            self.client.log_batch(self._summary_parent, metrics=[Metric(key, value, now, 0) for key, value in clean.items()])
+    def _log_batch(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Log `metrics` to `run_id` through the client: `mlflow.log_metrics` would also give them to any model logged
+        in that run at that step (the student, in the pipeline run), and they are not the model's."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(key, value, now, step, run_id=run_id) for key, value in metrics.items()]
+        )
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self._start_runs()
@@ -337,6 +352,25 @@ class Tracker(NullTracker):
             for key, value in tags.items():
                 self.client.set_tag(self._summary_parent, key, value)
 
+    def set_pipeline_note(self, note: str) -> None:
+        """Write `note` as the description of the pipeline run (of a stage run on its own: its own)."""
+        run_id = self._pipeline_run
+        if run_id is not None:
+            self.client.set_tag(run_id, NOTE_TAG, note[:MAX_NOTE_LENGTH])
+
+    def log_headline(self, report: Any, decision: Any = None) -> None:
+        """Log the pipeline run's headline metrics (`headline_metrics`; those already logged with the same value are
+        not logged again) and write its note with the decision (`run_note`). Call it after `log_student`: see the
+        module docstring."""
+        run_id = self._pipeline_run
+        if run_id is None:
+            return
+        logged = self.client.get_run(run_id).data.metrics
+        metrics = {key: value for key, value in headline_metrics(report, decision).items() if logged.get(key) != value}
+        if metrics:
+            self._log_batch(run_id, metrics)
+        self.set_pipeline_note(run_note(report, decision))
+
     @property
     def client(self):
         if self._client is None:
@@ -347,10 +381,11 @@ class Tracker(NullTracker):
         """Log the student as an MLflow model under the active run and register it; returns the registry version.
 
         Besides `tags`, the version records its lineage (run id and name, pipeline, task, student; the data
-        version comes with `tags`) and a description a person reads in the registry.
+        version comes with `tags`) and a description a person reads in the registry. The logged model carries
+        the student's own figures from this pipeline's evaluate run (`link_student_metrics`).
         """
         self._start_runs()
-        version = self._log_model(Path(model_dir))
+        version, model_id = self._log_model(Path(model_dir))
         if version is None:
             return None
         client = self.client
@@ -358,7 +393,7 @@ class Tracker(NullTracker):
         run = self.mlflow.active_run()
         lineage = {
             "run_id": run.info.run_id if run else "",
-            "run_name": run.info.run_name if run else "",
+            "run_name": client.get_run(run.info.run_id).info.run_name if run else "",
             "pipeline": self.config.name,
             "task": self.config.task.type,
             "student": self.config.student.model,
@@ -372,15 +407,35 @@ class Tracker(NullTracker):
             description=f"Student distilled from {tags.get('teacher', self.config.teacher.model)} on data version "
             f"{data_version} by run {lineage['run_name']} ({lineage['run_id']}).",
         )
+        if model_id:
+            self.link_student_metrics(model_id)
         return version
+
+    def link_student_metrics(self, model_id: str) -> list[str]:
+        """Give the logged model `model_id` the student's figures (`is_model_metric`) that this pipeline's evaluate run
+        logged: the same points, now also the model's, so the run's own history gains nothing. Returns their names;
+        none when the evaluation was reused from an earlier run (it logged nothing in this one)."""
+        from mlflow.entities import Metric
+
+        run_id = self._evaluation_run_id
+        if run_id is None:
+            log.info("register: the evaluation was reused, so the logged student carries no metrics of this run")
+            return []
+        names = sorted(name for name in self.client.get_run(run_id).data.metrics if is_model_metric(name))
+        points = [
+            Metric(point.key, point.value, point.timestamp, point.step, model_id=model_id, run_id=run_id)
+            for name in names
+            for point in self.client.get_metric_history(run_id, name)
+        ]
+        for start in range(0, len(points), 1000):  # MLflow takes up to 1,000 metrics a batch
+            self.client.log_batch(run_id, metrics=points[start : start + 1000])
+        return names
 
     def promote_student(self, version: str, report: Any) -> Any:
         """Make `version` the champion if it passed the report's checks and beats the current champion.
 
         Returns the `registry.PromotionDecision`; the decision and its reason are also tags of the pipeline run.
         """
-        from azdistill.tracking.registry import apply_promotion, failed_check_descriptions
-
         self._start_runs()
         decision = apply_promotion(
             self.client,
@@ -392,8 +447,9 @@ class Tracker(NullTracker):
         self.mlflow.set_tags(decision.run_tags())
         return decision
 
-    def _log_model(self, model_dir: Path) -> Optional[str]:
-        """Log the student with MLflow's transformers flavour, registered under the config's model name."""
+    def _log_model(self, model_dir: Path) -> tuple[Optional[str], Optional[str]]:
+        """Log the student with MLflow's transformers flavour, registered under the config's model name; returns the
+        registry version and the logged model's id."""
         from transformers import AutoModelForCausalLM
 
         from azdistill.models.loading import load_tokenizer
@@ -413,7 +469,7 @@ class Tracker(NullTracker):
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
         )
         version = getattr(info, "registered_model_version", None)
-        return str(version) if version is not None else None
+        return (str(version) if version is not None else None), info.model_id
 
 
 def _process_alive(pid: Optional[str], create_time: Optional[str]) -> bool:

@@ -207,6 +207,18 @@ def separate_tiny_student(folder: Path) -> Path:
     return folder
 
 
+def stand_in_model_folders(tmp_path: Path, roles: Iterable[str] = ("student", "baseline")) -> dict[str, Path]:
+    """A folder per role, each only a `config.json` naming it: the models of an evaluate stage whose
+    `measure_in_child` is faked (the folders are never loaded)."""
+    models = {}
+    for role in roles:
+        folder = tmp_path / role
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"role": role}))
+        models[role] = folder
+    return models
+
+
 def line_of(path: Path, text: str) -> int:
     """1-based number of the first line of `path` containing `text`."""
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):

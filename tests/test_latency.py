@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import stand_in_model_folders
 
 from azdistill.config.loading import load_config
 from azdistill.evaluation.measure import FirstTokenClock, latency_figures, measure_hosted, timed_single_answers
@@ -145,12 +146,7 @@ def test_the_evaluate_stage_reports_first_token_and_per_token_latency(hosted_tea
         }
 
     monkeypatch.setattr(stage, "measure_in_child", recorded)
-    models = {}
-    for role in ("student", "baseline"):
-        folder = tmp_path / role
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"role": role}))
-        models[role] = folder
+    models = stand_in_model_folders(tmp_path)
     _, write_config = hosted_teacher
     config = load_config(write_config())
     report = stage.evaluate(config, None, models)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from azdistill.evaluation.promotion import failed_check_descriptions
 from azdistill.evaluation.report import PromotionCheck
 from azdistill.tracking.registry import (
     CHAMPION_ALIAS,
@@ -11,7 +12,6 @@ from azdistill.tracking.registry import (
     apply_promotion,
     champion_version,
     decide,
-    failed_check_descriptions,
     metric_from_tags,
 )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import stand_in_model_folders
 
 from azdistill.cli import cli
 from azdistill.config.loading import load_config
@@ -90,13 +91,7 @@ def local_models(tmp_path, monkeypatch):
                 "peak_memory_bytes": 100, "size_on_disk_bytes": 40, "device": "cpu"}
 
     monkeypatch.setattr(stage, "measure_in_child", fake_measure)
-    models = {}
-    for role in ("student", "baseline"):
-        folder = tmp_path / role
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"role": role}))
-        models[role] = folder
-    return models
+    return stand_in_model_folders(tmp_path)
 
 
 def _evaluate(config_path: Path, models: dict, *overrides: str):

@@ -356,8 +356,9 @@ def register_student(
     (`azdistill.tracking.registry.decide`): the champion is the version tagged azdistill.champion=true, read now."""
     from azure.ai.ml.entities import Model
 
+    from azdistill.evaluation.promotion import failed_check_descriptions
     from azdistill.evaluation.report import report_from_dict
-    from azdistill.tracking.registry import CHAMPION_TAG, REPLACED_BY_TAG, decide, failed_check_descriptions, metric_from_tags
+    from azdistill.tracking.registry import CHAMPION_TAG, REPLACED_BY_TAG, decide, metric_from_tags
 
     report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     data_info = json.loads(Path(data_info_path).read_text(encoding="utf-8")) if Path(data_info_path).is_file() else {}

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from azdistill.config.schema import DistillConfig
+from azdistill.evaluation.promotion import failed_check_descriptions
 from azdistill.evaluation.report import comparison, format_metric, is_finite, is_fraction_metric, metric_label, model_of
-from azdistill.tracking.registry import failed_check_descriptions
 
 SHORT_ID_LENGTH = 6
 HEADLINE_DIGITS = 4  # significant digits of the pipeline run's headline metrics
@@ -69,8 +69,8 @@ def evaluation_metrics(report: Any) -> dict[str, float]:
             {
                 f"{model.role}_latency_p50_s": model.latency_p50_s,
                 f"{model.role}_latency_p95_s": model.latency_p95_s,
-                f"{model.role}_ttft_p50_s": getattr(model, "ttft_p50_s", None),
-                f"{model.role}_latency_per_token_p50_s": getattr(model, "latency_per_token_p50_s", None),
+                f"{model.role}_ttft_p50_s": model.ttft_p50_s,
+                f"{model.role}_latency_per_token_p50_s": model.latency_per_token_p50_s,
                 f"{model.role}_throughput_tokens_per_s": model.throughput_tokens_per_s,
                 f"{model.role}_peak_memory_mb": model.peak_memory_mb,
                 f"{model.role}_parameters": model.parameters,
@@ -173,8 +173,8 @@ def side_by_side(report: Any) -> list[tuple[str, str, str, str]]:
         ("Time to first token, p50 (s)", "ttft_p50_s", "ttft_ratio"),
         ("Latency per output token, p50 (s)", "latency_per_token_p50_s", "latency_per_token_ratio"),
     ):
-        if is_finite(getattr(student, name, None)):  # reports written before these were timed lack them
-            rows.append((label, figure(getattr(teacher, name, None)), figure(getattr(student, name)), times(ratios.get(key), "the teacher's time")))
+        if is_finite(getattr(student, name)):  # None in reports written before these were timed
+            rows.append((label, figure(getattr(teacher, name)), figure(getattr(student, name)), times(ratios.get(key), "the teacher's time")))
     size_ratio = student.size_on_disk_mb / teacher.size_on_disk_mb if is_finite(teacher.size_on_disk_mb) and teacher.size_on_disk_mb else None
     rows += [
         ("Parameters (M)", figure(teacher.parameters / 1e6, ",.1f"), figure(student.parameters / 1e6, ",.1f"), times(ratios.get("param_ratio"))),

@@ -27,15 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-# failed_check_descriptions: the tracker and the Azure register step read it from here, beside the rule it feeds.
-from azdistill.evaluation.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    REJECTED,
-    check_figure,
-    failed_check_descriptions,  # noqa: F401
-    rejection_reason,
-)
+from azdistill.evaluation.promotion import CHALLENGER, CHAMPION, REJECTED, check_figure, rejection_reason
 
 CHAMPION_ALIAS = CHAMPION  # the alias is named after the decision it records
 # The champion on Azure ML, whose MLflow has no aliases: "true" on the champion version, "false" on the others the

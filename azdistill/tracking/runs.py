@@ -22,6 +22,7 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from azdistill.errors import UserError
+from azdistill.tracking.headline import is_model_metric
 from azdistill.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, REASON_TAG, REPLACED_BY_TAG, champion_among
 from azdistill.tracking.store import require_runs
 from azdistill.tracking.tracker import STAGE_TAG, SUMMARY_STAGES
@@ -253,7 +254,7 @@ def quality_metrics(rows: list[RunSummary], champion_metric: str, limit: int = 2
     """The student quality metrics to show as columns: the champion metric first, then agreement, then others."""
     names = {
         name for row in rows for name in row.metrics
-        if name.startswith("student_") and not name.startswith("student_vs_") and not name.endswith(COST_SUFFIXES)
+        if is_model_metric(name) and not name.endswith(COST_SUFFIXES)
     }
     first = list(dict.fromkeys(name for name in (f"student_{champion_metric}", "student_agreement") if name in names))
     return (first + sorted(names - set(first), key=lambda name: (name == "student_parse_rate", name)))[:limit]

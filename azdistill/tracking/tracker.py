@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional
 
 from azdistill.config.loading import config_to_params
 from azdistill.config.schema import DistillConfig
+from azdistill.evaluation.promotion import failed_check_descriptions
 from azdistill.evaluation.report import error_bar_metrics, is_finite
 from azdistill.tracking.headline import (
     MAX_NOTE_LENGTH,
@@ -45,7 +46,7 @@ from azdistill.tracking.headline import (
     run_note,
     stage_run_name,
 )
-from azdistill.tracking.registry import apply_promotion, failed_check_descriptions
+from azdistill.tracking.registry import apply_promotion
 from azdistill.tracking.store import local_artifact_location, local_store_path
 
 log = logging.getLogger(__name__)

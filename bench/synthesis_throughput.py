@@ -129,12 +129,46 @@ def run_ours(url: str, records: int, folder: Path) -> dict:
     config = our_config(url, data, folder / "work")
     started = time.monotonic()
     out = synthesize(config, hosted_teacher_factory(config))
-    seconds = time.monotonic() - started
+    ended = time.monotonic()
+    seconds = ended - started
     result = check_outputs(out, records)
     stats = json.loads((out / "stats.json").read_text())
-    result.update(seconds=round(seconds, 2), records_per_s=round(result["answered"] / seconds, 2), endpoint=stats["endpoint"])
+    result.update(seconds=round(seconds, 2), records_per_s=round(result["answered"] / seconds, 2), endpoint=stats["endpoint"],
+                  started=started, ended=ended)
     result["fraction_of_limit"] = round(result["records_per_s"] / LIMIT_PER_S, 3)
     return result
+
+
+def shard_child(url: str, records: int, folder: Path) -> None:
+    """Runs in a fresh process: one shard's synthesize stage; prints its figures (with its monotonic start and end,
+    which all processes of the machine share) as the last line."""
+    print(json.dumps(run_ours(url, records, folder)))
+
+
+def run_shards(url: str, shards: int, records: int, folder: Path) -> dict:
+    """`shards` synthesize processes at once against one endpoint, `records` split between them, each with its own
+    limiter (as the shards of an Azure ML parallel job): the share of the limit they reach together."""
+    children = [
+        subprocess.Popen([sys.executable, __file__, "--shard-child", str(records // shards), "--url", url, "--folder",
+                          str(folder / f"shard-{n}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in range(shards)
+    ]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=1800)
+        if child.returncode:
+            raise RuntimeError(f"a shard failed: {err[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    seconds = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    answered = sum(r["answered"] for r in results)
+    return {
+        "shards": shards, "seconds": round(seconds, 2), "answered": answered, "records_per_s": round(answered / seconds, 2),
+        "fraction_of_limit": round(answered / seconds / LIMIT_PER_S, 3),
+        "lost": sum(r["lost"] for r in results), "duplicated": sum(r["duplicated"] for r in results),
+        "wrong_answers": sum(r["wrong_answers"] for r in results),
+        "endpoint": {key: sum(r["endpoint"][key] for r in results) for key in ("requests", "retries", "throttled", "hedged")},
+        "per_shard_records_per_s": [r["records_per_s"] for r in results],
+    }
 
 
 def run_azure_shaped(url: str, records: int, folder: Path) -> dict:
@@ -222,7 +256,9 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1000)
-    parser.add_argument("--azure-records", type=int, default=1000)
+    parser.add_argument("--azure-records", type=int, default=1000, help="0 skips the Azure-shaped client.")
+    parser.add_argument("--repeat", type=int, default=3, help="Runs of each of our scenarios; the median is reported.")
+    parser.add_argument("--shard-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory", default="1000,100000", help="Record counts for the memory runs ('' to skip).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -235,33 +271,58 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.url, args.memory_child, args.folder)
         return
+    if args.shard_child:
+        shard_child(args.url, args.shard_child, args.folder)
+        return
 
-    figures: dict = {"machine": machine(), "limit_per_s": LIMIT_PER_S, "latency_s": LATENCY_S}
+    figures: dict = {"machine": machine(), "limit_per_s": LIMIT_PER_S, "latency_s": LATENCY_S, "repeats": args.repeat}
     print(f"machine: {figures['machine']}", flush=True)
+    half = args.records // 2
+    # name -> (server options, the ideal seconds at the endpoint's limit(s), shards)
+    scenarios = {
+        "ours_no_faults": ([], args.records / LIMIT_PER_S, 1),
+        "ours_10pct_faults": (["--fault-rate", "0.1"], args.records / LIMIT_PER_S, 1),
+        # The limit halves once half the records were admitted: the ideal is half at 40/s and half at 20/s.
+        "ours_limit_halved": (["--limit-change", f"{half}:{LIMIT_PER_S // 2}"],
+                              half / LIMIT_PER_S + (args.records - half) / (LIMIT_PER_S // 2), 1),
+        "ours_4_shards": ([], args.records / LIMIT_PER_S, 4),
+        "ours_4_shards_10pct_faults": (["--fault-rate", "0.1"], args.records / LIMIT_PER_S, 4),
+    }
     with tempfile.TemporaryDirectory(prefix="azdistill-bench-") as tmp:
         folder = Path(tmp)
-        limited = ["--latency", str(LATENCY_S), "--rate-limit", str(LIMIT_PER_S)]
-        for name, faults in (("ours_no_faults", "0"), ("ours_10pct_faults", "0.1")):
-            server, url = start_server(*limited, "--fault-rate", faults, "--hang", str(HANG_S))
+        limited = ["--latency", str(LATENCY_S), "--rate-limit", str(LIMIT_PER_S), "--hang", str(HANG_S)]
+        for name, (options, ideal_s, shards) in scenarios.items():
+            runs = []
+            for repeat in range(args.repeat):
+                server, url = start_server(*limited, *options)
+                try:
+                    where = folder / f"{name}-{repeat}"
+                    result = run_ours(url, args.records, where) if shards == 1 else run_shards(url, shards, args.records, where)
+                finally:
+                    counts = stop_server(server)
+                result["server"] = counts
+                # The share of what the endpoint allowed: the ideal time at its limit over the time taken.
+                result["fraction_of_limit"] = round(ideal_s / result["seconds"], 3)
+                runs.append(result)
+                print(f"  {name} #{repeat + 1}: {result['records_per_s']} records/s = {result['fraction_of_limit']:.1%} of the limit "
+                      f"({result['seconds']} s; lost {result['lost']}, duplicated {result['duplicated']}, wrong {result['wrong_answers']}, "
+                      f"{result['endpoint']['throttled']} throttled, {result['endpoint']['retries']} retries, "
+                      f"{result['endpoint'].get('hedged', 0)} hedged)", flush=True)
+            median = sorted(runs, key=lambda run: run["fraction_of_limit"])[len(runs) // 2]
+            figures[name] = dict(median, runs=[run["fraction_of_limit"] for run in runs])
+            print(f"  {name}: median {median['fraction_of_limit']:.1%} of the limit over {len(runs)} runs "
+                  f"({', '.join(f'{run:.1%}' for run in figures[name]['runs'])})", flush=True)
+        if args.azure_records:
+            server, url = start_server(*limited, "--fault-rate", "0.1")
             try:
-                figures[name] = run_ours(url, args.records, folder / name)
+                figures["azure_shaped_10pct_faults"] = azure = run_azure_shaped(url, args.azure_records, folder)
             finally:
                 counts = stop_server(server)
-            figures[name]["server"] = counts
-            result = figures[name]
-            print(f"  {name}: {result['records_per_s']} records/s = {result['fraction_of_limit']:.0%} of the {LIMIT_PER_S}/s limit "
-                  f"({result['seconds']} s; lost {result['lost']}, duplicated {result['duplicated']}, wrong {result['wrong_answers']}, "
-                  f"{result['endpoint']['throttled']} throttled, {result['endpoint']['retries']} retries)", flush=True)
-        server, url = start_server(*limited, "--fault-rate", "0.1", "--hang", str(HANG_S))
-        try:
-            figures["azure_shaped_10pct_faults"] = azure = run_azure_shaped(url, args.azure_records, folder)
-        finally:
-            counts = stop_server(server)
-        azure["server"] = counts
-        print(f"  azure_shaped_10pct_faults: {azure['records_per_s']} records/s = {azure['fraction_of_limit']:.0%} of the limit "
-              f"({azure['seconds']} s; lost {azure['lost']} of {args.azure_records})", flush=True)
-        figures["ratio_ours_to_azure_shaped_with_faults"] = round(figures["ours_10pct_faults"]["records_per_s"] / max(azure["records_per_s"], 1e-9), 2)
-        print(f"  ours / azure-shaped, 10% faults: {figures['ratio_ours_to_azure_shaped_with_faults']}x", flush=True)
+            azure["server"] = counts
+            print(f"  azure_shaped_10pct_faults: {azure['records_per_s']} records/s = {azure['fraction_of_limit']:.0%} of the limit "
+                  f"({azure['seconds']} s; lost {azure['lost']} of {args.azure_records})", flush=True)
+            figures["ratio_ours_to_azure_shaped_with_faults"] = round(figures["ours_10pct_faults"]["records_per_s"] / max(azure["records_per_s"], 1e-9), 2)
+            print(f"  ours / azure-shaped, 10% faults: {figures['ratio_ours_to_azure_shaped_with_faults']}x", flush=True)
         sizes = [int(size) for size in args.memory.split(",") if size.strip()]
         if sizes:
             figures["memory"] = measure_memory(sizes, folder)

@@ -114,8 +114,11 @@ class FakeTeacherServer:
         choices: Optional[Callable[[list[dict], int], list[str]]] = None,
         max_choices: Optional[int] = None,
         label_logprobs: Optional[Callable[[list[dict]], dict[str, float]]] = None,
+        limit_change: Optional[tuple[int, int]] = None,
     ):
         self.latency_s, self.rate_limit, self.rate_window_s = latency_s, rate_limit, rate_window_s
+        # (admitted requests, new limit): the endpoint's limit changes once that many requests were admitted.
+        self.limit_change = limit_change
         self.fault_rate, self.hang_s, self.api_key, self.answer = fault_rate, hang_s, api_key, answer
         self.random = random.Random(seed)
         self.keep_bodies = keep_bodies
@@ -164,9 +167,13 @@ class FakeTeacherServer:
             now = time.monotonic()
             while self.window and self.window[0] <= now - self.rate_window_s:
                 self.window.popleft()
+            if self.limit_change and self.counts["admitted"] >= self.limit_change[0]:
+                self.rate_limit, self.limit_change = self.limit_change[1], None
             if len(self.window) >= self.rate_limit:
-                return self.window[0] + self.rate_window_s - now
+                # Until enough admitted requests have left the window (more than one when the limit was lowered).
+                return self.window[len(self.window) - self.rate_limit] + self.rate_window_s - now
             self.window.append(now)
+            self.counts["admitted"] += 1
             return None
 
     def _random_fault(self) -> Optional[str]:
@@ -388,6 +395,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--rate-limit", type=int, default=None)
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--hang", type=float, default=1.0)
+    parser.add_argument("--limit-change", default=None, metavar="N:LIMIT",
+                        help="After N admitted requests the rate limit becomes LIMIT (e.g. 500:20 halves 40/s midway).")
     parser.add_argument("--api-key-env", default=None, help="Require the key held in this environment variable.")
     parser.add_argument("--reasoning", action="store_true", help="Answer like a reasoning model (o-series, DeepSeek-R1).")
     args = parser.parse_args(argv)
@@ -397,6 +406,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         latency_s=args.latency, rate_limit=args.rate_limit, fault_rate=args.fault_rate, hang_s=args.hang,
         api_key=os.environ[args.api_key_env] if args.api_key_env else None, keep_bodies=False, port=args.port,
         reasoning=args.reasoning,
+        limit_change=tuple(int(part) for part in args.limit_change.split(":")) if args.limit_change else None,
     )
     print(f"PORT {server.port}", flush=True)
     try:

@@ -287,6 +287,22 @@ def test_stage_puts_every_record_exactly_once_in_input_order_with_reasons(tmp_pa
     assert server.per_prompt["Review: [[content_filter]] 3"] == 1  # not retried
 
 
+def test_a_record_hung_at_the_end_is_hedged_and_kept_once(tmp_path):
+    """The endpoint never answers one request in time (it hangs 3 s; the client would wait 30): once every record was
+    handed out, an idle worker asks that record again and the first answer is the one kept, exactly once."""
+    texts = [f"good {n}" for n in range(20)] + ["bad [[slow:1]] hung"]
+    with FakeTeacherServer(hang_s=3.0) as server:
+        config = hosted_config(tmp_path, server.url, [single(t) for t in texts], [single("good v")],
+                               teacher={"max_concurrency": 4, "timeout_s": 30.0})
+        out = synthesize(config, hosted_teacher_factory(config))
+        assert server.per_prompt["Review: bad [[slow:1]] hung"] == 2  # the hung request and its hedge
+    kept = [row["messages"][1]["content"] for row in read(out / "train.jsonl")]
+    assert kept == [f"Review: {t}" for t in texts]  # every record once, in input order, the hung one included
+    assert read(out / "train.jsonl")[-1]["messages"][-1]["content"] == "negative"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["endpoint"]["hedged"] == 1 and stats["endpoint"]["retries"] == 0
+
+
 def test_conversations_are_regenerated_turn_by_turn_and_logprobs_kept_beside_them(tmp_path, server):
     conversation = [
         {"role": "system", "content": "Be brief."},

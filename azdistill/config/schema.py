@@ -150,6 +150,7 @@ def impossible_combinations(config: DistillConfig) -> list[tuple[str, str]]:
         ))
     problems += _label_problems(config)
     problems += _augment_problems(config)
+    problems += _batch_problems(config)
     problems += judge_problems(config.evaluation.judge, config.task.type, teacher.kind)
     if training.topk_weight > 0 and not (teacher.hosted and config.synthesis.top_logprobs > 0) and label_method(config) is None:
         fix = "set synthesis.top_logprobs (e.g. 5)" if teacher.hosted else "use a hosted teacher with synthesis.top_logprobs, or training.kd_weight with a local teacher"
@@ -209,3 +210,29 @@ def _augment_problems(config: DistillConfig) -> list[tuple[str, str]]:
         return [("synthesis.augment_method", f"perturb changes words of the inputs, which keeps a question answerable only "
                  f"where the answer is a label (task.type nli), not for task.type {config.task.type}: use write")]
     return []
+
+
+# The teacher kinds whose provider has a Batch API: Azure OpenAI (/openai/batches) and OpenAI (/v1/batches).
+BATCH_TEACHERS = ("azure_openai", "openai-compatible")
+
+
+def _batch_problems(config: DistillConfig) -> list[tuple[str, str]]:
+    """synthesis.mode batch where a provider's Batch API cannot answer: no such API, turns that need earlier answers,
+    or prompts the teacher must write first."""
+    synthesis, teacher = config.synthesis, config.teacher
+    if synthesis.mode != "batch":
+        return []
+    if teacher.kind not in BATCH_TEACHERS:
+        return [("synthesis.mode", f"batch submits the prompts to a provider's Batch API, which teacher.kind {teacher.kind} "
+                 f"has not: use teacher.kind azure_openai (a Global Batch deployment) or openai-compatible (OpenAI's "
+                 f"/v1/batches), or synthesis.mode online")]
+    if config.task.type in ("conversation", "chat"):
+        return [("synthesis.mode", f"batch answers every prompt at once, and task.type {config.task.type} has conversations "
+                 f"whose each turn needs the teacher's answer to the one before (a batch of up to 24 h per turn): use "
+                 f"synthesis.mode online")]
+    if synthesis.augment and synthesis.augment_method == "write":
+        return [("synthesis.augment", "with augment_method write the teacher writes the new prompts before answering "
+                 "them, which would be a batch of up to 24 h before the answering batch: set synthesis.augment_method "
+                 "perturb (made locally, nli), synthesis.augment 0, or synthesis.mode online")]
+    return []
+

@@ -144,6 +144,24 @@ class SynthesisConfig(Section):
         "words) to any test prompt (contamination) or any prompt already kept (train, validation, earlier new ones) is "
         "above this; exact duplicates (ignoring case and spacing) are always dropped. Lower drops more.",
     )
+    mode: Literal["online", "batch"] = Field(
+        default="online",
+        description="online: one request per record, answered at once under the endpoint's rate limits. batch: every "
+        "record in one JSONL submitted to the provider's Batch API (teacher.kind azure_openai with a Global Batch "
+        "deployment, or openai-compatible with OpenAI's /v1/batches): about half the price (teacher.batch_price_ratio), "
+        "answers within 24 h; the run waits, and a rerun resumes waiting for the same batch. Single-turn tasks only.",
+    )
+    batch_poll_s: float = Field(
+        default=10.0, gt=0.0, le=3600.0,
+        description="mode batch: seconds before the first status check of a batch; the wait doubles after each check "
+        "up to 300 s (or this, if longer), and a Retry-After from the provider is honoured.",
+    )
+    batch_retries: int = Field(
+        default=2, ge=0, le=10,
+        description="mode batch: follow-up batches per run for the requests a batch answered with a transient fault "
+        "(429, 5xx) or left unanswered (an expired batch); what still has no answer is rejected as retryable and "
+        "asked again by the next run.",
+    )
 
 
 class StudentConfig(Section):

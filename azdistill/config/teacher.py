@@ -171,6 +171,11 @@ class TeacherConfig(Section):
     price_per_million_completion_tokens: Optional[float] = Field(
         default=None, ge=0.0, description="Price of 1M completion tokens, same currency."
     )
+    batch_price_ratio: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="synthesis.mode batch: what a batch request costs as a share of the prices above (OpenAI's Batch "
+        "API and Azure OpenAI Global Batch charge half), for the cost estimate, stats.json and synthesis.max_cost.",
+    )
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
         default="max_tokens",
         description="Hosted kinds: the request key that carries synthesis.max_new_tokens. Reasoning models on Azure "

@@ -18,6 +18,9 @@ the train split, after the original ones (the same journal, checks and label con
 original records first and the new ones after them. A rerun reads the augmentation journal and asks for no prompt twice.
 With synthesis.augment_method perturb the new prompts are perturbed copies of the training prompts instead
 (synthesis/perturb.py), made from the data and the seed alone, so there is no writing and no journal for them.
+
+With synthesis.mode batch the records go to the provider's Batch API instead of one request each (synthesis/batch.py):
+the same request bodies, checks, journals and final files, about half the price, answers within 24 h.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import itertools
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,7 +41,7 @@ from azdistill.data.records import Record, check_prompt_length, count_records, i
 from azdistill.errors import StageFailed
 from azdistill.stages import state
 from azdistill.synthesis import augment, perturb
-from azdistill.synthesis.answering import Context, run_batches, run_concurrent
+from azdistill.synthesis.answering import Context, Stream, run_batches, run_concurrent
 from azdistill.synthesis.journal import Journal, SafeLog
 from azdistill.synthesis.outputs import SPLITS, finish_split
 from azdistill.synthesis.prompts import check_rationale, check_strategy
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = ["train.jsonl", "validation.jsonl", "rejected.jsonl", "stats.json"]
 # Everything the stage writes into its folder: what a rerun under other inputs or settings removes (nothing else).
-OWNED = [*OUTPUTS, "augmented.jsonl", "*.journal.jsonl", "*.logprobs.jsonl"]
+OWNED = [*OUTPUTS, "augmented.jsonl", "*.journal.jsonl", "*.logprobs.jsonl", "batch.json", "batch.*.jsonl", ".batch.*"]
 AUGMENT_JOURNAL = "augment.journal.jsonl"
 
 
@@ -58,14 +62,17 @@ def stage_fingerprint(config: DistillConfig, teacher_identity: Optional[str]) ->
     teacher = config.teacher.model_dump(
         exclude={"auth", "timeout_s", "max_concurrency", "requests_per_minute", "tokens_per_minute", "max_retries",
                  "backoff_s", "max_backoff_s", "price_per_million_prompt_tokens", "price_per_million_completion_tokens",
-                 "local_copy", "parameters"}
+                 "local_copy", "parameters", "batch_price_ratio"}
     )
     if config.teacher.kind == "local":  # the fingerprint of earlier local runs stays valid
         teacher = {"kind": "local", "model": config.teacher.model}
     for name, default in (("max_tokens_field", "max_tokens"), ("reasoning_effort", None), ("sampling_parameters", True)):
         if teacher.get(name, default) == default:
             teacher.pop(name, None)  # request settings left at their default do not change earlier fingerprints
-    synthesis = config.synthesis.model_dump(exclude={"min_success_ratio", "max_cost", "preflight"})
+    # How the answers are asked (online or through a provider's Batch API) does not change them.
+    synthesis = config.synthesis.model_dump(
+        exclude={"min_success_ratio", "max_cost", "preflight", "mode", "batch_poll_s", "batch_retries"}
+    )
     for name, default in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("prompt_strategy", "plain"), ("keep_rationale", False),
                           ("density_iterations", 4), ("max_summary_words", 80), ("top_logprobs", 0), ("reject_duplicates", True),
                           ("self_consistency", 1)):
@@ -123,6 +130,10 @@ def synthesize(
         if state.needs_reset(out_dir, fingerprint, force):
             # Earlier answers go only once the teacher is known to work: its credential, the endpoint, the budget.
             teacher = _ready_teacher(teacher_factory, config, out_dir, counts, fresh=True)
+            if config.synthesis.mode == "batch":
+                from azdistill.synthesis.batch import cancel_open
+
+                cancel_open(out_dir, teacher, config)
         resumed = state.begin(out_dir, fingerprint, force, "synthesize", OWNED)
         return _synthesize(config, teacher_factory, tracker, out_dir, fingerprint, counts, resumed, teacher)
     finally:
@@ -139,6 +150,14 @@ def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts
     teacher = teacher_factory()
     if teacher.budget is None:  # nothing billed (a local or logged teacher): no spend to restore, no endpoint to check
         return teacher
+    batch = config.synthesis.mode == "batch"
+    if batch:
+        from azdistill.synthesis.batch import batch_budget, client_for
+
+        # A Global Batch deployment answers no online request, so there is no sample call: one call to the Batch API checks
+        # the credential and the URL instead, and the spend and estimate are at batch prices.
+        client_for(config, teacher).check()
+        teacher.budget = batch_budget(config)
     spent = {} if fresh else {split: Journal.scan(out_dir / f"{split}.journal.jsonl", counts[split]) for split in SPLITS}
     writing = {} if fresh else augment.read_journal(out_dir / AUGMENT_JOURNAL)  # new prompts written are paid for too
     teacher.budget.spent = teacher.budget.cost(
@@ -150,8 +169,11 @@ def _ready_teacher(teacher_factory, config: DistillConfig, out_dir: Path, counts
     from azdistill.synthesis.preflight import preflight
 
     done = sum(j.done + len(j.partials) for j in spent.values())
-    report = preflight(config, teacher, counts, done=done, sample=done == 0)
+    report = preflight(config, teacher, counts, done=done, sample=done == 0 and not batch)
     for line in report.lines:
+        if batch and line.startswith("sample call:"):
+            line = ("sample call: none (synthesis.mode batch: a batch deployment answers no online request; the Batch API "
+                    "answered)")
         log.info("preflight: %s", line)
     report.raise_for_budget()
     if report.sample_completion is not None:
@@ -174,6 +196,12 @@ class _SampleFirst(Teacher):
 
     def close(self) -> None:
         self._teacher.close()
+
+    def request_out_since(self, thread: int) -> Optional[float]:
+        return self._teacher.request_out_since(thread)
+
+    def median_request_s(self) -> Optional[float]:
+        return self._teacher.median_request_s()
 
     def complete(self, messages, stop: Optional[threading.Event] = None):
         with self._lock:
@@ -203,12 +231,15 @@ def _synthesize(config: DistillConfig, teacher_factory, tracker: NullTracker, ou
         teacher, augmented = _augment_train(config, teacher_factory, out_dir, counts, teacher)
         # The new prompts are more records of the train split, after the original ones.
         totals = {**counts, "train": counts["train"] + (augmented["kept"] if augmented else 0)}
-        teacher = _answer_splits(config, teacher_factory, out_dir, totals, resumed, teacher)
+        if config.synthesis.mode == "batch":
+            teacher = _answer_splits_by_batch(config, teacher_factory, out_dir, totals, teacher)
+        else:
+            teacher = _answer_splits(config, teacher_factory, out_dir, totals, resumed, teacher)
         stats = _finish_splits(config, out_dir, totals, logprobs, counts["train"] if augmented else None)
         if augmented:
             stats["augmented"] = {**augmented, "accepted": stats["splits"]["train"].pop("augmented_accepted")}
         elapsed = time.monotonic() - started
-        _add_run_figures(stats, config, teacher, elapsed)
+        _add_run_figures(stats, config, teacher, elapsed, out_dir)
         write_json(out_dir / "stats.json", stats)
         _warn_about_missing_rationales(stats)
         tracker.log_metrics(_stage_metrics(stats, elapsed))
@@ -290,37 +321,70 @@ def _answer_splits(config: DistillConfig, teacher_factory, out_dir: Path, counts
     Returns the teacher, closed (None if none was needed), whose name and counters go into the stats.
     """
     try:
+        missing: dict[str, Journal] = {}
         for split, records in counts.items():
-            journal_path = out_dir / f"{split}.journal.jsonl"
-            done = Journal.scan(journal_path, records, retry_failed=True)
+            done = Journal.scan(out_dir / f"{split}.journal.jsonl", records, retry_failed=True)
             if resumed and (done.done or done.partials):
                 log.info("synthesize %s: continuing, %d of %d records already answered", split, done.done, records)
-            if done.done == records:
-                continue
-            if teacher is None:
-                teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
-            _answer_split(config, split, records, journal_path, done, teacher, out_dir)
+            if done.done < records:
+                missing[split] = done
+        if missing:
+            teacher = teacher or _ready_teacher(teacher_factory, config, out_dir, counts)
+            if teacher.mode == "concurrent":
+                _answer_splits_concurrently(config, missing, counts, teacher, out_dir)
+            else:
+                for split, done in missing.items():
+                    _answer_split(config, split, counts[split], done, teacher, out_dir)
     finally:
         if teacher is not None:
             teacher.close()
     return teacher
 
 
-def _answer_split(config: DistillConfig, split: str, records: int, journal_path: Path, done: Journal, teacher: Teacher,
-                  out_dir: Path) -> None:
-    """One split's missing answers, each finished record appended to the journal: a concurrent teacher from its
-    worker threads (through a thread-safe log), any other in batches."""
+def _answer_splits_by_batch(config: DistillConfig, teacher_factory, out_dir: Path, counts: dict[str, int],
+                            teacher: Optional[Teacher]) -> Optional[Teacher]:
+    """synthesis.mode batch: what the journals lack is asked through the provider's Batch API (synthesis/batch.py); the
+    teacher is built only if there is such a record or a batch to wait for. Returns it, closed (None if none was needed)."""
+    from azdistill.synthesis import batch
+
+    def ready() -> Teacher:
+        nonlocal teacher
+        if teacher is None:
+            teacher = _ready_teacher(teacher_factory, config, out_dir, counts)
+        return teacher
+
+    try:
+        batch.answer_splits(config, out_dir, counts, lambda split: _split_records(config, split, out_dir), ready)
+    finally:
+        if teacher is not None:
+            teacher.close()
+    return teacher
+
+
+def _answer_split(config: DistillConfig, split: str, records: int, done: Journal, teacher: Teacher, out_dir: Path) -> None:
+    """One split's missing answers from a batched (local) teacher, each finished record appended to the journal."""
     numbered = enumerate(_split_records(config, split, out_dir))
-    with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, AppendLog(journal_path) as append_log:
+    with Progress(records - done.done, f"synthesize {split}", unit="records") as progress, \
+            AppendLog(out_dir / f"{split}.journal.jsonl") as append_log:
+        run_batches(numbered, done, append_log, teacher, Context(config, progress))
+
+
+def _answer_splits_concurrently(config: DistillConfig, missing: dict[str, Journal], counts: dict[str, int], teacher: Teacher,
+                                out_dir: Path) -> None:
+    """The splits' missing answers from a concurrent (hosted) teacher, through one pool of workers: the next split's
+    records go out while the last answers of the one before are on their way (a wait between splits would leave
+    the endpoint's limit unused for as long as its slowest record takes). Each split's answers go to its own
+    journal, through a thread-safe log."""
+    remaining = sum(counts[split] - done.done for split, done in missing.items())
+    with ExitStack() as stack:
+        progress = stack.enter_context(Progress(remaining, f"synthesize {'+'.join(missing)}", unit="records"))
         context = Context(config, progress)
-        if teacher.mode == "concurrent":
-            safe = SafeLog(append_log)
-            try:
-                run_concurrent(numbered, done, safe, teacher, context)
-            finally:
-                safe.close()
-        else:
-            run_batches(numbered, done, append_log, teacher, context)
+        streams = []
+        for split, done in missing.items():
+            safe = SafeLog(stack.enter_context(AppendLog(out_dir / f"{split}.journal.jsonl")))
+            stack.callback(safe.close)
+            streams.append(Stream(enumerate(_split_records(config, split, out_dir)), done, safe, context))
+        run_concurrent(streams, teacher)
 
 
 def _finish_splits(config: DistillConfig, out_dir: Path, counts: dict[str, int], logprobs: bool,
@@ -341,7 +405,7 @@ def _accepted_of_total(stats: dict) -> tuple[int, int]:
     return sum(s["accepted"] for s in stats["splits"].values()), sum(s["records"] for s in stats["splits"].values())
 
 
-def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teacher], elapsed: float) -> None:
+def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teacher], elapsed: float, out_dir: Path) -> None:
     """The figures of the whole run: the teacher, the share accepted, the time, the endpoint's counters and the cost."""
     accepted, total = _accepted_of_total(stats)
     # Writing new prompts (synthesis.augment) is paid for like answering.
@@ -356,11 +420,18 @@ def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teach
         seconds=round(elapsed, 2),
         completion_tokens_per_s=round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
     )
-    if teacher is not None and teacher.stats is not None:
+    stats["mode"] = config.synthesis.mode
+    if config.synthesis.mode == "batch":
+        from azdistill.synthesis.batch import summary
+
+        stats["batch"] = summary(out_dir)  # the provider's ids and counts; the online client's counters stay at 0
+    elif teacher is not None and teacher.stats is not None:
         stats["endpoint"] = teacher.stats.as_dict()
     prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
     if any(price is not None for price in prices):
-        stats["cost"] = round(prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6, 6)
+        cost = prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6
+        # Batch requests are billed at teacher.batch_price_ratio of the online prices.
+        stats["cost"] = round(cost * (config.teacher.batch_price_ratio if config.synthesis.mode == "batch" else 1.0), 6)
 
 
 def _warn_about_missing_rationales(stats: dict) -> None:

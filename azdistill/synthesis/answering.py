@@ -259,72 +259,175 @@ def _answer_item(item: Item, teacher: Teacher, context: Context, journal: SafeLo
     return item.row()
 
 
-def run_concurrent(
-    records: Iterator[tuple[int, Record]], done: Journal, journal: SafeLog, teacher: Teacher, context: Context
-) -> None:
-    """A concurrent (hosted) teacher: `max_concurrency` worker threads, a bounded window of records in flight."""
-    stop = threading.Event()
-    jobs: queue.Queue = queue.Queue()
-    results: queue.Queue = queue.Queue()
+# Tail hedging: once every record has been handed out and a worker is idle, a record whose request went out more than
+# HEDGE_AFTER_MEDIANS times the teacher's median request time ago (and at least HEDGE_MIN_S) is asked again by an idle
+# worker, and the first answer wins. A hung request (one the endpoint will never answer, waiting out
+# teacher.timeout_s) or one sleeping out a back-off would otherwise hold the whole stage at its end (Dean and Barroso,
+# "The Tail at Scale", 2013: hedged requests). Only the last records are hedged, at most once each, and only while
+# their request is out (not while they wait for their turn under the rate limit): a few extra requests a stage.
+HEDGE_AFTER_MEDIANS = 4.0
+HEDGE_MIN_S = 0.2
+# How often the main thread looks for records to hedge while it waits for the last answers.
+HEDGE_CHECK_S = 0.05
 
-    def work() -> None:
-        while not stop.is_set():
-            item = jobs.get()
-            if item is None:
-                return
-            try:
-                results.put((_answer_item(item, teacher, context, journal, stop), None))
-            except BaseException as error:  # handed to the main thread, which decides
-                results.put((None, error))
 
-    # Daemon threads: a worker blocked in a slow request must not keep a stopped run's process alive.
-    workers = [threading.Thread(target=work, name=f"teacher-{n}", daemon=True) for n in range(teacher.concurrency)]
-    for worker in workers:
-        worker.start()
+@dataclass
+class Stream:
+    """One split's records for the concurrent driver: what is still to be answered, and where its answers go."""
+
+    records: Iterator[tuple[int, Record]]
+    done: Journal
+    journal: SafeLog
+    context: Context
+
+
+@dataclass
+class _Job:
+    stream: Stream
+    item: Item
+    hedge: bool = False
+    thread: Optional[int] = None  # the worker thread answering it
+
+
+def run_concurrent(streams: list[Stream], teacher: Teacher, clock=time.monotonic) -> None:
+    """A concurrent (hosted) teacher: `max_concurrency` worker threads, a bounded window of records in flight.
+
+    The splits go through one pool one after another without waiting between them (the next split's first records
+    go out while the previous split's last answers are on their way), and the last records are hedged (above).
+    """
+    pool = _Pool(teacher, clock)
     window = max(4, 2 * teacher.concurrency)
-    in_flight = 0
-
-    def collect(block: bool) -> None:
-        nonlocal in_flight
-        row, error = results.get() if block else results.get_nowait()
-        in_flight -= 1
-        if error is not None:
-            raise error
-        context.finished(journal, row)
-
     try:
-        for index, record in records:
-            if done.is_done(index):
-                continue
-            if reject_too_long(record, index, journal, context):
-                continue
-            while in_flight >= window:
-                collect(block=True)
-            jobs.put(start_item(record, index, context.config, done.partials.get(index)))
-            in_flight += 1
-        while in_flight:
-            collect(block=True)
+        for stream in streams:
+            for index, record in stream.records:
+                if stream.done.is_done(index):
+                    continue
+                if reject_too_long(record, index, stream.journal, stream.context):
+                    continue
+                while len(pool.pending) >= window:
+                    pool.collect(timeout=None)
+                pool.submit(_Job(stream, start_item(record, index, stream.context.config, stream.done.partials.get(index))))
+        while pool.pending:
+            try:
+                pool.collect(timeout=HEDGE_CHECK_S)
+            except queue.Empty:
+                pool.hedge_the_tail()
     except BaseException as failure:
-        stop.set()
-        # Nothing new is sent; requests already sent are paid for, so wait for them (a while) and journal what
-        # comes back. What does not come back in time is asked again on the next run.
-        while True:
-            try:
-                jobs.get_nowait()
-                in_flight -= 1
-            except queue.Empty:
-                break
-        deadline = time.monotonic() + (2.0 if isinstance(failure, KeyboardInterrupt) else teacher.timeout_s + 1.0)
-        while in_flight > 0 and time.monotonic() < deadline:
-            try:
-                row, error = results.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            in_flight -= 1
-            if error is None:
-                context.finished(journal, row)
+        pool.wind_down(failure)
         raise
     finally:
-        stop.set()
-        for _ in workers:
-            jobs.put(None)
+        pool.close()
+
+
+class _Pool:
+    """The worker threads of run_concurrent and the records they hold: each record's jobs (the record, and its hedge)."""
+
+    def __init__(self, teacher: Teacher, clock):
+        self.teacher, self.clock = teacher, clock
+        self.stop = threading.Event()
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.pending: dict[tuple[int, int], list[_Job]] = {}  # (stream, record index) -> its jobs
+        self.busy = 0  # workers answering a record (an int's += and -= under the GIL: a hint, not a count to rely on)
+        self.hedged = 0
+        # Daemon threads: a worker blocked in a slow request must not keep a stopped run's process alive.
+        self.workers = [threading.Thread(target=self._work, name=f"teacher-{n}", daemon=True) for n in range(teacher.concurrency)]
+        for worker in self.workers:
+            worker.start()
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            job = self.jobs.get()
+            if job is None:
+                return
+            job.thread = threading.get_ident()
+            self.busy += 1
+            try:
+                row = _answer_item(job.item, self.teacher, job.stream.context, job.stream.journal, self.stop)
+                self.results.put((job, row, None))
+            except BaseException as error:  # handed to the main thread, which decides
+                self.results.put((job, None, error))
+            finally:
+                self.busy -= 1
+
+    def submit(self, job: _Job) -> None:
+        self.pending.setdefault((id(job.stream), job.item.index), []).append(job)
+        self.jobs.put(job)
+
+    def collect(self, timeout: Optional[float]) -> None:
+        """Journal the next record answered (raises queue.Empty after `timeout`); a hedged record's second answer is
+        dropped, and an error raised unless the record's other copy may still answer."""
+        job, row, error = self.results.get(timeout=timeout)
+        key = (id(job.stream), job.item.index)
+        if key not in self.pending:
+            return  # the other copy of a hedged record answered first
+        if error is not None:
+            if len(self.pending[key]) > 1 and not _is_fatal(error):
+                self.pending[key].remove(job)
+                return
+            raise error
+        del self.pending[key]
+        job.stream.context.finished(job.stream.journal, row)
+
+    def hedge_the_tail(self) -> None:
+        """Ask again the records whose request has been out far longer than the teacher's requests take, while
+        workers are idle (only single-turn records, or a conversation's last turn: no partial turn journaled twice)."""
+        median = self.teacher.median_request_s()
+        if median is None:
+            return
+        threshold, now = max(HEDGE_MIN_S, HEDGE_AFTER_MEDIANS * median), self.clock()
+        idle = self.teacher.concurrency - self.busy - self.jobs.qsize()
+        for copies in list(self.pending.values()):
+            if idle <= 0:
+                return
+            first = copies[0]
+            out_since = self.teacher.request_out_since(first.thread) if first.thread is not None else None
+            if len(copies) == 1 and out_since is not None and now - out_since > threshold \
+                    and len(first.item.user_turns) - len(first.item.answers) == 1:
+                self.submit(_Job(first.stream, _copy_item(first.item), hedge=True))
+                self.hedged += 1
+                idle -= 1
+
+    def wind_down(self, failure: BaseException) -> None:
+        """After a failure: nothing new is sent; requests already sent are paid for, so wait for them (a while) and
+        journal what comes back. What does not come back in time is asked again on the next run."""
+        self.stop.set()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            copies = self.pending.get((id(job.stream), job.item.index), []) if job is not None else []
+            if job in copies:
+                copies.remove(job)
+                if not copies:
+                    del self.pending[(id(job.stream), job.item.index)]
+        deadline = time.monotonic() + (2.0 if isinstance(failure, KeyboardInterrupt) else self.teacher.timeout_s + 1.0)
+        while self.pending and time.monotonic() < deadline:
+            try:
+                job, row, error = self.results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if self.pending.pop((id(job.stream), job.item.index), None) is not None and error is None:
+                job.stream.context.finished(job.stream.journal, row)
+
+    def close(self) -> None:
+        self.stop.set()
+        for _ in self.workers:
+            self.jobs.put(None)
+        if self.hedged:
+            self.teacher.stats.count(hedged=self.hedged)
+
+
+def _copy_item(item: Item) -> Item:
+    import copy
+
+    return copy.deepcopy(item)
+
+
+def _is_fatal(error: BaseException) -> bool:
+    """An error that stops the stage whichever copy of a record raised it (a wrong key, the budget, a bug)."""
+    from azdistill.errors import UserError
+    from azdistill.teachers.base import BudgetExceeded
+
+    return isinstance(error, (UserError, BudgetExceeded)) or not isinstance(error, Exception)

@@ -94,5 +94,14 @@ class Teacher:
         """A logged teacher's answer: the assistant turn after the user turn at `user_position` in the record."""
         raise NotImplementedError(f"teacher {self.name} ({self.mode}) has no logged answers")
 
+    def request_out_since(self, thread: int) -> Optional[float]:
+        """When the request the worker thread `thread` waits on (or backs off after) went out (time.monotonic), or None
+        while it waits for its turn or when the teacher does not say: what tail hedging reads (synthesis/answering.py)."""
+        return None
+
+    def median_request_s(self) -> Optional[float]:
+        """The median seconds the teacher's recent answered requests took, once it has seen enough of them; or None."""
+        return None
+
     def close(self) -> None:
         """Let go of what the teacher holds (a hosted one's connections); nothing by default."""

@@ -19,6 +19,7 @@ Label-constrained answers and self-consistency votes (`constrained.CommittingTea
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
@@ -42,6 +43,7 @@ from azdistill.teachers.limits import (
     estimate_tokens,
     parse_retry_after,
 )
+from azdistill.teachers.wire import error_detail, read_choice, rejection_reason, unsupported_setting_fix
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,9 @@ class EndpointTeacher(CommittingTeacher):
         self._sessions_lock = threading.Lock()
         self._bad_requests_in_a_row = 0
         self._prompt_token_ratio = 1.0  # real/estimated prompt tokens, learned from answers
+        # For tail hedging: each worker thread's request out (send time), and the recent answers' latencies.
+        self._out_since: dict[int, float] = {}
+        self._latencies: collections.deque = collections.deque(maxlen=256)
         self.label_mode, self._mode_lock = label_mode, threading.Lock()
         self.self_consistency, self.vote_task, self.vote_labels = self_consistency, vote_task, list(vote_labels)
 
@@ -219,7 +224,7 @@ class EndpointTeacher(CommittingTeacher):
             return self._parse_choices(response)
         text = redact(response.text or "")[:2000]
         # Again once decoded: a key echoed inside a JSON string is escaped twice (JSON over repr), once after decoding.
-        detail = redact(_error_detail(text))
+        detail = redact(error_detail(text))
         if status == 429:
             raise TransientError("HTTP 429 (rate limited)", parse_retry_after(response.headers), throttled=True)
         if status in RETRYABLE_STATUS or status >= 500:
@@ -236,10 +241,10 @@ class EndpointTeacher(CommittingTeacher):
             )
         if extra and "response_format" in extra and refuses_structured_output(status, text):
             raise StructuredOutputRefused(f"HTTP {status}: {detail[:200]}")
-        fix = _unsupported_setting_fix(text)
+        fix = unsupported_setting_fix(text)
         if fix:  # the same for every record: the settings are wrong, not this record
             raise UserError(f"teacher endpoint {self.url.split('?')[0]} refused a request setting (HTTP {status}: {detail[:300]}); {fix}")
-        raise RecordRejected(_rejection_reason(status, text, detail))
+        raise RecordRejected(rejection_reason(status, text, detail))
 
     def _unsendable_header(self, is_credential: bool, detail: str) -> str:
         """The error for a request header the HTTP library refuses to send (never its value)."""
@@ -259,7 +264,7 @@ class EndpointTeacher(CommittingTeacher):
         """Every choice of an answer (several when `n` asked for them); the usage of all of them is on the first."""
         try:
             data = response.json()
-            choices = [_read_choice(choice) for choice in data["choices"]]
+            choices = [read_choice(choice) for choice in data["choices"]]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise TransientError("unreadable answer (not a chat completion)") from None
         if not choices:
@@ -285,7 +290,9 @@ class EndpointTeacher(CommittingTeacher):
             while True:
                 if stop is not None and stop.is_set():
                     raise Stopped()
-                self.limiter.acquire(estimate + worst, stop)
+                self._out_since.pop(threading.get_ident(), None)  # waiting for its turn is not a slow request
+                ticket = self.limiter.acquire(estimate + worst, stop)
+                self._out_since[threading.get_ident()] = ticket.sent_at
                 try:
                     answers = self._send(messages, extra)
                 except TransientError as error:
@@ -293,11 +300,11 @@ class EndpointTeacher(CommittingTeacher):
                     if error.throttled:
                         throttles += 1
                         self.stats.count(throttled=1)
-                        self.limiter.on_throttle(error.retry_after)
+                        self.limiter.on_throttle(error.retry_after, ticket)
                         if throttles > self.max_retries * THROTTLE_RETRY_FACTOR + THROTTLE_RETRY_FACTOR:
                             raise RecordRejected(f"teacher kept answering 429 (rate limited) {throttles} times; gave up", retryable=True) from None
                         continue  # the limiter holds everyone back until the server's hint has passed
-                    self.limiter.on_accepted()  # a fault after admission still counted against the limit
+                    self.limiter.on_accepted(ticket)  # a fault after admission still counted against the limit
                     faults += 1
                     last_fault = str(error)
                     self.stats.fault(last_fault.split(":")[0].split(" (")[0])
@@ -313,14 +320,15 @@ class EndpointTeacher(CommittingTeacher):
                         time.sleep(delay)
                     continue
                 except (RecordRejected, StructuredOutputRefused) as refusal:
-                    self.limiter.on_accepted()
+                    self.limiter.on_accepted(ticket)
                     self.limiter.refund(estimate + worst)
                     if isinstance(refusal, RecordRejected):
                         self._count_bad_request()
                     raise
                 with self._sessions_lock:
                     self._bad_requests_in_a_row = 0
-                self.limiter.on_accepted()
+                self._latencies.append(time.monotonic() - ticket.sent_at)
+                self.limiter.on_accepted(ticket)
                 self.limiter.on_success()
                 first = answers[0]
                 self.limiter.refund(estimate + worst - first.prompt_tokens - first.completion_tokens)
@@ -334,8 +342,16 @@ class EndpointTeacher(CommittingTeacher):
                 reserved = 0.0
                 return answers
         finally:
+            self._out_since.pop(threading.get_ident(), None)
             if reserved:
                 self.budget.release(reserved)
+
+    def request_out_since(self, thread: int) -> Optional[float]:
+        return self._out_since.get(thread)
+
+    def median_request_s(self) -> Optional[float]:
+        latencies = sorted(self._latencies)
+        return latencies[len(latencies) // 2] if len(latencies) >= 8 else None
 
     def _count_bad_request(self) -> None:
         """Count a refused record; too many in a row with no answer between mean the settings are wrong (UserError)."""
@@ -359,107 +375,6 @@ class EndpointTeacher(CommittingTeacher):
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(conversations)))) as pool:
             return list(pool.map(one, conversations))
-
-
-def _read_choice(choice: dict) -> EndpointCompletion:
-    """One choice of a chat completion: its answer, the thinking apart from it, and its top log-probabilities."""
-    message = choice.get("message") or {}
-    content = message.get("content")
-    if isinstance(content, list):  # some servers return content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    answer, thought = split_think_block(content or "")
-    # DeepSeek and vLLM's reasoning parser return the thinking as reasoning_content; newer vLLM, Ollama and
-    # OpenRouter as reasoning (vLLM sent both, alike, while it renamed the field). R1 served without a reasoning
-    # parser leaves it in the content as <think>...</think>.
-    traces = [message.get("reasoning_content"), message.get("reasoning"), thought]
-    traces = [trace.strip() for trace in traces if isinstance(trace, str) and trace.strip()]
-    reasoning = "\n\n".join(dict.fromkeys(traces)) or None
-    logprobs = None
-    if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
-        logprobs = [
-            {
-                "token": entry.get("token"),
-                "logprob": entry.get("logprob"),
-                "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")} for top in entry.get("top_logprobs") or []],
-            }
-            for entry in choice["logprobs"]["content"]
-        ]
-    return EndpointCompletion(
-        text=answer.strip(),
-        finish_reason=choice.get("finish_reason") or "unknown",
-        prompt_tokens=0,
-        completion_tokens=0,
-        reasoning=reasoning,
-        logprobs=logprobs,
-    )
-
-
-def split_think_block(content: str) -> tuple[str, Optional[str]]:
-    """`(answer, thinking)` of an answer that starts with a `<think>...</think>` block, else `(content, None)`.
-
-    A block never closed (the answer was cut off while thinking) is all thinking. An answer holding only the closing
-    tag is thinking up to it: R1's newer chat templates open the `<think>` in the prompt, so the model never writes it.
-    """
-    stripped = content.lstrip()
-    if stripped.startswith("<think>"):
-        thought, closed, answer = stripped[len("<think>") :].partition("</think>")
-        return (answer, thought) if closed else ("", thought)
-    if "<think>" not in content and "</think>" in content:
-        thought, _, answer = content.partition("</think>")
-        return answer, thought
-    return content, None
-
-
-def _error_detail(text: str) -> str:
-    """The message of an OpenAI-style error body (`{"error": {"code", "message"}}`), else the start of the body."""
-    try:
-        data = json.loads(text)
-        error = data.get("error", data) if isinstance(data, dict) else {}
-        if isinstance(error, dict):
-            code, message = error.get("code"), error.get("message")
-            if message:
-                return f"{code}: {message}" if code else str(message)
-        elif isinstance(error, str):
-            return error
-    except (ValueError, AttributeError):
-        pass
-    return " ".join(text.split())[:300] or "no details"
-
-
-def _unsupported_setting_fix(text: str) -> Optional[str]:
-    """How to fix a request key the model refuses (OpenAI's `unsupported_parameter` / `unsupported_value`), else None."""
-    try:
-        error = json.loads(text).get("error")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(error, dict) or error.get("code") not in ("unsupported_parameter", "unsupported_value"):
-        return None
-    param = str(error.get("param") or "")
-    if param == "max_tokens":
-        return "set teacher.max_tokens_field: max_completion_tokens (reasoning models need it)"
-    if param in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        return "set teacher.sampling_parameters: false (reasoning models take no sampling parameters)"
-    if param == "reasoning_effort":
-        return "remove teacher.reasoning_effort or pick a level this model supports"
-    if param in ("logprobs", "top_logprobs"):
-        return "set synthesis.top_logprobs: 0 (this model returns no log-probabilities)"
-    return "check the teacher and synthesis settings against what this model supports"
-
-
-def _rejection_reason(status: int, text: str, detail: str) -> str:
-    try:
-        error = json.loads(text).get("error") or {}
-    except (ValueError, AttributeError):
-        error = {}
-    code = str(error.get("code") or "") if isinstance(error, dict) else ""
-    inner = error.get("innererror") or {} if isinstance(error, dict) else {}
-    if code == "content_filter" or "content_filter" in text or "ResponsibleAIPolicyViolation" in text:
-        results = inner.get("content_filter_result") or {}
-        categories = sorted(name for name, verdict in results.items() if isinstance(verdict, dict) and verdict.get("filtered"))
-        return "content filter rejected the prompt" + (f" ({', '.join(categories)})" if categories else "")
-    if code == "context_length_exceeded" or "maximum context length" in text:
-        return "prompt too long for the teacher (context_length_exceeded); shorten it or lower synthesis.max_new_tokens"
-    return f"teacher refused the request (HTTP {status}: {detail[:300]})"
 
 
 def build_endpoint_teacher(config, credential: Optional[Credential] = None, spent: float = 0.0) -> EndpointTeacher:

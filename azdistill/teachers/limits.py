@@ -14,7 +14,8 @@ from typing import Any, Optional, Sequence
 from azdistill.data.records import Message
 from azdistill.teachers.base import BudgetExceeded, Stopped
 
-# How far back the limiter counts requests the endpoint accepted, to measure its limit when it says 429.
+# The window over which the limiter counts the requests the endpoint admitted, to measure its limit when it says 429.
+# Azure OpenAI evaluates a deployment's requests-per-minute over 1 s (and 10 s) windows.
 ACCEPTED_WINDOW_S = 1.0
 # A request waiting for its turn re-reads the pace at least this often.
 MAX_NAP_S = 0.05
@@ -22,6 +23,16 @@ MAX_NAP_S = 0.05
 THROTTLE_EPISODE_S = 1.0
 # 429s are the endpoint pacing us, not failing; they are waited out this many times more often than faults.
 THROTTLE_RETRY_FACTOR = 20
+# Below the measured limit by this share: the slack for the time between our clock and the endpoint's admission.
+LIMIT_MARGIN = 0.01
+# After a 429 the pace holds this long, then probes upwards (a limit can rise), faster the longer no 429 comes:
+# 2% a second at first, twice that every PROBE_DOUBLING_S (a doubled limit is found in about 7 s). Each probe that
+# finds the same limit again doubles the hold, up to PROBE_MAX_HOLD_S: a steady limit costs a 429 or two a while.
+PROBE_HOLD_S = 3.0
+PROBE_MAX_HOLD_S = 12.0
+PROBE_GAIN_PER_S = 0.05
+PROBE_DOUBLING_S = 1.0
+PROBE_MAX_GAIN_PER_S = 0.5
 
 
 def parse_retry_after(headers: Any, now=time.time) -> Optional[float]:
@@ -54,15 +65,29 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
 
 
 
+class Ticket:
+    """One request's turn: when it was sent, and what the endpoint made of it (pending, admitted or throttled)."""
+
+    __slots__ = ("sent_at", "state")
+
+    def __init__(self, sent_at: float):
+        self.sent_at, self.state = sent_at, "pending"
+
+
 class AdaptiveRateLimiter:
     """Shared by all workers: paces requests, honours the server's retry hints, and keeps to token budgets.
 
-    Without a configured request budget it starts at `initial_rate` requests/s and doubles each second (slow
-    start) until the first 429. A 429 means the endpoint's limit was reached, so the rate the endpoint was
-    accepting over the last second is a measurement of that limit: the pace drops to just under it (and at
-    least by the factor `decrease`, at most once per throttling episode). While answers come back the pace
-    creeps up again by `increase` of itself per second, like TCP's congestion avoidance, so a limit that
-    rises is found too. A configured `requests_per_minute` caps the rate.
+    Without a configured request budget it starts at `initial_rate` requests/s and adds two per answer (slow
+    start: about 7x a second) until the first 429. A 429 means the endpoint's limit was reached, and the
+    requests it had admitted in the window before the refused one was sent measure that limit: each request's
+    send time is kept with what became of it (a fault after admission, such as a 500 or a timeout, still took
+    a slot; a 429 did not), so the measure counts what the endpoint counted, not when the answers came back.
+    The pace drops to just under the measure (`margin` for the gap between our clock and the endpoint's), at
+    most once per throttling episode and never below half at once. After `probe_hold_s` without a 429 it probes
+    upwards, by 2% a second at first and twice as fast every `probe_doubling_s` without one, so a limit that
+    rises is found and one that falls (or is shared with other clients) costs one 429 and a new measure; a probe
+    that only finds the same limit again waits twice as long before the next one (up to 12 s).
+    A configured `requests_per_minute` caps the rate.
     """
 
     def __init__(
@@ -70,9 +95,10 @@ class AdaptiveRateLimiter:
         requests_per_minute: Optional[float] = None,
         tokens_per_minute: Optional[float] = None,
         initial_rate: float = 16.0,
-        decrease: float = 0.97,
-        increase: float = 0.04,
+        margin: float = LIMIT_MARGIN,
         min_rate: float = 0.05,
+        probe_hold_s: float = PROBE_HOLD_S,
+        probe_doubling_s: float = PROBE_DOUBLING_S,
         clock=time.monotonic,
         sleep=time.sleep,
     ):
@@ -84,21 +110,27 @@ class AdaptiveRateLimiter:
         # A configured budget is the deployment's quota: pace at it from the start; otherwise find the limit.
         self.rate = self.max_rate if requests_per_minute else initial_rate
         self.slow_start = requests_per_minute is None
-        self.decrease, self.increase, self.min_rate = decrease, increase, min_rate
+        self.margin, self.min_rate = margin, min_rate
+        self.probe_hold_s, self.probe_doubling_s = probe_hold_s, probe_doubling_s
         self._next_at = 0.0
         self.blocked_until = 0.0
         self._last_decrease = -math.inf
+        self._last_edge_throttle = -math.inf
+        self._probe_from = clock() + probe_hold_s  # (slow start comes first unless a request budget is configured)
+        self._hold = probe_hold_s
+        self._grown_at: Optional[float] = None
         self.tokens_per_s = tokens_per_minute / 60.0 if tokens_per_minute else None
         # Azure evaluates token budgets over short windows; a bucket of 10 seconds' worth allows small bursts.
         self._token_capacity = (tokens_per_minute / 6.0) if tokens_per_minute else 0.0
         self._tokens = self._token_capacity
         self._tokens_at = clock()
         self.throttled = 0
-        # When the endpoint accepted (answered with anything but 429) each recent request: the measured limit.
-        self._accepted: collections.deque = collections.deque()
+        self.measured_limit: Optional[float] = None  # requests per window at the last 429, for the stage's stats
+        # The recent requests' tickets, oldest first: what the endpoint's window held when it said 429.
+        self._sent: collections.deque = collections.deque()
 
-    def acquire(self, tokens: int = 0, stop: Optional[threading.Event] = None) -> None:
-        """Wait for this request's turn (and its tokens); returns when it may be sent.
+    def acquire(self, tokens: int = 0, stop: Optional[threading.Event] = None) -> Ticket:
+        """Wait for this request's turn (and its tokens); returns its ticket when it may be sent.
 
         Waiting requests queue at a gate; only the one at the head waits for the clock, and it computes its
         slot from the current pace, so a change of pace (or a 429's pause) applies to the very next request
@@ -117,8 +149,16 @@ class AdaptiveRateLimiter:
                     if now >= ready_at:
                         wait = self._take_tokens(tokens, now)
                         if wait <= 0:
-                            self._next_at = max(self._next_at, now) + 1.0 / self.rate
-                            return
+                            # Slots follow the schedule, not the moment a late thread woke: a nap or a busy
+                            # interpreter oversleeps by a millisecond or more, which at 40/s would lose 4% of the
+                            # slots. Only a pace left idle for more than a slot starts again from now.
+                            interval = 1.0 / self.rate
+                            self._next_at = (self._next_at if now - self._next_at <= interval else now) + interval
+                            ticket = Ticket(now)
+                            self._sent.append(ticket)
+                            while self._sent and self._sent[0].sent_at < now - 2 * ACCEPTED_WINDOW_S:
+                                self._sent.popleft()
+                            return ticket
                     else:
                         wait = ready_at - now
                 # Short naps: the pace or a pause may change while we wait.
@@ -152,40 +192,74 @@ class AdaptiveRateLimiter:
             with self._lock:
                 self._refund_locked(tokens)
 
-    def on_accepted(self) -> None:
-        """The endpoint took a request against its limit (an answer, or a fault after admission)."""
-        with self._lock:
-            now = self._clock()
-            self._accepted.append(now)
-            while self._accepted and self._accepted[0] < now - ACCEPTED_WINDOW_S:
-                self._accepted.popleft()
+    def on_accepted(self, ticket: Optional[Ticket] = None) -> None:
+        """The endpoint took the request against its limit (an answer, or a fault after admission)."""
+        if ticket is not None:
+            ticket.state = "admitted"
 
     def on_success(self) -> None:
         with self._lock:
             if self.slow_start:
-                self.rate = min(self.max_rate, self.rate + 1.0)  # +1 per answer: doubles once per second
-            else:
-                self.rate = min(self.max_rate, self.rate + self.increase * max(1.0, self.rate) / self.rate)
+                # +2 per answer: the pace grows by e^2 a second, from 16/s to a 40/s limit in half a second.
+                self.rate = min(self.max_rate, self.rate + 2.0)
+                return
+            now = self._clock()
+            grown_at, self._grown_at = self._grown_at, now
+            if grown_at is None or now < self._probe_from:
+                return
+            # Probing: the gain doubles every probe_doubling_s without a 429, from 1% a second.
+            doublings = (now - self._probe_from) / self.probe_doubling_s
+            gain = min(PROBE_MAX_GAIN_PER_S, PROBE_GAIN_PER_S * 2 ** doublings)
+            self.rate = min(self.max_rate, self.rate * (1.0 + gain * (now - max(grown_at, self._probe_from))))
 
-    def on_throttle(self, retry_after: Optional[float]) -> None:
-        """A 429: everyone waits until the server's hint (or a short pause), and the pace drops once per episode."""
+    def on_throttle(self, retry_after: Optional[float], ticket: Optional[Ticket] = None) -> None:
+        """A 429: everyone waits until the server's hint (or a short pause), and the pace drops once per episode
+        to just under what the endpoint had admitted in the window before this request."""
         with self._lock:
             now = self._clock()
             self.throttled += 1
+            if ticket is not None:
+                ticket.state = "throttled"
             pause = retry_after if retry_after is not None else min(2.0, 2.0 / self.rate) * random.uniform(0.5, 1.0)
             self.blocked_until = max(self.blocked_until, now + pause)
+            self._probe_from = max(self._probe_from, now + self._hold)
             # Requests already in flight when the limit was hit all come back 429: one decrease for all of them.
-            if now - self._last_decrease >= max(THROTTLE_EPISODE_S, 4.0 / self.rate):
-                self._last_decrease = now
-                self.slow_start = False
-                while self._accepted and self._accepted[0] < now - ACCEPTED_WINDOW_S:
-                    self._accepted.popleft()
-                measured = len(self._accepted) / ACCEPTED_WINDOW_S
-                # Just under what the endpoint was taking; never up, never below half at once.
-                target = min(self.rate * self.decrease, measured * 0.97) if measured else self.rate * 0.5
-                self.rate = max(self.min_rate, self.rate * 0.5, target)
+            if now - self._last_decrease < max(THROTTLE_EPISODE_S, 4.0 / self.rate):
+                return
+            self._last_decrease = now
+            self.slow_start = False
+            measured = self._peak_admitted(ticket.sent_at if ticket is not None else now) / ACCEPTED_WINDOW_S
+            if measured:
+                self.measured_limit = measured
+            if measured and measured >= self.rate * (1.0 - 3 * self.margin):
+                # The measure is the pace itself: we are at the limit, not over it. Once, a request reached the
+                # endpoint's window a little early (hold the pace: lowering it each time would ratchet it down a
+                # request a second); again within probe_hold_s, the limit is just under our pace or shared with
+                # other clients: ease off by the margin.
+                if now - self._last_edge_throttle < self.probe_hold_s:
+                    self.rate = max(self.min_rate, min(self.rate, measured) * (1.0 - self.margin))
+                    # The probe found the same limit: probe less often.
+                    self._hold = min(PROBE_MAX_HOLD_S, self._hold * 2)
+                    self._probe_from = now + self._hold
+                self._last_edge_throttle = now
+                return
+            self._hold = self.probe_hold_s
+            # Over the limit: just under the measure; never below half at once.
+            target = measured * (1.0 - self.margin) if measured else self.rate * 0.5
+            self.rate = max(self.min_rate, self.rate * 0.5, min(self.rate, target))
 
-
+    def _peak_admitted(self, before: float) -> int:
+        """The most requests the endpoint admitted from us in any window that ended in the window before `before`:
+        its limit when we were pacing at it (each window ending at one of our sends, by send time; a 429 did not
+        count, a pending request almost always will)."""
+        sent = [ticket.sent_at for ticket in self._sent if ticket.state != "throttled" and ticket.sent_at <= before]
+        peak, first = 0, 0
+        for last, sent_at in enumerate(sent):
+            while sent[first] <= sent_at - ACCEPTED_WINDOW_S:
+                first += 1
+            if sent_at > before - ACCEPTED_WINDOW_S:
+                peak = max(peak, last - first + 1)
+        return peak
 
 
 class Budget:
@@ -234,6 +308,7 @@ class ClientStats:
     throttled: int = 0
     transient: dict = field(default_factory=dict)  # kind of fault -> count
     rejected: int = 0
+    hedged: int = 0  # records asked a second time at the end of a stage (synthesis/answering.py)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, **changes: int) -> None:
@@ -249,4 +324,5 @@ class ClientStats:
         return {
             "requests": self.requests, "answered": self.answered, "retries": self.retries,
             "throttled": self.throttled, "transient_faults": dict(self.transient), "refused": self.rejected,
+            "hedged": self.hedged,
         }

@@ -1,0 +1,173 @@
+"""The adaptive rate limiter on a simulated clock: how close it paces to an endpoint's limit, how few 429s it
+takes, and how it follows a limit that changes. No wall clock: the limiter's sleeps move a fake clock, and a
+simulated endpoint with a sliding-window limit (as Azure OpenAI's) decides each request at that clock's time."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from azdistill.teachers.limits import ACCEPTED_WINDOW_S, AdaptiveRateLimiter
+
+
+class FakeClock:
+    """Time moves only when the limiter sleeps (plus `oversleep`, as a busy machine wakes threads late)."""
+
+    def __init__(self, oversleep: float = 0.0):
+        self.now = 1000.0
+        self.oversleep = oversleep
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 1e-6) + self.oversleep
+
+
+class WindowEndpoint:
+    """At most `limit` requests admitted in any `window` seconds (by arrival time); the excess gets 429 with the
+    seconds until a slot frees, as retry-after-ms says."""
+
+    def __init__(self, limit: int, window: float = ACCEPTED_WINDOW_S):
+        self.limit, self.window = limit, window
+        self.admitted: collections.deque = collections.deque()
+        self.admitted_at: list[float] = []
+        self.throttled = 0
+
+    def arrive(self, at: float):
+        while self.admitted and self.admitted[0] <= at - self.window:
+            self.admitted.popleft()
+        if len(self.admitted) >= self.limit:
+            self.throttled += 1
+            return self.admitted[len(self.admitted) - self.limit] + self.window - at
+        self.admitted.append(at)
+        self.admitted_at.append(at)
+        return None
+
+
+def drive(limiter: AdaptiveRateLimiter, clock: FakeClock, endpoint: WindowEndpoint, seconds: float,
+          jitter: float = 0.0, limit_changes: dict = None, seed: int = 0) -> None:
+    """Requests one after another for `seconds` of simulated time: each arrives at the endpoint after a network
+    delay of up to `jitter`; an admitted one is answered, a throttled one reported with its hint."""
+    rng = random.Random(seed)
+    end = clock.now + seconds
+    changes = sorted((clock.now + at, limit) for at, limit in (limit_changes or {}).items())
+    while clock.now < end:
+        while changes and clock.now >= changes[0][0]:
+            endpoint.limit = changes.pop(0)[1]
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now + rng.uniform(0, jitter))
+        if wait is None:
+            limiter.on_accepted(ticket)
+            limiter.on_success()
+        else:
+            limiter.on_throttle(wait, ticket)
+
+
+def admitted_between(endpoint: WindowEndpoint, start: float, end: float) -> int:
+    return sum(1 for at in endpoint.admitted_at if start <= at < end)
+
+
+def test_finds_the_limit_and_paces_within_two_percent_of_it_with_few_429s():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    endpoint = WindowEndpoint(limit=40)
+    started = clock.now
+    drive(limiter, clock, endpoint, seconds=60.0, jitter=0.003)
+    # Slow start reaches the limit within the first two seconds; after that, at least 98% of it.
+    steady = admitted_between(endpoint, started + 2.0, started + 60.0)
+    assert steady >= 0.98 * 40 * 58
+    assert limiter.measured_limit == 40
+    # A handful of 429s to find the limit, then about one every few seconds from the network's jitter.
+    assert endpoint.throttled <= 40
+
+
+def test_a_late_waking_thread_does_not_lose_its_slot():
+    """Naps that oversleep by a millisecond (a loaded machine) must not stretch every interval by as much."""
+    clock = FakeClock(oversleep=0.001)
+    limiter = AdaptiveRateLimiter(requests_per_minute=2400, clock=clock, sleep=clock.sleep)  # 40/s
+    started = clock.now
+    for _ in range(401):
+        limiter.acquire()
+    # 400 intervals of 25 ms: 10 s, not 400 x 26 ms = 10.4 s.
+    assert clock.now - started == pytest.approx(10.0, abs=0.05)
+
+
+def test_a_single_429_at_the_limit_keeps_the_pace_and_repeated_ones_ease_it():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate, limiter.slow_start = 39.6, False  # paced just under a limit of 40 found earlier
+
+    def second_of_answers() -> None:
+        for _ in range(40):
+            limiter.on_accepted(limiter.acquire())
+            limiter.on_success()
+
+    second_of_answers()
+    # A request reaches the endpoint's window a little early: the measure (40 admitted in the window) is the
+    # pace itself, so the pace is kept.
+    limiter.on_throttle(0.001, limiter.acquire())
+    assert limiter.rate == 39.6 and limiter.measured_limit == 40
+    # Another within the hold: the limit is just under the pace (or shared), so it eases off by the margin.
+    second_of_answers()
+    limiter.on_throttle(0.001, limiter.acquire())
+    assert limiter.rate == pytest.approx(39.6 * 0.99)
+
+
+def test_a_429_over_the_limit_drops_the_pace_to_just_under_what_was_admitted():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate, limiter.slow_start = 50.0, False
+    endpoint = WindowEndpoint(limit=30)
+    for _ in range(60):
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now)
+        if wait is None:
+            limiter.on_accepted(ticket)
+        else:
+            limiter.on_throttle(wait, ticket)
+            break
+    assert limiter.measured_limit == 30
+    assert limiter.rate == pytest.approx(30 * 0.99)
+
+
+def test_follows_a_limit_halved_midway_and_a_limit_that_rises_again():
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    endpoint = WindowEndpoint(limit=40)
+    started = clock.now
+    drive(limiter, clock, endpoint, seconds=70.0, jitter=0.003, limit_changes={20.0: 20, 40.0: 40})
+    # Halved at 20 s: within 3 s the pace is under the new limit, and the rest of the phase runs at 96% of it.
+    assert admitted_between(endpoint, started + 23.0, started + 40.0) >= 0.96 * 20 * 17
+    # Raised back at 40 s: probing (held up to 12 s after the last 429, then faster and faster) finds it within 20 s.
+    assert admitted_between(endpoint, started + 60.0, started + 70.0) >= 0.95 * 40 * 10
+    assert endpoint.throttled <= 60
+
+
+def test_clients_sharing_one_limit_fill_it_together():
+    """Two shards, each with its own limiter, against one endpoint: together they keep it busy without a storm of
+    429s, and neither starves."""
+    clock = FakeClock()
+    endpoint = WindowEndpoint(limit=40)
+    limiters = [AdaptiveRateLimiter(clock=clock, sleep=clock.sleep) for _ in range(2)]
+    admitted_by = [0, 0]
+    rng = random.Random(3)
+    started = clock.now
+    # Interleave the two clients by whichever is due first: each asks its limiter when its next slot is.
+    while clock.now < started + 60.0:
+        which = min(range(2), key=lambda n: max(limiters[n]._next_at, limiters[n].blocked_until))
+        limiter = limiters[which]
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now + rng.uniform(0, 0.003))
+        if wait is None:
+            limiter.on_accepted(ticket)
+            limiter.on_success()
+            if clock.now >= started + 5.0:
+                admitted_by[which] += 1
+        else:
+            limiter.on_throttle(wait, ticket)
+    assert sum(admitted_by) >= 0.95 * 40 * 55
+    assert min(admitted_by) >= 0.25 * sum(admitted_by)
+    assert endpoint.throttled <= 200

@@ -224,6 +224,15 @@ class EvaluationConfig(Section):
     latency_samples: int = Field(
         default=16, ge=1, description="Prompts answered one at a time to measure latency per response."
     )
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        default="auto",
+        description="What answers the held-out prompts of a local model for the quality figures and the throughput: "
+        "auto (the default): vLLM where the model runs on a CUDA GPU and the vllm package is installed, transformers "
+        "otherwise; vllm: always vLLM, and the evaluation stops before loading any model where it cannot run; "
+        "transformers: always transformers. Latency is timed with transformers either way, one prompt at a time, and "
+        "a teacher constrained to the labels (synthesis.label_constraint) always scores them with transformers: "
+        "vLLM has no counterpart of that scoring here.",
+    )
     serving_price_per_hour: Optional[float] = Field(
         default=None, ge=0.0,
         description="Price of one hour of the machine that serves a local model (the student, the baselines, a local "

@@ -1,8 +1,9 @@
 """Measuring one model on the held-out set: quality, latency, throughput, memory, size and cost.
 
 A local model is measured in a fresh process, so its peak memory is its own; latency is timed with prompts
-answered one at a time (per response, to the first token, and per output token), throughput with the whole set
-answered in batches (those answers are the ones scored). A hosted model is measured through its endpoint with the
+answered one at a time with transformers (per response, to the first token, and per output token), throughput with
+the whole set answered in batches (those answers are the ones scored), by vLLM where `evaluation.engine` resolves to
+it (evaluation.engines) and by transformers otherwise. A hosted model is measured through its endpoint with the
 client synthesis uses: that client does not stream, so its time to first token is not seen (None)."""
 
 from __future__ import annotations
@@ -191,7 +192,10 @@ def local_cost_per_1k_answers(settings: EvaluationConfig, seconds: float, answer
 
 
 def measure_model(path: str, conversations: list[list[Message]], settings: dict, description: str) -> dict:
-    """Load one model and answer every conversation; runs in a child process (see module docstring)."""
+    """Load one model and answer every conversation; runs in a child process (see module docstring).
+
+    `settings["engine"]` ("transformers" or "vllm", see evaluation.engines) picks what answers the whole set for the
+    quality figures and the throughput; the latency is timed with transformers either way, one prompt at a time."""
     import psutil
 
     from azdistill.console import Progress, configure_logging
@@ -201,8 +205,6 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     from azdistill.models.loading import count_parameters, load_model, load_tokenizer, pick_device
 
     configure_logging()
-    import torch
-
     make_repeatable(0, settings["threads"], settings["deterministic"])  # answers are greedy: the seed is for form's sake
     device = pick_device()
     before_load = psutil.Process().memory_info().rss
@@ -211,6 +213,8 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
     generation = GenerationSettings(max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"])
 
     labels = settings.get("labels")
+    # Label scoring has no vLLM counterpart here: a teacher constrained to the labels always answers with transformers.
+    engine = "vllm" if settings.get("engine") == "vllm" and not labels else "transformers"
     timed = conversations[: settings["latency_samples"]]
     with Progress(len(timed), f"latency {description}", unit="answers") as progress:
         if labels:
@@ -223,19 +227,28 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
             first_tokens = [timing.first_token_s for timing in timings]
             output_tokens = [timing.output_tokens for timing in timings]
 
-    started = time.perf_counter()
-    with Progress(len(conversations), f"answer {description}", unit="answers") as progress:
-        if labels:
-            answers, generated_tokens = _chosen_labels(model, tokenizer, conversations, labels, settings["batch_size"], progress)
-        else:
-            answers, generated_tokens = _generated_answers(model, tokenizer, conversations, generation, progress)
-    seconds = time.perf_counter() - started
+    parameters, model_bytes = count_parameters(model), weights_bytes(model)
+    with Progress(len(conversations), f"answer {description} ({engine})", unit="answers") as progress:
+        if engine == "vllm":
+            # vLLM preallocates its KV cache, so the GPU's peak after it is vLLM's reservation, not what the model
+            # needs: the peak kept is the one of the latency phase above, where transformers answered alone.
+            peak = _peak_memory(device, before_load)
+            del model  # vLLM loads its own copy: this one would only take GPU memory from its KV cache
+            _release_memory(device)
+            from azdistill.evaluation.engines import answer_with_vllm
 
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        # Subtract what the process held before loading the model (interpreter, torch), so the figure is the model's.
-        peak = peak_resident_bytes() - before_load
+            answers, generated_tokens, seconds = answer_with_vllm(path, conversations, settings["max_new_tokens"])
+            progress.update(len(answers))
+        else:
+            started = time.perf_counter()
+            if labels:
+                answers, generated_tokens = _chosen_labels(
+                    model, tokenizer, conversations, labels, settings["batch_size"], progress
+                )
+            else:
+                answers, generated_tokens = _generated_answers(model, tokenizer, conversations, generation, progress)
+            seconds = time.perf_counter() - started
+            peak = _peak_memory(device, before_load)
     return {
         "answers": answers,
         "latencies_s": latencies,
@@ -244,12 +257,35 @@ def measure_model(path: str, conversations: list[list[Message]], settings: dict,
         "throughput_tokens_per_s": generated_tokens / seconds if seconds > 0 else 0.0,
         "generated_tokens": generated_tokens,
         "seconds": seconds,
-        "parameters": count_parameters(model),
-        "weights_bytes": weights_bytes(model),
+        "parameters": parameters,
+        "weights_bytes": model_bytes,
         "peak_memory_bytes": max(peak, 0),
         "size_on_disk_bytes": size_on_disk(Path(path)),
         "device": device,
+        "engine": engine,
     }
+
+
+def _peak_memory(device: str, before_load: int) -> int:
+    """The measuring process's peak memory so far: the GPU's allocations on a GPU; on a CPU its peak resident memory
+    less what it held before loading the model (interpreter, torch), so the figure is the model's."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return peak_resident_bytes() - before_load
+
+
+def _release_memory(device: str) -> None:
+    """Give back the memory of a model just deleted: collected now, and on a GPU returned by torch's caching
+    allocator, which would otherwise keep it from the next engine."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _generated_answers(model, tokenizer, conversations: list[list[Message]], generation, progress) -> tuple[list, int]:
@@ -387,7 +423,13 @@ def measure_in_child(
     labels: Optional[list[str]] = None,
 ) -> dict:
     """`measure_model` for the model in `path`, run in a fresh child process so its peak memory is its own; with
-    `labels`, the model answers by choosing the most likely label (a teacher constrained to the labels)."""
+    `labels`, the model answers by choosing the most likely label (a teacher constrained to the labels).
+
+    `settings.engine` answers the quality prompts: the evaluate stage passes the one it resolved for this machine
+    (transformers or vllm); auto is resolved here."""
+    from azdistill.evaluation.engines import engine_on_this_machine
+
+    engine = engine_on_this_machine(settings.engine)  # before the child starts: a missing vLLM stops it here
     # "spawn" gives a clean process (no copy of the parent's models or torch threads) and exact peak memory.
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         future = pool.submit(
@@ -395,7 +437,7 @@ def measure_in_child(
             str(path),
             conversations,
             {**{key: getattr(settings, key) for key in ("max_new_tokens", "batch_size", "latency_samples")}, **runtime.model_dump(),
-             "labels": labels},
+             "labels": labels, "engine": engine},
             description,
         )
         return future.result()

@@ -59,6 +59,10 @@ class ModelResult:
     # answer comes whole, no token is generated), anything of a logged teacher, and reports written before them.
     ttft_p50_s: Optional[float] = None
     latency_per_token_p50_s: Optional[float] = None
+    # What answered the held-out prompts for the quality figures and throughput of a local model: "vllm" or
+    # "transformers" (evaluation.engine); None for a model answering through an endpoint or from logged answers, and
+    # in reports written before the engine was recorded.
+    engine: Optional[str] = None
 
 
 # How a failed check reads: "agreement 0.71 < 0.8".
@@ -224,6 +228,7 @@ def report_from_dict(data: dict) -> Report:
                     intervals={str(k): (_float(low), _float(high)) for k, (low, high) in (m.get("intervals") or {}).items()},
                     ttft_p50_s=_optional_float(m.get("ttft_p50_s")),
                     latency_per_token_p50_s=_optional_float(m.get("latency_per_token_p50_s")),
+                    engine=None if m.get("engine") is None else str(m["engine"]),
                 )
             )
         checks = []

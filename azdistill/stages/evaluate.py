@@ -20,6 +20,7 @@ from azdistill.config.schema import DistillConfig, label_method
 from azdistill.data import digests
 from azdistill.data.files import write_json
 from azdistill.data.records import read_records
+from azdistill.evaluation.engines import engine_on_this_machine
 from azdistill.evaluation.markdown import headline_lines
 from azdistill.evaluation.measure import (
     device_description,
@@ -114,15 +115,19 @@ def evaluate(
     """Answer the test set with the teacher and each model in `models` (role -> folder); write the report.
 
     A local teacher answers from `teacher_path`; a hosted one through its endpoint (see `measure_hosted`); a
-    logged one with the test split's logged answers.
+    logged one with the test split's logged answers. A local model answers the quality prompts with the engine
+    `evaluation.engine` resolves to here (vLLM or transformers), checked before anything is loaded.
     """
+    # Resolved first: evaluation.engine vllm on a machine without vLLM or a GPU stops here, before any model loads.
+    engine = engine_on_this_machine(config.evaluation.engine)
     out_dir = Path(out_dir or config.stage_dir("evaluate"))
     records = read_records(config.data.test, config.task.type, config.data.max_records)
     all_models: dict[str, Optional[Path]] = {"teacher": teacher_path if config.teacher.kind == "local" else None, **models}
     all_models.update({role: None for role in served_models(config)})  # answered through their endpoints
     identities = _model_identities(config, all_models)
+    engines = {role: _engine_of(config, role, path, engine) for role, path in all_models.items()}
     answers_depend_on = _what_answers_depend_on(config)
-    stage_fingerprint = _stage_fingerprint(config, answers_depend_on, identities)
+    stage_fingerprint = _stage_fingerprint(config, answers_depend_on, identities, engines)
     if not force and state.is_done(out_dir, stage_fingerprint, "evaluate"):
         log.info("evaluate: models, data and settings unchanged, reusing %s (use --force to rerun)", out_dir)
         report = load_report(out_dir)
@@ -134,8 +139,8 @@ def evaluate(
     with tracker.stage("evaluate"):
         measured: dict[str, dict] = {}
         for role, path in all_models.items():
-            key = digests.fingerprint({**answers_depend_on, "model": identities[role]})
-            measured[role] = _answers_of(config, role, path, records, predictions_dir / f"{role}.json", key, force)
+            key = digests.fingerprint({**answers_depend_on, "model": identities[role], **_vllm_mark(engines[role])})
+            measured[role] = _answers_of(config, role, path, records, predictions_dir / f"{role}.json", key, force, engines[role])
         report = _build_report(config, all_models, measured, records)
         report.judge = judge_student(
             config, teacher_path, records, measured, identities["teacher"], predictions_dir, tracker, force
@@ -165,6 +170,21 @@ def _model_identities(config: DistillConfig, all_models: dict[str, Optional[Path
     return identities
 
 
+def _engine_of(config: DistillConfig, role: str, path: Optional[Path], engine: str) -> Optional[str]:
+    """What answers a row's quality prompts: `engine` (resolved) for a local model, transformers for a teacher that
+    scores the labels (vLLM has no counterpart of that scoring), None for a model answering through an endpoint or
+    from logged answers."""
+    if path is None or role in served_models(config):
+        return None
+    return "transformers" if role == "teacher" and label_method(config) == "scores" else engine
+
+
+def _vllm_mark(engine: Optional[str]) -> dict:
+    """What the engine adds to a fingerprint: nothing for transformers, so answers and runs from before the engine
+    could be chosen stay valid; vLLM's answers and throughput are its own, so answers by it are keyed apart."""
+    return {"engine": "vllm"} if engine == "vllm" else {}
+
+
 def _what_answers_depend_on(config: DistillConfig) -> dict:
     """The data and settings every model's answers depend on; a model's saved answers are reused while these and
     its identity are the same."""
@@ -177,16 +197,21 @@ def _what_answers_depend_on(config: DistillConfig) -> dict:
     }
 
 
-def _stage_fingerprint(config: DistillConfig, answers_depend_on: dict, identities: dict[str, str]) -> str:
+def _stage_fingerprint(
+    config: DistillConfig, answers_depend_on: dict, identities: dict[str, str], engines: dict[str, Optional[str]]
+) -> str:
     """What the whole report depends on: the answers' inputs, and also the thresholds, metrics and prices that
     only change how the answers are scored and judged."""
+    # The engine enters as resolved (`_vllm_mark`), not as asked: auto on a machine without vLLM is transformers.
+    excluded = {"engine"} if config.evaluation.served else {"engine", "served"}
     return digests.fingerprint(
         {
             **answers_depend_on,
+            **_vllm_mark("vllm" if "vllm" in engines.values() else None),
             "task": config.task.model_dump(),
             "models": identities,
             # Without served models the fingerprint stays what it was before they existed, so finished runs stay done.
-            "evaluation": config.evaluation.model_dump(exclude=None if config.evaluation.served else {"served"}),
+            "evaluation": config.evaluation.model_dump(exclude=excluded),
             "prices": config.teacher.model_dump(
                 include={"price_per_million_prompt_tokens", "price_per_million_completion_tokens"}
             ),
@@ -202,16 +227,17 @@ def _remove_stale_predictions(predictions_dir: Path, all_models: dict[str, Optio
 
 
 def _answers_of(
-    config: DistillConfig, role: str, path: Optional[Path], records: list, cached: Path, key: str, force: bool
+    config: DistillConfig, role: str, path: Optional[Path], records: list, cached: Path, key: str, force: bool,
+    engine: Optional[str] = None,
 ) -> dict:
     """One model's answers and measurements: the saved ones in `cached` while their `key` holds, else measured
-    afresh and saved there."""
+    afresh (a local model's quality prompts answered by `engine`) and saved there."""
     if not force:
         previous = state.saved_under_key(cached, key)
         if previous is not None:
             log.info("evaluate: reusing the %s's answers (model, data and evaluation settings unchanged)", role)
             return previous
-    measured = _measure(config, role, path, records)
+    measured = _measure(config, role, path, records, engine)
     write_json(cached, {"path": _where(config, role, path), "key": key, **measured})
     return measured
 
@@ -227,9 +253,9 @@ def _where(config: DistillConfig, role: str, path: Optional[Path]) -> str:
     return config.teacher.label
 
 
-def _measure(config: DistillConfig, role: str, path: Optional[Path], records: list) -> dict:
-    """Measure one model: a local one in a child process; a teacher without a folder through its endpoint, or
-    from the logged answers."""
+def _measure(config: DistillConfig, role: str, path: Optional[Path], records: list, engine: Optional[str] = None) -> dict:
+    """Measure one model: a local one in a child process, its quality prompts answered by `engine` (resolved:
+    transformers or vllm); a teacher without a folder through its endpoint, or from the logged answers."""
     conversations = [record.prompt for record in records]
     served = served_models(config).get(role)
     if served is not None:
@@ -243,7 +269,8 @@ def _measure(config: DistillConfig, role: str, path: Optional[Path], records: li
     log.info("evaluate: %s (%s) answers %d held-out prompts", ROLE_NAMES[role], path, len(conversations))
     # A teacher that synthesis constrained to the labels answers the held-out prompts the same way; students generate.
     labels = list(config.task.labels or []) if role == "teacher" and label_method(config) == "scores" else None
-    return measure_in_child(path, conversations, config.evaluation, config.runtime, role, labels)
+    settings = config.evaluation.model_copy(update={"engine": engine or "transformers"})
+    return measure_in_child(path, conversations, settings, config.runtime, role, labels)
 
 
 def _build_report(
@@ -277,7 +304,7 @@ def _build_report(
         models=[results[role] for role in order if role in results],
         promote=all(check.passed for check in checks),
         checks=checks,
-        device=device_description(),
+        device=_measured_on(measured),
         samples=_samples(records, measured),
         comparisons=student_comparisons(scores, primary),  # is the student's lead over each baseline real?
         champion_metric=config.evaluation.promotion.champion_metric,  # what the registry will compare it on
@@ -320,7 +347,30 @@ def _model_result(
         cost_per_1k_answers=cost,
         hosted=hosted,
         intervals=metric_intervals(scores),
+        engine=data.get("engine"),  # None: answered through an endpoint, logged, or saved before engines were recorded
     )
+
+
+ENGINE_NAMES = {"vllm": "vLLM", "transformers": "transformers"}
+
+
+def _measured_on(measured: dict[str, dict]) -> str:
+    """The report's device line: the device, and which engine answered the local models' quality prompts, with the
+    rows of each where they differ (a teacher that scores the labels stays with transformers)."""
+    by_engine: dict[str, list[str]] = {}
+    for role, data in measured.items():
+        if data.get("engine"):
+            by_engine.setdefault(data["engine"], []).append(role)
+    device = device_description()
+    if not by_engine:
+        return device
+    if len(by_engine) == 1:
+        (engine,) = by_engine
+        answered = ENGINE_NAMES.get(engine, engine)
+    else:  # vLLM first, then transformers
+        rows = sorted(by_engine.items(), reverse=True)
+        answered = " and ".join(f"{ENGINE_NAMES.get(engine, engine)} ({', '.join(roles)})" for engine, roles in rows)
+    return f"{device}; answers by {answered}" + (", latency timed with transformers" if "vllm" in by_engine else "")
 
 
 def _samples(records: list, measured: dict[str, dict]) -> list[dict]:

@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/train_throughput.py --repeat 3
     .venv/bin/python bench/train_throughput.py --examples 32 --repeat 1   # a quick look
+    make bench-gpu   # on a GPU machine: the demo's student and a 0.5 B one, both batching modes
+
+The 0.5 B student (`--student 0.5b`) is built offline from a config (SmolLM2's architecture and tokenizer, 32
+layers of width 1152: 502 M parameters) with random weights: what is measured is the trainers' speed, not what the
+model learns, so no download is needed.
 
 The model is the demo's student (SmolLM2-135M-Instruct with 10 of its 30 layers, 63.7 M parameters); the data
 is the bundled sentiment sample with its reference answers, loss on the answer tokens only. Both trainers run the
@@ -39,6 +44,33 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (GPU), torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def half_billion_student(teacher: Path, folder: Path) -> Path:
+    """A 0.5 B student of the teacher's family built from a config, random weights (offline: nothing downloaded)."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from azdistill.models.loading import load_tokenizer
+
+    config = AutoConfig.from_pretrained(teacher)
+    config.update({"hidden_size": 1152, "intermediate_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "head_dim": 72})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    load_tokenizer(teacher).save_pretrained(folder)
+    return folder
+
+
+def parameters(path: Path) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sum(parameter.numel() for parameter in model.parameters()) / 1e6
 
 
 def load_conversations(path: Path, count: int) -> list[list[dict]]:
@@ -131,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--with-kd", action="store_true", help="also time ours with kd_weight 0.5 (teacher forward included)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "sentiment" / "train.jsonl")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--student", nargs="+", default=["demo"], choices=["demo", "0.5b"],
+                        help="demo: the demo's 63.7 M student; 0.5b: a 502 M student built from a config (for GPUs)")
     args = parser.parse_args(argv)
 
     from azdistill.models.builtin import builtin_teacher_path
@@ -138,8 +172,20 @@ def main(argv: list[str] | None = None) -> None:
     from azdistill.models.students import make_pruned_student
 
     teacher = builtin_teacher_path()
-    student = make_pruned_student(teacher, 0.34, cache_dir() / "bench" / "student-10-layers")
     conversations = load_conversations(args.data, args.examples)
+    summaries = {}
+    for name in args.student:
+        if name == "demo":
+            student = make_pruned_student(teacher, 0.34, cache_dir() / "bench" / "student-10-layers")
+        else:
+            student = half_billion_student(teacher, cache_dir() / "bench" / "student-0.5b")
+        summaries[name] = measure(args, teacher, student, conversations)
+    if args.json:
+        args.json.write_text(json.dumps(summaries if len(summaries) > 1 else summaries[args.student[0]], indent=2))
+
+
+def measure(args, teacher: Path, student: Path, conversations: list[list[dict]]) -> dict:
+    """Every trainer on one student, alternating, `args.repeat` times; prints the table and returns the figures."""
     runs: dict[str, list[dict]] = {}
     contenders = {"plain transformers.Trainer": lambda out: plain_trainer(student, conversations, args.batch_size, args.max_length, args.learning_rate, out)}
     for batching in args.batching:
@@ -164,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline_cpu = statistics.median(run["tokens_per_cpu_s"] for run in runs["plain transformers.Trainer"])
     padding = padding_share(student, conversations, args.batch_size, args.max_length)
     print(f"\nmachine: {machine()}")
-    print(f"model: {student.name} (63.7 M parameters); {len(conversations)} examples, batch {args.batch_size}, max length {args.max_length}")
+    print(f"model: {student.name} ({parameters(student):.1f} M parameters); {len(conversations)} examples, batch {args.batch_size}, max length {args.max_length}")
     print(f"padding share: random batches {padding['random']:.0%}, length-grouped {padding['length_grouped']:.0%}")
     print(f"\n| trainer | tokens/s (median of {args.repeat}) | min | max | vs plain Trainer | tokens per CPU-second | vs plain Trainer |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -178,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             "tokens_per_cpu_s": [result["tokens_per_cpu_s"] for result in results], "cpu_ratio": cpu / baseline_cpu,
         }
         print(f"| {name} | {median:.1f} | {min(speeds):.1f} | {max(speeds):.1f} | {median / baseline:.2f}x | {cpu:.1f} | {cpu / baseline_cpu:.2f}x |")
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Exit status: 0 success, 1 a stage failed on its data (e.g. too few usable teache
 
 from __future__ import annotations
 
+import gc
 from typing import Optional
 
 import click
@@ -46,7 +47,13 @@ def cli(verbose: bool) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point."""
-    cli.main(args=argv, prog_name="azdistill")
+    try:
+        cli.main(args=argv, prog_name="azdistill")
+    finally:
+        # The process ends here. Python's last garbage collection at exit walks every object the imports made
+        # (0.3 s more once MLflow is imported); frozen, they are left to the exit itself. Files and stores are
+        # closed by then: every writer here closes or flushes its own, and atexit handlers (logging, MLflow) still run.
+        gc.freeze()
 
 
 for _command in (

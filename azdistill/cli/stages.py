@@ -42,7 +42,8 @@ def run(config: Optional[Path], overrides: tuple[str, ...], force: bool, seeds: 
     if result.stage_seconds:
         click.echo("  stage seconds: " + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result.stage_seconds.items()))
     if result.tracking_uri and not result.new_run:
-        click.echo(f"MLflow: nothing changed since run {result.run_id} in experiment '{settings.experiment_name}': every stage reused, no new run")
+        since = f" since run {result.run_id}" if result.run_id else ""  # None: no earlier run of this workdir in the store
+        click.echo(f"MLflow: nothing changed{since} in experiment '{settings.experiment_name}': every stage reused, no new run")
     elif result.tracking_uri:
         version = f", student registered as '{settings.registered_model_name}' version {result.registered_version}" if result.registered_version else ""
         click.echo(f"MLflow: run {result.run_id} in experiment '{settings.experiment_name}'{version}")

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 from azdistill.config.schema import DistillConfig
 from azdistill.data.files import atomic_writer, write_json
-from azdistill.data.records import read_records
+from azdistill.data.records import count_records, stream_records
 from azdistill.errors import UserError
 from azdistill.evaluation.report import Report
 from azdistill.evaluation.seeds import SeedsSummary, render_seeds_markdown, seeds_to_dict, student_seed_metrics, summarise_seeds
@@ -77,8 +77,10 @@ def wants_reference_baseline(config: DistillConfig) -> bool:
     """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
     if not config.evaluation.reference_baseline:
         return False
-    records = read_records(config.data.train, config.task.type, config.data.max_records)
-    return any(record.reference is not None for record in records)
+    found = False
+    for record in stream_records(config.data.train, config.task.type, config.data.max_records):  # every line checked
+        found = found or record.reference is not None
+    return found
 
 
 
@@ -143,8 +145,8 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
 
-    for split in ("train", "validation", "test"):  # fail on bad data before loading any model
-        read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+    for split in ("train", "validation", "test"):  # fail on bad data before loading any model; nothing is held
+        count_records(getattr(config.data, split), config.task.type, config.data.max_records)
     tracker = tracker or make_tracker(config)
     seconds: dict[str, float] = {}
     with tracker.pipeline(tags=pipeline_tags(config, mode="local")):
@@ -324,7 +326,7 @@ def run_synthesize(config: DistillConfig, force: bool = False, out_dir: Optional
     teacher = None
     if config.teacher.kind == "local":  # hosted or logged: the stage streams and checks the data itself
         for split in ("train", "validation"):  # report bad data before spending time on the teacher
-            read_records(getattr(config.data, split), config.task.type, config.data.max_records)
+            count_records(getattr(config.data, split), config.task.type, config.data.max_records)
         teacher = resolve_teacher(config.teacher.model)
     factory, identity = synthesis_teacher(config, teacher)
     with workdir_lock(config.workdir):

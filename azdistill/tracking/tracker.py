@@ -16,6 +16,8 @@ What MLflow shows is what happened:
 
 - a run starts in MLflow only once something is logged under it (dated from when its pipeline or stage began),
   so a rerun whose stages all reuse their outputs leaves no run behind;
+- MLflow is opened beside the first stage's own work (`tracking.connection`), and its failure still fails the
+  command;
 - every run is tagged with where it runs from (`azdistill.workdir`, `azdistill.host`, `azdistill.pid` and the
   process's start time); a run left RUNNING by a process that is gone (killed) is closed as KILLED when the next
   pipeline or stage of that workdir begins. A run whose process is alive is never touched.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from azdistill.config.loading import config_to_params
 from azdistill.config.schema import DistillConfig
 from azdistill.evaluation.promotion import failed_check_descriptions
 from azdistill.evaluation.report import error_bar_metrics, is_finite
+from azdistill.tracking import connection
+from azdistill.tracking.connection import WORKDIR_TAG, Background, Opened, open_experiment, origin_tags, use_for_fluent_api
 from azdistill.tracking.headline import (
     MAX_NOTE_LENGTH,
     evaluation_metrics,
@@ -47,7 +51,6 @@ from azdistill.tracking.headline import (
     stage_run_name,
 )
 from azdistill.tracking.registry import apply_promotion
-from azdistill.tracking.store import local_artifact_location, local_store_path
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,6 @@ MAX_PARAM_LENGTH = 6000
 SUMMARY_STAGES = ("evaluate",)
 STAGE_TAG = "azdistill.stage"
 NOTE_TAG = "mlflow.note.content"  # the run's description, shown as Markdown on its overview page
-# Tells MLflow 3's UI an experiment is model training, so it opens on the runs table, not its GenAI views.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-# Where a run runs from: what `Tracker.close_interrupted_runs` needs to tell a killed run from a live one.
-WORKDIR_TAG = "azdistill.workdir"
-HOST_TAG = "azdistill.host"
-PID_TAG = "azdistill.pid"
-PID_CREATE_TIME_TAG = "azdistill.pid_create_time"  # psutil's create_time: a pid reused by another process differs
 
 
 def log_evaluation(tracker: "NullTracker", report: Any, paths: dict[str, Path]) -> None:
@@ -140,52 +135,79 @@ class Tracker(NullTracker):
     first) starts in MLflow on the first `log_*`, `set_tags`, `log_student` or `promote_student` inside it, with
     the start time of the context, and is then named after its id (`pipeline_run_name`, `stage_run_name`). A stage
     that reuses its outputs and logs nothing leaves no run.
+
+    A tracker made by `make_tracker` (the commands) opens MLflow in the background from when its first pipeline or
+    stage begins (`connection.Background`), while the stage works; anything that needs MLflow waits for it first: a
+    log, a run start, the end of the outermost pipeline or stage. A set-up that fails raises its own exception there,
+    so the command fails with MLflow's error as before, only later; the stage's journal and outputs keep its work for
+    the rerun. A command whose stage reuses its outputs never begins that stage, and never loads MLflow.
     """
 
-    def __init__(self, config: DistillConfig):
-        import mlflow
-        import psutil
-
+    def __init__(self, config: DistillConfig, open_now: bool = True):
+        """`open_now`: open MLflow here (a tracker made in a notebook or a test, which may look at the store at once);
+        False (`make_tracker`, the commands): in the background once the first pipeline or stage begins."""
         self.config = config
-        self.mlflow = mlflow
-        self._client = None
         self._contexts: list[_Context] = []
         self._evaluation_run_id: Optional[str] = None  # this pipeline's evaluate run, once it has started
-        self.origin = {
-            WORKDIR_TAG: str(Path(config.workdir).resolve()),
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: str(os.getpid()),
-            PID_CREATE_TIME_TAG: repr(psutil.Process().create_time()),
-        }
+        self._opened: Optional[Opened] = None
+        self._setup: Optional[Background[Opened]] = None
+        self._fluent_api_set = False
+        # A run can be active before this tracker starts one only if MLflow was imported before it (a caller's run).
+        self._mlflow_imported_before = "mlflow" in sys.modules
+        self.origin = origin_tags(config.workdir)
         # MLflow sets up its own loggers on import; keep only errors (e.g. no model card offline, an expected miss).
         for name in ("mlflow", "mlflow.transformers", "alembic"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        uri = config.tracking_uri
-        store = local_store_path(uri)
-        if store is not None:
-            store.parent.mkdir(parents=True, exist_ok=True)
-        exported = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        # MLflow also exports the URI to the environment; a later config in this process (two runs from one notebook,
-        # the tests) would take it for the user's own MLFLOW_TRACKING_URI (DistillConfig.tracking_uri) and track into
-        # this store instead of its own. MLflow keeps the URI it was given; the environment stays as it was.
-        if exported is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if open_now:
+            self._ready()
+
+    def _begin(self) -> None:
+        """What the outermost pipeline or stage does as it begins: open MLflow if it is not open yet (in the background),
+        then close the runs of killed processes."""
+        if self._opened is None and self._setup is None:
+            self._setup = Background(self._open_and_close_interrupted_runs, "azdistill-mlflow-setup")
         else:
-            os.environ["MLFLOW_TRACKING_URI"] = exported
-        experiment = mlflow.get_experiment_by_name(config.experiment_name)
-        if experiment is None:
-            location = local_artifact_location(uri)
-            mlflow.create_experiment(config.experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        elif EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
-            # Created by an older azdistill, without the kind: the UI would open it on its GenAI views.
-            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        self.experiment_id = mlflow.set_experiment(config.experiment_name).experiment_id
+            self.close_interrupted_runs()
+
+    def _open_and_close_interrupted_runs(self) -> Opened:
+        opened = open_experiment(self.config)
+        connection.close_interrupted_runs(opened, self.origin)
+        return opened
+
+    def _ready(self) -> Opened:
+        """MLflow, open: waits for the background set-up, raising its exception if it failed (at every call); opens it
+        here when nothing began yet. The fluent API is pointed at the store in this thread, the one that logs."""
+        if self._opened is None:
+            self._opened = self._setup.wait() if self._setup is not None else open_experiment(self.config)
+        if not self._fluent_api_set:
+            self._fluent_api_set = True
+            use_for_fluent_api(self._opened, self.config.tracking_uri)
+        return self._opened
+
+    @property
+    def mlflow(self) -> Any:
+        """The `mlflow` module, once MLflow is ready."""
+        return self._ready().mlflow
+
+    @property
+    def experiment_id(self) -> str:
+        return self._ready().experiment_id
+
+    def _active_run(self) -> Any:
+        """MLflow's active run in this thread, without waiting for the set-up: one that our contexts started, or one that
+        whoever imported MLflow before this tracker was made started (a notebook's run); with neither, there is none."""
+        if any(context.run_id for context in self._contexts):
+            return self.mlflow.active_run()
+        if self._mlflow_imported_before:
+            import mlflow  # imported already: the active run needs no store
+
+            return mlflow.active_run()
+        return None
 
     @property
     def run_id(self) -> Optional[str]:  # type: ignore[override]
         """The innermost run started in MLflow; None while nothing has been logged."""
-        run = self.mlflow.active_run()
+        run = self._active_run()
         return run.info.run_id if run else None
 
     @contextmanager
@@ -195,7 +217,7 @@ class Tracker(NullTracker):
 
     @contextmanager
     def stage(self, name: str) -> Iterator["Tracker"]:
-        nested = bool(self._contexts) or self.mlflow.active_run() is not None
+        nested = bool(self._contexts) or self._active_run() is not None
         # A stage run on its own carries the config itself.
         params = {} if nested else config_to_params(self.config)
         with self._context(_Context(name, {STAGE_TAG: name}, params, summary=nested and name in SUMMARY_STAGES)):
@@ -203,15 +225,20 @@ class Tracker(NullTracker):
 
     @contextmanager
     def _context(self, context: _Context) -> Iterator[None]:
-        if not self._contexts:
-            self.close_interrupted_runs()
+        outermost = not self._contexts
+        if outermost:
+            self._begin()
             self._evaluation_run_id = None
         self._contexts.append(context)
         status = "FINISHED"
         try:
             yield
+            if outermost:
+                self._ready()  # a set-up that failed in the background fails the command, even with nothing logged
         except KeyboardInterrupt:
             status = "KILLED"  # Ctrl-C: the run was stopped, it did not fail
+            if self._setup is not None:
+                self._setup.interrupted = True  # exit at once, as before
             raise
         except BaseException:
             status = "FAILED"
@@ -277,26 +304,9 @@ class Tracker(NullTracker):
         return self._contexts[0].run_id
 
     def close_interrupted_runs(self) -> list[str]:
-        """Close as KILLED the runs of this workdir left RUNNING by an azdistill process that is gone; returns their ids.
-
-        Only runs tagged with this workdir and this host are judged: their process is gone when its pid is not
-        alive, or is alive but started at another time (the pid now belongs to another process). A run of a live
-        process, of another machine, or without these tags is left as it is.
-        """
-        if os.environ.get("MLFLOW_RUN_ID"):
-            return []  # inside an Azure ML job: Azure ML keeps its runs' status
-        running = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
-        closed = []
-        for run in running:
-            tags = run.data.tags
-            if tags.get(WORKDIR_TAG) != self.origin[WORKDIR_TAG] or tags.get(HOST_TAG) != self.origin[HOST_TAG]:
-                continue
-            if _process_alive(tags.get(PID_TAG), tags.get(PID_CREATE_TIME_TAG)):
-                continue
-            self.client.set_terminated(run.info.run_id, status="KILLED")
-            log.info("closed run %s (pid %s) left RUNNING by an interrupted azdistill as KILLED", run.info.run_id, tags.get(PID_TAG))
-            closed.append(run.info.run_id)
-        return closed
+        """Close as KILLED the runs of this workdir left RUNNING by an azdistill process that is gone (see
+        `connection.close_interrupted_runs`); returns their ids."""
+        return connection.close_interrupted_runs(self._ready(), self.origin)
 
     def last_pipeline_run(self, tags: dict[str, str]) -> Any:
         """The latest FINISHED pipeline run of this workdir with `tags` (the run whose results a rerun that changed
@@ -374,9 +384,8 @@ class Tracker(NullTracker):
 
     @property
     def client(self):
-        if self._client is None:
-            self._client = self.mlflow.MlflowClient(tracking_uri=self.config.tracking_uri)
-        return self._client
+        """The MLflow client of the config's store, once MLflow is ready."""
+        return self._ready().client
 
     def log_student(self, model_dir: Path, tags: dict[str, str]) -> Optional[str]:
         """Log the student as an MLflow model under the active run and register it; returns the registry version.
@@ -473,26 +482,9 @@ class Tracker(NullTracker):
         return (str(version) if version is not None else None), info.model_id
 
 
-def _process_alive(pid: Optional[str], create_time: Optional[str]) -> bool:
-    """Whether process `pid` still runs and is the one that started at `create_time` (not a later one given its pid).
-    Tags that cannot be read count as alive: a run we cannot judge is not ours to close."""
-    import psutil
-
-    try:
-        process = psutil.Process(int(pid))  # type: ignore[arg-type]
-        started = process.create_time()
-        if process.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped by its parent
-            return False
-        return abs(started - float(create_time)) < 1.0  # type: ignore[arg-type]
-    except psutil.NoSuchProcess:  # ZombieProcess included
-        return False
-    except (TypeError, ValueError, psutil.AccessDenied):
-        return True
-
-
 def make_tracker(config: DistillConfig) -> NullTracker:
     if not config.tracking.enabled:
         return NullTracker()
     # Quiet MLflow's per-run "View run at ..." banners when no server is involved.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    return Tracker(config)
+    return Tracker(config, open_now=False)

@@ -51,7 +51,11 @@ def start_server(*options: str) -> tuple[subprocess.Popen, str]:
 
 def stop_server(process: subprocess.Popen) -> dict:
     process.send_signal(2)  # SIGINT: the server prints what it did
-    _, err = process.communicate(timeout=10)
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # never hide the run's own error behind the server's
+        process.kill()
+        _, err = process.communicate()
     try:
         return json.loads(err.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -176,6 +176,15 @@ class FakeTeacherServer:
             self.counts["admitted"] += 1
             return None
 
+    def remaining_requests(self) -> int:
+        """What Azure OpenAI and OpenAI put in `x-ratelimit-remaining-requests`: the requests the limit still allows
+        now (here: in the sliding window; 1 when the server has no limit, as before)."""
+        if not self.rate_limit:
+            return 1
+        with self.lock:
+            now = time.monotonic()
+            return max(0, self.rate_limit - sum(1 for admitted in self.window if admitted > now - self.rate_window_s))
+
     def _random_fault(self) -> Optional[str]:
         if not self.fault_rate:
             return None
@@ -383,7 +392,7 @@ class FakeTeacherServer:
                     server.answered_at.append(time.monotonic())
                 self._send(200, {"id": f"chatcmpl-{seen}", "object": "chat.completion", "created": int(time.time()),
                                  "model": body.get("model", "fake"), "choices": choices, "usage": usage},
-                           {"x-ratelimit-remaining-requests": "1"})
+                           {"x-ratelimit-remaining-requests": str(server.remaining_requests())})
 
         return Handler
 

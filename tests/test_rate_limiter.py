@@ -46,6 +46,10 @@ class WindowEndpoint:
         self.admitted_at.append(at)
         return None
 
+    def remaining(self, at: float) -> int:
+        """x-ratelimit-remaining-requests at `at`: what the window still allows."""
+        return self.limit - sum(1 for admitted in self.admitted if admitted > at - self.window)
+
 
 def drive(limiter: AdaptiveRateLimiter, clock: FakeClock, endpoint: WindowEndpoint, seconds: float,
           jitter: float = 0.0, limit_changes: dict = None, seed: int = 0) -> None:
@@ -171,3 +175,35 @@ def test_clients_sharing_one_limit_fill_it_together():
     assert sum(admitted_by) >= 0.95 * 40 * 55
     assert min(admitted_by) >= 0.25 * sum(admitted_by)
     assert endpoint.throttled <= 200
+
+
+@pytest.mark.parametrize("reports_headroom", [True, False])
+def test_a_client_left_alone_on_a_shared_limit_takes_it_up(reports_headroom):
+    """Two clients share a limit of 40/s; one stops after 20 s. The other takes up the whole limit: within 4 s when
+    the endpoint reports its headroom (x-ratelimit-remaining-requests, as Azure OpenAI and OpenAI do), only after its
+    hold (10 s here) when it must find it by probing."""
+    clock = FakeClock()
+    endpoint = WindowEndpoint(limit=40)
+    limiters = [AdaptiveRateLimiter(clock=clock, sleep=clock.sleep, probe_hold_s=10.0) for _ in range(2)]
+    rng = random.Random(5)
+    started = clock.now
+    while clock.now < started + 40.0:
+        active = [0, 1] if clock.now < started + 20.0 else [0]
+        which = min(active, key=lambda n: max(limiters[n]._next_at, limiters[n].blocked_until))
+        limiter = limiters[which]
+        ticket = limiter.acquire()
+        arrival = clock.now + rng.uniform(0, 0.003)
+        wait = endpoint.arrive(arrival)
+        if wait is None:
+            limiter.on_accepted(ticket)
+            limiter.on_success(endpoint.remaining(arrival) if reports_headroom else None)
+        else:
+            limiter.on_throttle(wait, ticket)
+    # Seconds after the other client stopped until the one left alone admits 95% of the limit in a second.
+    taken_up_after = next(second for second in range(20) if admitted_between(
+        endpoint, started + 20.0 + second, started + 21.0 + second) >= 0.95 * 40)
+    if reports_headroom:
+        assert taken_up_after <= 3
+    else:
+        assert taken_up_after > 4  # held at its share until the probe finds the rest: the header is what makes it quick
+    assert admitted_between(endpoint, started + 35.0, started + 40.0) >= 0.95 * 40 * 5

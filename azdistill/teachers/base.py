@@ -16,6 +16,7 @@ class EndpointCompletion(Completion):
     """A hosted teacher's answer: the completion plus the top-k log-probabilities of its tokens, if returned."""
 
     logprobs: Optional[list] = None
+    remaining_requests: Optional[int] = None  # the answer's x-ratelimit-remaining-requests (headroom), if sent
 
 
 class RecordRejected(Exception):

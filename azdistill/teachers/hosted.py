@@ -270,6 +270,8 @@ class EndpointTeacher(CommittingTeacher):
         if not choices:
             raise TransientError("unreadable answer (no choices)")
         usage = data.get("usage") or {}
+        remaining = (getattr(response, "headers", None) or {}).get("x-ratelimit-remaining-requests")
+        choices[0].remaining_requests = int(remaining) if remaining and remaining.strip().isdigit() else None
         choices[0].prompt_tokens = int(usage.get("prompt_tokens") or 0)
         choices[0].completion_tokens = int(usage.get("completion_tokens") or 0)
         return choices
@@ -329,7 +331,7 @@ class EndpointTeacher(CommittingTeacher):
                     self._bad_requests_in_a_row = 0
                 self._latencies.append(time.monotonic() - ticket.sent_at)
                 self.limiter.on_accepted(ticket)
-                self.limiter.on_success()
+                self.limiter.on_success(answers[0].remaining_requests)
                 first = answers[0]
                 self.limiter.refund(estimate + worst - first.prompt_tokens - first.completion_tokens)
                 if first.prompt_tokens:

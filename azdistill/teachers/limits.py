@@ -33,6 +33,9 @@ PROBE_MAX_HOLD_S = 12.0
 PROBE_GAIN_PER_S = 0.05
 PROBE_DOUBLING_S = 1.0
 PROBE_MAX_GAIN_PER_S = 0.5
+# Headroom the endpoint reports (x-ratelimit-remaining-requests), as a share of a window's worth of our pace, that
+# ends a hold at once: the limit is shared and its other clients stopped, or it was raised.
+HEADROOM_SHARE = 0.25
 
 
 def parse_retry_after(headers: Any, now=time.time) -> Optional[float]:
@@ -125,6 +128,9 @@ class AdaptiveRateLimiter:
         self._tokens = self._token_capacity
         self._tokens_at = clock()
         self.throttled = 0
+        self._headroom_at = -math.inf  # when reported headroom last raised the pace
+        self._last_remaining: Optional[int] = None  # x-ratelimit-remaining-requests of the last answer
+        self._remaining_is_the_limit: Optional[bool] = None  # whether that header tracks the limit that throttles us
         self.measured_limit: Optional[float] = None  # requests per window at the last 429, for the stage's stats
         # The recent requests' tickets, oldest first: what the endpoint's window held when it said 429.
         self._sent: collections.deque = collections.deque()
@@ -197,14 +203,25 @@ class AdaptiveRateLimiter:
         if ticket is not None:
             ticket.state = "admitted"
 
-    def on_success(self) -> None:
+    def on_success(self, remaining: Optional[int] = None) -> None:
+        """An answer; `remaining` is the endpoint's `x-ratelimit-remaining-requests` with it, where it sends one."""
         with self._lock:
+            self._last_remaining = remaining
             if self.slow_start:
                 # +2 per answer: the pace grows by e^2 a second, from 16/s to a 40/s limit in half a second.
                 self.rate = min(self.max_rate, self.rate + 2.0)
                 return
             now = self._clock()
             grown_at, self._grown_at = self._grown_at, now
+            if self._remaining_is_the_limit and remaining is not None and now >= self._headroom_at + ACCEPTED_WINDOW_S \
+                    and remaining >= max(4.0, HEADROOM_SHARE * self.rate * ACCEPTED_WINDOW_S):
+                # The endpoint says a good part of its limit is unused (other clients of a shared limit stopped, or
+                # it was raised): take up half of it at once (once a window: the figure lags our own new requests),
+                # and probe from now rather than after the hold.
+                self.rate = min(self.max_rate, self.rate + 0.5 * remaining / ACCEPTED_WINDOW_S)
+                self._headroom_at = now
+                if now < self._probe_from:
+                    self._probe_from, self._hold, grown_at = now, self.probe_hold_s, now
             if grown_at is None or now < self._probe_from:
                 return
             # Probing: the gain doubles every probe_doubling_s without a 429, from 1% a second.
@@ -220,6 +237,11 @@ class AdaptiveRateLimiter:
             self.throttled += 1
             if ticket is not None:
                 ticket.state = "throttled"
+            # Trust x-ratelimit-remaining-requests as a measure of headroom only while it says ~0 when a 429 comes:
+            # a per-minute budget (OpenAI's) can read large while a shorter window throttles.
+            if self._last_remaining is not None:
+                near_zero = self._last_remaining <= max(2.0, 0.1 * self.rate * ACCEPTED_WINDOW_S)
+                self._remaining_is_the_limit = near_zero and self._remaining_is_the_limit is not False
             pause = retry_after if retry_after is not None else min(2.0, 2.0 / self.rate) * random.uniform(0.5, 1.0)
             self.blocked_until = max(self.blocked_until, now + pause)
             self._probe_from = max(self._probe_from, now + self._hold)

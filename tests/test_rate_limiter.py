@@ -207,3 +207,19 @@ def test_a_client_left_alone_on_a_shared_limit_takes_it_up(reports_headroom):
     else:
         assert taken_up_after > 4  # held at its share until the probe finds the rest: the header is what makes it quick
     assert admitted_between(endpoint, started + 35.0, started + 40.0) >= 0.95 * 40 * 5
+
+
+def test_hours_without_a_429_neither_overflow_nor_run_the_pace_away():
+    """Under a configured budget (or a concurrency that never reaches the limit) no 429 ever comes: probing must
+    neither overflow its doubling gain nor raise the pace far beyond what is really sent."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate, limiter.slow_start = 10.0, False
+    for _ in range(200):  # 10 requests a second for 20 s: the workers, not the pace, hold them back
+        limiter.on_accepted(limiter.acquire())
+        clock.now += 0.1
+        limiter.on_success()
+    clock.now += 10_000.0  # hours later, one more answer: 2 ** (10,000 / 1) would overflow
+    limiter.on_accepted(limiter.acquire())
+    limiter.on_success()
+    assert limiter.rate <= 2 * 10.5

@@ -281,12 +281,16 @@ class Stream:
     context: Context
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: list.remove must find this job, not an equal one
 class _Job:
     stream: Stream
     item: Item
     hedge: bool = False
     thread: Optional[int] = None  # the worker thread answering it
+    # The record as its worker took it, when one turn was left: what a hedge starts from (the item itself changes
+    # while its answer is taken).
+    snapshot: Optional[Item] = None
+    hedged: bool = False
 
 
 def run_concurrent(streams: list[Stream], teacher: Teacher, clock=time.monotonic) -> None:
@@ -328,7 +332,8 @@ class _Pool:
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.pending: dict[tuple[int, int], list[_Job]] = {}  # (stream, record index) -> its jobs
-        self.busy = 0  # workers answering a record (an int's += and -= under the GIL: a hint, not a count to rely on)
+        self.busy = 0  # workers answering a record
+        self._busy_lock = threading.Lock()
         self.hedged = 0
         # Daemon threads: a worker blocked in a slow request must not keep a stopped run's process alive.
         self.workers = [threading.Thread(target=self._work, name=f"teacher-{n}", daemon=True) for n in range(teacher.concurrency)]
@@ -341,14 +346,18 @@ class _Pool:
             if job is None:
                 return
             job.thread = threading.get_ident()
-            self.busy += 1
+            if not job.hedge and len(job.item.user_turns) - len(job.item.answers) == 1:
+                job.snapshot = _copy_item(job.item)
+            with self._busy_lock:
+                self.busy += 1
             try:
                 row = _answer_item(job.item, self.teacher, job.stream.context, job.stream.journal, self.stop)
                 self.results.put((job, row, None))
             except BaseException as error:  # handed to the main thread, which decides
                 self.results.put((job, None, error))
             finally:
-                self.busy -= 1
+                with self._busy_lock:
+                    self.busy -= 1
 
     def submit(self, job: _Job) -> None:
         self.pending.setdefault((id(job.stream), job.item.index), []).append(job)
@@ -359,14 +368,16 @@ class _Pool:
         dropped, and an error raised unless the record's other copy may still answer."""
         job, row, error = self.results.get(timeout=timeout)
         key = (id(job.stream), job.item.index)
-        if key not in self.pending:
+        copies = self.pending.get(key)
+        if copies is None:
             return  # the other copy of a hedged record answered first
+        given_up = error is None and row.get("retryable")  # its faults ran out; the other copy may still answer
+        if (error is not None and not _is_fatal(error) or given_up) and len(copies) > 1:
+            copies.remove(job)
+            return
+        del self.pending[key]  # answered, or failed with no other copy left (nothing more will come for it)
         if error is not None:
-            if len(self.pending[key]) > 1 and not _is_fatal(error):
-                self.pending[key].remove(job)
-                return
             raise error
-        del self.pending[key]
         job.stream.context.finished(job.stream.journal, row)
 
     def hedge_the_tail(self) -> None:
@@ -376,15 +387,17 @@ class _Pool:
         if median is None:
             return
         threshold, now = max(HEDGE_MIN_S, HEDGE_AFTER_MEDIANS * median), self.clock()
-        idle = self.teacher.concurrency - self.busy - self.jobs.qsize()
+        with self._busy_lock:
+            idle = self.teacher.concurrency - self.busy - self.jobs.qsize()
         for copies in list(self.pending.values()):
             if idle <= 0:
                 return
             first = copies[0]
             out_since = self.teacher.request_out_since(first.thread) if first.thread is not None else None
-            if len(copies) == 1 and out_since is not None and now - out_since > threshold \
-                    and len(first.item.user_turns) - len(first.item.answers) == 1:
-                self.submit(_Job(first.stream, _copy_item(first.item), hedge=True))
+            if len(copies) == 1 and not first.hedged and first.snapshot is not None and out_since is not None \
+                    and now - out_since > threshold:
+                first.hedged = True
+                self.submit(_Job(first.stream, _copy_item(first.snapshot), hedge=True))
                 self.hedged += 1
                 idle -= 1
 
@@ -408,8 +421,17 @@ class _Pool:
                 job, row, error = self.results.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if self.pending.pop((id(job.stream), job.item.index), None) is not None and error is None:
+            key = (id(job.stream), job.item.index)
+            copies = self.pending.get(key)
+            if copies is None:
+                continue
+            if error is None:
+                del self.pending[key]
                 job.stream.context.finished(job.stream.journal, row)
+            else:  # this copy stopped (or failed); another may still bring an answer that was paid for
+                copies.remove(job)
+                if not copies:
+                    del self.pending[key]
 
     def close(self) -> None:
         self.stop.set()

@@ -271,7 +271,7 @@ class EndpointTeacher(CommittingTeacher):
             raise TransientError("unreadable answer (no choices)")
         usage = data.get("usage") or {}
         remaining = (getattr(response, "headers", None) or {}).get("x-ratelimit-remaining-requests")
-        choices[0].remaining_requests = int(remaining) if remaining and remaining.strip().isdigit() else None
+        choices[0].remaining_requests = int(remaining) if remaining and remaining.strip().isdecimal() else None
         choices[0].prompt_tokens = int(usage.get("prompt_tokens") or 0)
         choices[0].completion_tokens = int(usage.get("completion_tokens") or 0)
         return choices

@@ -26,7 +26,7 @@ THROTTLE_RETRY_FACTOR = 20
 # Below the measured limit by this share: the slack for the time between our clock and the endpoint's admission.
 LIMIT_MARGIN = 0.01
 # After a 429 the pace holds this long, then probes upwards (a limit can rise), faster the longer no 429 comes:
-# 2% a second at first, twice that every PROBE_DOUBLING_S (a doubled limit is found in about 7 s). Each probe that
+# 5% a second at first, twice that every PROBE_DOUBLING_S (a doubled limit is found in about 4 s). Each probe that
 # finds the same limit again doubles the hold, up to PROBE_MAX_HOLD_S: a steady limit costs a 429 or two a while.
 PROBE_HOLD_S = 3.0
 PROBE_MAX_HOLD_S = 12.0
@@ -36,6 +36,7 @@ PROBE_MAX_GAIN_PER_S = 0.5
 # Headroom the endpoint reports (x-ratelimit-remaining-requests), as a share of a window's worth of our pace, that
 # ends a hold at once: the limit is shared and its other clients stopped, or it was raised.
 HEADROOM_SHARE = 0.25
+SEND_RATE_SMOOTHING_S = 0.25
 
 
 def parse_retry_after(headers: Any, now=time.time) -> Optional[float]:
@@ -87,7 +88,7 @@ class AdaptiveRateLimiter:
     a slot; a 429 did not), so the measure counts what the endpoint counted, not when the answers came back.
     The pace drops to just under the measure (`margin` for the gap between our clock and the endpoint's), at
     most once per throttling episode and never below half at once. After `probe_hold_s` without a 429 it probes
-    upwards, by 2% a second at first and twice as fast every `probe_doubling_s` without one, so a limit that
+    upwards, by 5% a second at first and twice as fast every `probe_doubling_s` without one, so a limit that
     rises is found and one that falls (or is shared with other clients) costs one 429 and a new measure; a probe
     that only finds the same limit again waits twice as long before the next one (up to 12 s).
     A configured `requests_per_minute` caps the rate.
@@ -128,6 +129,8 @@ class AdaptiveRateLimiter:
         self._tokens = self._token_capacity
         self._tokens_at = clock()
         self.throttled = 0
+        self.initial_rate = initial_rate
+        self._send_rate, self._sent_rate_at = initial_rate, None  # requests really sent per second (smoothed)
         self._headroom_at = -math.inf  # when reported headroom last raised the pace
         self._last_remaining: Optional[int] = None  # x-ratelimit-remaining-requests of the last answer
         self._remaining_is_the_limit: Optional[bool] = None  # whether that header tracks the limit that throttles us
@@ -162,8 +165,17 @@ class AdaptiveRateLimiter:
                             self._next_at = (self._next_at if now - self._next_at <= interval else now) + interval
                             ticket = Ticket(now)
                             self._sent.append(ticket)
-                            while self._sent and self._sent[0].sent_at < now - 2 * ACCEPTED_WINDOW_S:
+                            # 3 windows: a 429 that comes back a window after it was sent still sees the window
+                            # before it whole.
+                            while self._sent and self._sent[0].sent_at < now - 3 * ACCEPTED_WINDOW_S:
                                 self._sent.popleft()
+                            # What is really sent, smoothed over a quarter of a second (bounds the pace: _bounded;
+                            # quick enough to follow the slow start, which grows the pace 1.6x in that time).
+                            if self._sent_rate_at is not None and now > self._sent_rate_at:
+                                weight = math.exp(-(now - self._sent_rate_at) / SEND_RATE_SMOOTHING_S)
+                                instant = 1.0 / (now - self._sent_rate_at)
+                                self._send_rate = weight * self._send_rate + (1.0 - weight) * instant
+                            self._sent_rate_at = now
                             return ticket
                     else:
                         wait = ready_at - now
@@ -209,7 +221,7 @@ class AdaptiveRateLimiter:
             self._last_remaining = remaining
             if self.slow_start:
                 # +2 per answer: the pace grows by e^2 a second, from 16/s to a 40/s limit in half a second.
-                self.rate = min(self.max_rate, self.rate + 2.0)
+                self.rate = self._bounded(self.rate + 2.0)
                 return
             now = self._clock()
             grown_at, self._grown_at = self._grown_at, now
@@ -218,16 +230,24 @@ class AdaptiveRateLimiter:
                 # The endpoint says a good part of its limit is unused (other clients of a shared limit stopped, or
                 # it was raised): take up half of it at once (once a window: the figure lags our own new requests),
                 # and probe from now rather than after the hold.
-                self.rate = min(self.max_rate, self.rate + 0.5 * remaining / ACCEPTED_WINDOW_S)
+                # At most doubled: a per-minute figure from a fresh minute would otherwise read as a huge headroom.
+                self.rate = self._bounded(self.rate + min(self.rate, 0.5 * remaining / ACCEPTED_WINDOW_S))
                 self._headroom_at = now
                 if now < self._probe_from:
                     self._probe_from, self._hold, grown_at = now, self.probe_hold_s, now
             if grown_at is None or now < self._probe_from:
                 return
-            # Probing: the gain doubles every probe_doubling_s without a 429, from 1% a second.
-            doublings = (now - self._probe_from) / self.probe_doubling_s
+            # Probing: the gain doubles every probe_doubling_s without a 429, from PROBE_GAIN_PER_S (capped before
+            # the power: hours without a 429, as under a configured budget, would overflow it).
+            doublings = min(20.0, (now - self._probe_from) / self.probe_doubling_s)
             gain = min(PROBE_MAX_GAIN_PER_S, PROBE_GAIN_PER_S * 2 ** doublings)
-            self.rate = min(self.max_rate, self.rate * (1.0 + gain * (now - max(grown_at, self._probe_from))))
+            self.rate = self._bounded(self.rate * (1.0 + gain * (now - max(grown_at, self._probe_from))))
+
+    def _bounded(self, rate: float) -> float:
+        """`rate` within the configured budget and, when the pace is not what holds the requests back (fewer are
+        sent than it allows: the workers are busy), within twice what is really sent: a pace that nothing tests
+        would otherwise grow without bound, and come down only by half per throttling episode."""
+        return min(self.max_rate, rate, max(self.rate, self.initial_rate, 2.0 * self._send_rate))
 
     def on_throttle(self, retry_after: Optional[float], ticket: Optional[Ticket] = None) -> None:
         """A 429: everyone waits until the server's hint (or a short pause), and the pace drops once per episode

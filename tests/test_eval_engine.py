@@ -275,3 +275,17 @@ def test_the_engine_key_defaults_to_auto_and_refuses_other_values(make_config):
     message = str(caught.value)
     assert "\n" not in message and "evaluation.engine" in message
     assert all(value in message for value in ("auto", "transformers", "vllm"))
+
+
+def test_a_local_run_refuses_vllm_it_cannot_use_before_its_first_stage(make_config, tmp_path, monkeypatch):
+    """`azdistill run` with evaluation.engine vllm on a machine without it stops before synthesis and training, not
+    at evaluate after them."""
+    from azdistill.stages import run as pipeline
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: this test is about a machine without it")
+    config = load_config(make_config(), ["evaluation.engine=vllm"])
+    monkeypatch.setattr(pipeline, "prepare_models", lambda config: pytest.fail("a model was prepared"))
+    with pytest.raises(UserError, match="evaluation.engine vllm needs"):
+        pipeline.run_local(config)
+    assert not Path(config.stage_dir("synthesize")).exists()

@@ -141,12 +141,15 @@ def run_local(config: DistillConfig, force: bool = False, tracker: Optional[Null
 
 
 def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracker], seeds: int = 1) -> RunResult:
+    from azdistill.evaluation.engines import engine_on_this_machine
     from azdistill.stages.evaluate import evaluate
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
 
     for split in ("train", "validation", "test"):  # fail on bad data before loading any model; nothing is held
         count_records(getattr(config.data, split), config.task.type, config.data.max_records)
+    # evaluation.engine vllm on a machine without vLLM or a GPU: refused now, not after synthesis and training.
+    engine_on_this_machine(config.evaluation.engine)
     tracker = tracker or make_tracker(config)
     seconds: dict[str, float] = {}
     with tracker.pipeline(tags=pipeline_tags(config, mode="local")):

@@ -187,6 +187,17 @@ def minimal_config(request, make_config) -> Path:
     return make_config(getattr(request, "param", "nli"))
 
 
+@pytest.fixture
+def no_tracking_left_behind():
+    """For tests that track through MLflow's fluent API in this process: no run left open, no tracking URI left set."""
+    yield
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
 def separate_tiny_student(folder: Path) -> Path:
     """A small student that is its own model folder (not pruned from the teacher): a 2-layer Llama built from a
     config, with the built-in teacher's tokenizer and chat template, saved into `folder`."""

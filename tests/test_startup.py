@@ -34,14 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN, VALIDATION = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def no_tracking_left_behind():
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+# Each test leaves no MLflow run open and no tracking URI set (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_tracking_left_behind")
 
 
 def hosted_config(folder: Path, teacher_url: str, tracking: str = "") -> Path:

@@ -45,14 +45,8 @@ with tracker.pipeline(tags=pipeline_tags(config)):
 """
 
 
-@pytest.fixture(autouse=True)
-def no_tracking_left_behind():
-    yield
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+# Each test leaves no MLflow run open and no tracking URI set (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("no_tracking_left_behind")
 
 
 def elsewhere(workdir: Path, mode: str) -> subprocess.Popen:

@@ -287,9 +287,9 @@ class _Job:
     item: Item
     hedge: bool = False
     thread: Optional[int] = None  # the worker thread answering it
-    # The record as its worker took it, when one turn was left: what a hedge starts from (the item itself changes
-    # while its answer is taken).
-    snapshot: Optional[Item] = None
+    # The record, from which a hedge starts afresh (`item` changes while its answer is taken); None where no hedge
+    # may start: more than one turn left (a hedge would journal a partial turn twice), or a hedge itself.
+    record: Optional[Record] = None
     hedged: bool = False
 
 
@@ -310,7 +310,8 @@ def run_concurrent(streams: list[Stream], teacher: Teacher, clock=time.monotonic
                     continue
                 while len(pool.pending) >= window:
                     pool.collect(timeout=None)
-                pool.submit(_Job(stream, start_item(record, index, stream.context.config, stream.done.partials.get(index))))
+                item = start_item(record, index, stream.context.config, stream.done.partials.get(index))
+                pool.submit(_Job(stream, item, record=record if len(item.user_turns) - len(item.answers) == 1 else None))
         while pool.pending:
             try:
                 pool.collect(timeout=HEDGE_CHECK_S)
@@ -346,8 +347,6 @@ class _Pool:
             if job is None:
                 return
             job.thread = threading.get_ident()
-            if not job.hedge and len(job.item.user_turns) - len(job.item.answers) == 1:
-                job.snapshot = _copy_item(job.item)
             with self._busy_lock:
                 self.busy += 1
             try:
@@ -394,10 +393,12 @@ class _Pool:
                 return
             first = copies[0]
             out_since = self.teacher.request_out_since(first.thread) if first.thread is not None else None
-            if len(copies) == 1 and not first.hedged and first.snapshot is not None and out_since is not None \
+            if len(copies) == 1 and not first.hedged and first.record is not None and out_since is not None \
                     and now - out_since > threshold:
                 first.hedged = True
-                self.submit(_Job(first.stream, _copy_item(first.snapshot), hedge=True))
+                stream, index = first.stream, first.item.index
+                fresh = start_item(first.record, index, stream.context.config, stream.done.partials.get(index))
+                self.submit(_Job(stream, fresh, hedge=True))
                 self.hedged += 1
                 idle -= 1
 
@@ -439,12 +440,6 @@ class _Pool:
             self.jobs.put(None)
         if self.hedged:
             self.teacher.stats.count(hedged=self.hedged)
-
-
-def _copy_item(item: Item) -> Item:
-    import copy
-
-    return copy.deepcopy(item)
 
 
 def _is_fatal(error: BaseException) -> bool:

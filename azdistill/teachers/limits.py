@@ -134,7 +134,7 @@ class AdaptiveRateLimiter:
         self._headroom_at = -math.inf  # when reported headroom last raised the pace
         self._last_remaining: Optional[int] = None  # x-ratelimit-remaining-requests of the last answer
         self._remaining_is_the_limit: Optional[bool] = None  # whether that header tracks the limit that throttles us
-        self.measured_limit: Optional[float] = None  # requests per window at the last 429, for the stage's stats
+        self.measured_limit: Optional[float] = None  # the limit as the last throttling episode measured it, per second
         # The recent requests' tickets, oldest first: what the endpoint's window held when it said 429.
         self._sent: collections.deque = collections.deque()
 
@@ -210,10 +210,9 @@ class AdaptiveRateLimiter:
             with self._lock:
                 self._refund_locked(tokens)
 
-    def on_accepted(self, ticket: Optional[Ticket] = None) -> None:
+    def on_accepted(self, ticket: Ticket) -> None:
         """The endpoint took the request against its limit (an answer, or a fault after admission)."""
-        if ticket is not None:
-            ticket.state = "admitted"
+        ticket.state = "admitted"
 
     def on_success(self, remaining: Optional[int] = None) -> None:
         """An answer; `remaining` is the endpoint's `x-ratelimit-remaining-requests` with it, where it sends one."""
@@ -249,14 +248,13 @@ class AdaptiveRateLimiter:
         would otherwise grow without bound, and come down only by half per throttling episode."""
         return min(self.max_rate, rate, max(self.rate, self.initial_rate, 2.0 * self._send_rate))
 
-    def on_throttle(self, retry_after: Optional[float], ticket: Optional[Ticket] = None) -> None:
+    def on_throttle(self, retry_after: Optional[float], ticket: Ticket) -> None:
         """A 429: everyone waits until the server's hint (or a short pause), and the pace drops once per episode
         to just under what the endpoint had admitted in the window before this request."""
         with self._lock:
             now = self._clock()
             self.throttled += 1
-            if ticket is not None:
-                ticket.state = "throttled"
+            ticket.state = "throttled"
             # Trust x-ratelimit-remaining-requests as a measure of headroom only while it says ~0 when a 429 comes:
             # a per-minute budget (OpenAI's) can read large while a shorter window throttles.
             if self._last_remaining is not None:
@@ -270,7 +268,7 @@ class AdaptiveRateLimiter:
                 return
             self._last_decrease = now
             self.slow_start = False
-            measured = self._peak_admitted(ticket.sent_at if ticket is not None else now) / ACCEPTED_WINDOW_S
+            measured = self._peak_admitted(ticket.sent_at) / ACCEPTED_WINDOW_S
             if measured:
                 self.measured_limit = measured
             if measured and measured >= self.rate * (1.0 - 3 * self.margin):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -86,10 +85,11 @@ class BatchClient:
         return f"{self.base}/{path}{query}"
 
     def _backoff(self, fault: int, retry_after: Optional[float]) -> float:
+        """The online client's back-off (equal jitter from teacher.backoff_s), but a Retry-After is taken as the
+        provider gives it, up to the longest poll."""
         if retry_after is not None:
             return min(retry_after, MAX_POLL_S)
-        ceiling = min(self.teacher.max_backoff_s, self.teacher.backoff_s * (2 ** fault))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return self.teacher._backoff(fault, None)
 
     def _call(self, method: str, path: str, what: str, retries: Optional[int] = None, transfer: bool = False,
               params: Optional[dict] = None, **kwargs):

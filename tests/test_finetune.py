@@ -174,6 +174,7 @@ LOSS_SETUPS = {
     "on_policy": ({"kd_weight": 0.5, "on_policy_ratio": 0.5, "on_policy_max_new_tokens": 3}, None),
     "lora": ({"method": "lora", "kd_weight": 0.5, "lora": {"r": 4, "alpha": 8}}, "kd"),
     "packed": ({"batching": "packed", "kd_weight": 0.5, "hidden_weight": 1.0, "sft_weight": 0.0}, "kd"),
+    "frozen_embeddings": ({"freeze_embeddings": True, "topk_weight": 0.5}, "topk"),
 }
 
 
@@ -187,7 +188,7 @@ def test_training_with_each_loss_changes_the_parameters_and_lowers_the_loss(toke
     student = make_pruned_student(teacher, 0.5, tmp_path / "student") if "hidden_weight" in options else tiny_model(tokenizer, tmp_path / "student", seed=1)
     train, validation = conversations(8), conversations(2)
     topk = {}
-    if setup == "topk":
+    if "topk_weight" in options:
         topk = {"train_topk": [row["turns"] for row in topk_sidecar(tokenizer, teacher, train)]}
     settings = TrainingConfig(learning_rate=5e-3, batch_size=4, epochs=4, logging_steps=1, save_steps=100, **options)
     summary = train_student(train, validation, student, tmp_path / "out", settings, teacher_path=teacher, **topk)
@@ -195,7 +196,11 @@ def test_training_with_each_loss_changes_the_parameters_and_lowers_the_loss(toke
     assert summary["steps"] == 8
     # Every trained tensor moved, but for the final norm when only hidden states are matched: it comes after them.
     untouched = {"model.norm.weight"} if setup == "hidden" else set()
+    frozen = {"model.embed_tokens.weight"} if setup == "frozen_embeddings" else set()  # (the tied head is that tensor)
     assert summary["parameters_changed"] == summary["trainable_tensors"] - len(untouched) > 0
+    if frozen:
+        embedding = AutoModelForCausalLM.from_pretrained(student).get_input_embeddings().weight.numel()
+        assert summary["trainable_parameters"] == summary["parameters"] - embedding
     assert summary["final_loss"] < summary["first_loss"]
     if component:
         assert summary[f"final_loss_{component}"] < summary[f"first_loss_{component}"]
@@ -214,7 +219,7 @@ def test_training_with_each_loss_changes_the_parameters_and_lowers_the_loss(toke
         with torch.no_grad():
             torch.testing.assert_close(adapted(ids).logits, after.eval()(ids).logits, atol=1e-4, rtol=1e-4)
     else:
-        assert changed == {name for name, _ in before.named_parameters()} - untouched
+        assert changed == {name for name, _ in before.named_parameters()} - untouched - frozen
     if setup == "on_policy":
         assert 0 < summary["on_policy_batches"] < 8
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -365,6 +370,7 @@ def test_loss_settings_that_cannot_work_together_are_refused():
         ({"sft_weight": 0.0}, "every loss has weight 0"),
         ({"on_policy_ratio": 0.5}, "needs kd_weight > 0"),
         ({"kd_weight": 0.5, "on_policy_ratio": 0.5, "batching": "packed"}, "padded or length_grouped"),
+        ({"method": "lora", "freeze_embeddings": True}, "freeze_embeddings applies to method full"),
     ]:
         with pytest.raises(ValidationError, match=message):
             TrainingConfig(**bad)

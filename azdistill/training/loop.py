@@ -243,6 +243,9 @@ def _load_models(student_path: Path, teacher_path: Optional[Path], settings: Tra
                     f"training.hidden_weight > 0 needs equal hidden sizes; the student's is {model.config.hidden_size}, "
                     f"the teacher's {teacher_model.config.hidden_size}"
                 )
+    if settings.freeze_embeddings and settings.method == "full":
+        # A tied output head is this same tensor, so it stays too; the Trainer's optimizer takes only trainable weights.
+        model.get_input_embeddings().weight.requires_grad_(False)
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_teacher_server import FakeTeacherServer  # noqa: E402
+from fake_teacher_server import FakeTeacherServer, default_answer  # noqa: E402
 
 from azdistill.config.schema import DistillConfig  # noqa: E402
 from azdistill.errors import StageFailed, UserError  # noqa: E402
@@ -301,6 +302,44 @@ def test_a_record_hung_at_the_end_is_hedged_and_kept_once(tmp_path):
     assert read(out / "train.jsonl")[-1]["messages"][-1]["content"] == "negative"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["endpoint"]["hedged"] == 1 and stats["endpoint"]["retries"] == 0
+
+
+def test_a_hedged_record_whose_first_copy_answers_late_counts_both_copies_in_the_cost(tmp_path):
+    """The endpoint bills both copies of a hedged record: the copy that answers second is dropped from the outputs
+    but its tokens are in stats.json and in the cost. 'late' answers its first request after 0.5 s (a hedge goes
+    out after 0.2 s and answers at once); 'slow' takes 2 s every time, so the stage is still running when the late
+    copy comes back."""
+    calls: dict = {}
+    lock = threading.Lock()
+
+    def answer(messages):
+        text = messages[-1]["content"]
+        with lock:
+            calls[text] = calls.get(text, 0) + 1
+            first = calls[text] == 1
+        if "slow" in text or ("late" in text and first):
+            time.sleep(2.0 if "slow" in text else 0.5)
+        return default_answer(messages)
+
+    texts = [f"good {n}" for n in range(12)] + ["bad late", "bad slow"]
+    with FakeTeacherServer(answer=answer) as server:
+        config = hosted_config(tmp_path, server.url, [single(t) for t in texts], [single("good v")],
+                               teacher={"max_concurrency": 4, "timeout_s": 30.0, "price_per_million_prompt_tokens": 1.0,
+                                        "price_per_million_completion_tokens": 1.0})
+        out = synthesize(config, hosted_teacher_factory(config))
+    assert calls["Review: bad late"] == 2
+    train = read(out / "train.jsonl")
+    assert [row["messages"][1]["content"] for row in train] == [f"Review: {t}" for t in texts]  # each record once
+    stats = json.loads((out / "stats.json").read_text())
+    endpoint = stats["endpoint"]
+    assert endpoint["hedged"] == 2
+    # The late copy's prompt, as the fake counts it (a quarter of its characters, plus one); the slow record's hedge
+    # is usually still out when the stage ends, and is not waited for (nor counted).
+    late_prompt = sum(len(m["content"]) for m in single("bad late")) // 4 + 1
+    assert endpoint["hedge_prompt_tokens"] in {late_prompt, 2 * late_prompt} and endpoint["hedge_completion_tokens"] > 0
+    kept = sum(split["prompt_tokens"] + split["completion_tokens"] for split in stats["splits"].values())
+    billed = kept + endpoint["hedge_prompt_tokens"] + endpoint["hedge_completion_tokens"]
+    assert stats["cost"] == pytest.approx(billed / 1e6) and billed > kept
 
 
 def test_conversations_are_regenerated_turn_by_turn_and_logprobs_kept_beside_them(tmp_path, server):

@@ -427,6 +427,9 @@ def _add_run_figures(stats: dict, config: DistillConfig, teacher: Optional[Teach
         stats["batch"] = summary(out_dir)  # the provider's ids and counts; the online client's counters stay at 0
     elif teacher is not None and teacher.stats is not None:
         stats["endpoint"] = teacher.stats.as_dict()
+        # The endpoint bills both copies of a hedged record: the second answer is dropped, but it costs.
+        prompt_tokens += stats["endpoint"]["hedge_prompt_tokens"]
+        completion_tokens += stats["endpoint"]["hedge_completion_tokens"]
     prices = (config.teacher.price_per_million_prompt_tokens, config.teacher.price_per_million_completion_tokens)
     if any(price is not None for price in prices):
         cost = prompt_tokens * (prices[0] or 0) / 1e6 + completion_tokens * (prices[1] or 0) / 1e6

@@ -369,7 +369,8 @@ class _Pool:
         key = (id(job.stream), job.item.index)
         copies = self.pending.get(key)
         if copies is None:
-            return  # the other copy of a hedged record answered first
+            self._count_second_answer(job, row, error)  # the other copy of a hedged record answered first
+            return
         given_up = error is None and row.get("retryable")  # its faults ran out; the other copy may still answer
         if (error is not None and not _is_fatal(error) or given_up) and len(copies) > 1:
             copies.remove(job)
@@ -425,6 +426,7 @@ class _Pool:
             key = (id(job.stream), job.item.index)
             copies = self.pending.get(key)
             if copies is None:
+                self._count_second_answer(job, row, error)
                 continue
             if error is None:
                 del self.pending[key]
@@ -434,10 +436,22 @@ class _Pool:
                 if not copies:
                     del self.pending[key]
 
+    def _count_second_answer(self, job: _Job, row: Optional[dict], error: Optional[BaseException]) -> None:
+        """The copy of a hedged record that answered second: its answer is dropped, but the endpoint billed it."""
+        if (job.hedge or job.hedged) and error is None and row is not None:
+            self.teacher.stats.count(hedge_prompt_tokens=row.get("prompt_tokens", 0),
+                                     hedge_completion_tokens=row.get("completion_tokens", 0))
+
     def close(self) -> None:
         self.stop.set()
         for _ in self.workers:
             self.jobs.put(None)
+        while True:  # second answers already back but not collected (a copy still out is not waited for)
+            try:
+                job, row, error = self.results.get_nowait()
+            except queue.Empty:
+                break
+            self._count_second_answer(job, row, error)
         if self.hedged:
             self.teacher.stats.count(hedged=self.hedged)
 

@@ -349,6 +349,9 @@ class ClientStats:
     transient: dict = field(default_factory=dict)  # kind of fault -> count
     rejected: int = 0
     hedged: int = 0  # records asked a second time at the end of a stage (synthesis/answering.py)
+    # What the endpoint billed for the copy of a hedged record that answered second (its answer is dropped).
+    hedge_prompt_tokens: int = 0
+    hedge_completion_tokens: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, **changes: int) -> None:
@@ -364,5 +367,6 @@ class ClientStats:
         return {
             "requests": self.requests, "answered": self.answered, "retries": self.retries,
             "throttled": self.throttled, "transient_faults": dict(self.transient), "refused": self.rejected,
-            "hedged": self.hedged,
+            "hedged": self.hedged, "hedge_prompt_tokens": self.hedge_prompt_tokens,
+            "hedge_completion_tokens": self.hedge_completion_tokens,
         }

@@ -21,13 +21,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
 from azdistill.data.files import atomic_writer
+from azdistill.data.records import Message
 from azdistill.errors import StageFailed, UserError
 from azdistill.secrets import redact
-from azdistill.teachers.base import RecordRejected, TransientError
+from azdistill.teachers.base import EndpointCompletion, RecordRejected, TransientError
 from azdistill.teachers.hosted import RETRYABLE_STATUS, EndpointTeacher, request_url
 from azdistill.teachers.limits import ClientStats, estimate_tokens, parse_retry_after
 from azdistill.teachers.wire import error_detail
@@ -283,7 +284,7 @@ def request_id(tag: str, body: bytes) -> str:
 
 
 class _StoredResponse:
-    """A batch output line's `response` as `EndpointTeacher._send` reads an HTTP response."""
+    """A batch output line's `response` as `EndpointTeacher.read_response` reads an HTTP response."""
 
     def __init__(self, response: dict):
         self.status_code = int(response["status_code"])
@@ -296,28 +297,6 @@ class _StoredResponse:
         return json.loads(self._body) if isinstance(self._body, str) else self._body
 
 
-class _StoredAnswers:
-    """What `EndpointTeacher._send` takes for a requests session: `post` answers from the batches' output by custom_id
-    and never reaches the network; it keeps the id and body of the last request asked of it."""
-
-    def __init__(self, lookup: Callable[[str], Optional[dict]]):
-        self.lookup = lookup
-        self.tag = ""
-        self.asked: tuple[str, dict] = ("", {})
-
-    def post(self, url: str, data: bytes, headers: dict, timeout: object) -> _StoredResponse:
-        custom_id = request_id(self.tag, data)
-        self.asked = (custom_id, json.loads(data))
-        stored = self.lookup(custom_id)
-        if stored is None:
-            raise _NoAnswer(None)
-        response = stored.get("response")
-        if not isinstance(response, dict) or "status_code" not in response:
-            error = stored.get("error") or {}
-            raise _NoAnswer(redact(f"{error.get('code') or 'no answer'}: {error.get('message') or 'no details'}")[:300])
-        return _StoredResponse(response)
-
-
 class BatchAnswered(EndpointTeacher):
     """The hosted client `teacher`, its requests answered from the batches' output (`lookup`: custom_id -> the stored
     output line, or None). `for_record(tag)` names the record asked next; with `final` set (no batch is left this run),
@@ -328,7 +307,9 @@ class BatchAnswered(EndpointTeacher):
         # request online mode sends; build_endpoint_teacher is the one place that turns a config into those settings.
         vars(self).update(vars(teacher))
         self.stats = ClientStats()  # a stored answer read back is no request: the batches' own counts are the figures
-        self._stored = _StoredAnswers(lookup)
+        self._lookup = lookup
+        self._tag = ""
+        self._asked: tuple[str, dict] = ("", {})  # the custom_id and body of the last request asked
         self.line_url = line_url
         # Online, Azure OpenAI's classic API names the deployment in the URL; a batch line names it as the body's model.
         self._line_model = teacher.deployment if teacher.kind == "azure_openai" else None
@@ -336,13 +317,22 @@ class BatchAnswered(EndpointTeacher):
         self.batches = 0  # batches collected this run, for the reason of a record left without an answer
 
     def for_record(self, tag: str) -> None:
-        self._stored.tag = tag
+        self._tag = tag
 
-    def _session(self):
-        return self._stored
-
-    def headers(self) -> dict[str, str]:
-        return {}  # nothing is sent, so no credential is read
+    def _send(self, messages: Sequence[Message], extra: Optional[dict] = None) -> list[EndpointCompletion]:
+        """The answer the batches' output holds for the request online mode would send, read as online reads an
+        HTTP response; nothing reaches the network, and no credential is read."""
+        data = self.request_body(messages, extra)
+        custom_id = request_id(self._tag, data)
+        self._asked = (custom_id, json.loads(data))
+        stored = self._lookup(custom_id)
+        if stored is None:
+            raise _NoAnswer(None)
+        response = stored.get("response")
+        if not isinstance(response, dict) or "status_code" not in response:
+            error = stored.get("error") or {}
+            raise _NoAnswer(redact(f"{error.get('code') or 'no answer'}: {error.get('message') or 'no details'}")[:300])
+        return self.read_response(_StoredResponse(response), extra)
 
     def close(self) -> None:
         """Nothing to close: the sessions are the online client's."""
@@ -363,7 +353,7 @@ class BatchAnswered(EndpointTeacher):
         return answers
 
     def _ask_again(self, reason: Optional[str]) -> Exception:
-        custom_id, body = self._stored.asked
+        custom_id, body = self._asked
         if self.final:
             last = f"last: {reason}" if reason else "this request was never sent"
             return RecordRejected(f"no answer after {self.batches} batches ({last}); asked again on the next run", retryable=True)

@@ -195,15 +195,18 @@ class EndpointTeacher(CommittingTeacher):
 
     # -- one request -----------------------------------------------------------------------------------
 
+    def request_body(self, messages: Sequence[Message], extra: Optional[dict] = None) -> bytes:
+        """The request as sent: the client's body with `extra` keys and the messages (also a batch line's body)."""
+        return json.dumps(dict(self.body, **(extra or {}), messages=list(messages)), ensure_ascii=False).encode("utf-8")
+
     def _send(self, messages: Sequence[Message], extra: Optional[dict] = None) -> list[EndpointCompletion]:
         import requests
 
-        body = dict(self.body, **(extra or {}), messages=list(messages))
+        data = self.request_body(messages, extra)
         self.stats.count(requests=1)
         try:
             response = self._session().post(
-                self.url, data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers=self.headers(), timeout=(min(10.0, self.timeout_s), self.timeout_s),
+                self.url, data=data, headers=self.headers(), timeout=(min(10.0, self.timeout_s), self.timeout_s),
             )
         except requests.Timeout:
             raise TransientError(f"no answer within {self.timeout_s:g} s") from None
@@ -219,6 +222,11 @@ class EndpointTeacher(CommittingTeacher):
             raise UserError(self._unsendable_header(bool(secret) and secret in str(error.object), "a character outside Latin-1")) from None
         except requests.RequestException as error:
             raise TransientError(f"request failed: {redact(str(error))[:200]}") from None
+        return self.read_response(response, extra)
+
+    def read_response(self, response, extra: Optional[dict] = None) -> list[EndpointCompletion]:
+        """The answers of a response (status_code, text, headers, json()), or the error its status means: transient
+        (429, 5xx, unreadable), the settings' or credential's fault (UserError), or this record's (RecordRejected)."""
         status = response.status_code
         if status == 200:
             return self._parse_choices(response)

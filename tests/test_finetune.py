@@ -414,3 +414,14 @@ def test_one_process_per_device_under_torchrun_trains_one_model(tokenizer, tmp_p
     assert summary["parameters_changed"] == summary["trainable_tensors"]
     assert json.loads((out / "stage.json").read_text())["summary"]["steps"] == 4
     assert (out / "model" / "model.safetensors").is_file() and not (out / "checkpoints").exists()
+
+
+def test_a_setting_added_later_leaves_the_stage_key_of_earlier_students_as_it_was():
+    """Upgrading azdistill does not retrain a student: freeze_embeddings at its default (what trained before it
+    existed) is not part of the finetune stage's key; set, it is."""
+    from azdistill.stages.finetune import training_key
+
+    before = {"logging_steps", "save_steps", "gradient_checkpointing", "freeze_embeddings"}
+    assert set(training_key(TrainingConfig())) == set(TrainingConfig.model_fields) - before
+    assert training_key(TrainingConfig(freeze_embeddings=True))["freeze_embeddings"] is True
+    assert training_key(TrainingConfig(freeze_embeddings=True)) != training_key(TrainingConfig())

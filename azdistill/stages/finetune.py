@@ -56,6 +56,19 @@ class TrainingData:
     validation_topk: Optional[list[Optional[list[dict]]]] = None
 
 
+# Training settings added after stages were first fingerprinted, with the default that trains as before they existed.
+SETTINGS_ADDED_LATER = {"freeze_embeddings": False}
+
+
+def training_key(settings: TrainingConfig) -> dict:
+    """The training settings that decide the weights: logging, checkpoint intervals and memory savers do not. A setting
+    added later counts only when set otherwise than its default, so a student trained before it existed (the one that
+    default trains) is not trained again after an upgrade."""
+    excluded = {"logging_steps", "save_steps", "gradient_checkpointing"}
+    excluded |= {name for name, default in SETTINGS_ADDED_LATER.items() if getattr(settings, name) == default}
+    return settings.model_dump(exclude=excluded)
+
+
 def finetune(
     config: DistillConfig,
     student_init: Path,
@@ -81,8 +94,7 @@ def finetune(
             "inputs": digests.fingerprint({"train": data.train, "validation": data.validation, "topk": data.train_topk}),
             "student": digests.folder_digest(student_init),
             "teacher": digests.folder_digest(teacher_path) if uses_teacher and teacher_path else None,
-            # Logging, checkpoint intervals and memory savers do not change the weights.
-            "training": settings.model_dump(exclude={"logging_steps", "save_steps", "gradient_checkpointing"}),
+            "training": training_key(settings),
         }
     )
     done = not force and state.is_done(out_dir, stage_fingerprint, stage)

@@ -306,9 +306,9 @@ def test_a_record_hung_at_the_end_is_hedged_and_kept_once(tmp_path):
 
 def test_a_hedged_record_whose_first_copy_answers_late_counts_both_copies_in_the_cost(tmp_path):
     """The endpoint bills both copies of a hedged record: the copy that answers second is dropped from the outputs
-    but its tokens are in stats.json and in the cost. 'late' answers its first request after 0.5 s (a hedge goes
-    out after 0.2 s and answers at once); 'slow' takes 2 s every time, so the stage is still running when the late
-    copy comes back."""
+    but its tokens are in stats.json and in the cost. 'late' answers its first request after 1 s (a hedge goes
+    out after 4x the median request time, at least 0.2 s, and answers at once); 'slow' takes 3 s every time, so the
+    stage is still running when the late copy comes back."""
     calls: dict = {}
     lock = threading.Lock()
 
@@ -318,7 +318,7 @@ def test_a_hedged_record_whose_first_copy_answers_late_counts_both_copies_in_the
             calls[text] = calls.get(text, 0) + 1
             first = calls[text] == 1
         if "slow" in text or ("late" in text and first):
-            time.sleep(2.0 if "slow" in text else 0.5)
+            time.sleep(3.0 if "slow" in text else 1.0)
         return default_answer(messages)
 
     texts = [f"good {n}" for n in range(12)] + ["bad late", "bad slow"]

@@ -266,12 +266,11 @@ def experiment_name(config: DistillConfig) -> str:
 
 def data_has_references(config: DistillConfig) -> bool:
     """Whether the local training data has reference answers (the 'no teacher' baseline needs them)."""
-    from azdistill.data.records import read_records
+    from azdistill.data.records import has_references
 
     if azure_settings(config).data.train:
         return True  # a data asset: the evaluation.reference_baseline setting decides
-    records = read_records(config.data.train, config.task.type, config.data.max_records)
-    return any(record.reference is not None for record in records)
+    return has_references(config.data.train, config.task.type, config.data.max_records)
 
 
 def wants_reference_node(config: DistillConfig) -> bool:

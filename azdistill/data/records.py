@@ -250,6 +250,15 @@ def count_records(path: Path, task_type: str, limit: Optional[int] = None) -> in
     return sum(1 for _ in stream_records(path, task_type, limit))
 
 
+def has_references(path: Path, task_type: str, limit: Optional[int] = None) -> bool:
+    """Whether any record used (the first `limit`) has a reference answer; every line is checked, as `count_records`
+    checks it, and one line is held at a time."""
+    found = False
+    for record in stream_records(path, task_type, limit):  # read to the end: a bad line later is still an error
+        found = found or record.reference is not None
+    return found
+
+
 def iter_records(path: Path, task_type: str, limit: Optional[int] = None) -> Iterator[Record]:
     """The first `limit` records of a split `count_records` has validated, one at a time: the same reading as
     `stream_records`, stopped after the last record used (the rest of the file was checked already)."""

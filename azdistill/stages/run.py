@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 from azdistill.config.schema import DistillConfig
 from azdistill.data.files import atomic_writer, write_json
-from azdistill.data.records import count_records, stream_records
+from azdistill.data.records import count_records, has_references
 from azdistill.errors import UserError
 from azdistill.evaluation.report import Report
 from azdistill.evaluation.seeds import SeedsSummary, render_seeds_markdown, seeds_to_dict, student_seed_metrics, summarise_seeds
@@ -77,10 +77,7 @@ def wants_reference_baseline(config: DistillConfig) -> bool:
     """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
     if not config.evaluation.reference_baseline:
         return False
-    found = False
-    for record in stream_records(config.data.train, config.task.type, config.data.max_records):  # every line checked
-        found = found or record.reference is not None
-    return found
+    return has_references(config.data.train, config.task.type, config.data.max_records)
 
 
 

@@ -280,6 +280,10 @@ class Stream:
     journal: SafeLog
     context: Context
 
+    def start(self, record: Record, index: int) -> Item:
+        """The record's item as this run starts it (from its journaled partial turns, if any): a hedge starts so too."""
+        return start_item(record, index, self.context.config, self.done.partials.get(index))
+
 
 @dataclass(eq=False)  # compared by identity: list.remove must find this job, not an equal one
 class _Job:
@@ -310,7 +314,7 @@ def run_concurrent(streams: list[Stream], teacher: Teacher, clock=time.monotonic
                     continue
                 while len(pool.pending) >= window:
                     pool.collect(timeout=None)
-                item = start_item(record, index, stream.context.config, stream.done.partials.get(index))
+                item = stream.start(record, index)
                 pool.submit(_Job(stream, item, record=record if len(item.user_turns) - len(item.answers) == 1 else None))
         while pool.pending:
             try:
@@ -397,9 +401,7 @@ class _Pool:
             if len(copies) == 1 and not first.hedged and first.record is not None and out_since is not None \
                     and now - out_since > threshold:
                 first.hedged = True
-                stream, index = first.stream, first.item.index
-                fresh = start_item(first.record, index, stream.context.config, stream.done.partials.get(index))
-                self.submit(_Job(stream, fresh, hedge=True))
+                self.submit(_Job(first.stream, first.stream.start(first.record, first.item.index), hedge=True))
                 self.hedged += 1
                 idle -= 1
 

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 RUNS = 3  # interrupted runs, each killed until it has been killed in every stage it reached
 SEED = 20261130
+STUCK_S = 300  # a run takes about 20 s here: one that has not moved on in this long is stuck, and the test says where
 
 
 def _answer(messages: list[dict]) -> str:
@@ -67,7 +68,9 @@ def _command(teacher, student: Path, workdir: Path) -> list[str]:
         "evaluation.latency_samples=2", "evaluation.max_new_tokens=8", "runtime.threads=1", "tracking.enabled=false",
     ]
     config = PROJECT_ROOT / "data" / "sentiment" / "teacher-openai-compatible.yaml"
-    return [sys.executable, "-m", "azdistill", "run", str(config)] + [item for setting in settings for item in ("--set", setting)]
+    # -X faulthandler: a run that stops moving is sent SIGABRT and prints every thread's stack (_stuck).
+    return [sys.executable, "-X", "faulthandler", "-m", "azdistill", "run", str(config)] + \
+        [item for setting in settings for item in ("--set", setting)]
 
 
 def _environment() -> dict[str, str]:
@@ -94,13 +97,18 @@ def _outputs(run_dir: Path) -> dict:
     }
 
 
-def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, chooser: random.Random) -> str:
+def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, chooser: random.Random, log: Path) -> str:
     """Start the run, wait until `stage` is under way, SIGKILL it at a random moment within the stage's usual
-    duration; returns where the kill landed ("finished" if the run ended first)."""
-    process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    duration; returns where the kill landed ("finished" if the run ended first). Its stderr goes to `log`, a file
+    (a pipe nobody reads while it runs could fill and stop it)."""
+    with log.open("a") as stderr:
+        process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         marker = run_dir / stage / "inprogress.json"
+        deadline = time.monotonic() + STUCK_S
         while not marker.is_file() and process.poll() is None:
+            if time.monotonic() > deadline:
+                _stuck(process, log, f"reaching the {stage} stage")
             time.sleep(0.02)
         if process.poll() is None:
             try:
@@ -110,7 +118,7 @@ def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, 
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 return landed
-        assert process.returncode == 0, process.stderr.read()[-3000:]
+        assert process.returncode == 0, _tail(log)
         return "finished"
     finally:
         if process.poll() is None:
@@ -118,11 +126,35 @@ def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, 
             process.wait()
 
 
+def _run_to_the_end(command: list[str], log: Path) -> None:
+    with log.open("a") as stderr:
+        process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        process.wait(timeout=STUCK_S)
+    except subprocess.TimeoutExpired:
+        _stuck(process, log, "finishing")
+    assert process.returncode == 0, _tail(log)
+
+
+def _stuck(process: subprocess.Popen, log: Path, doing: str) -> None:
+    """Fail with the stuck run's stack: SIGABRT makes its faulthandler print every thread's, then it is killed."""
+    process.send_signal(signal.SIGABRT)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    pytest.fail(f"the run made no progress {doing} in {STUCK_S} s; its stderr ends:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-6000:]
+
+
 def test_runs_killed_at_random_moments_end_with_the_outputs_of_an_uninterrupted_run(teacher, student, tmp_path):
     began = time.time()
     reference_dir = tmp_path / "uninterrupted"
-    done = subprocess.run(_command(teacher, student, reference_dir), env=_environment(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_to_the_end(_command(teacher, student, reference_dir), tmp_path / "uninterrupted.log")
     reference_run = reference_dir / "runs" / "sentiment-hosted"
     expected = _outputs(reference_run)
     # How long each stage took uninterrupted: the range of kill moments within it (nothing is asserted on time).
@@ -133,11 +165,10 @@ def test_runs_killed_at_random_moments_end_with_the_outputs_of_an_uninterrupted_
     for attempt in range(RUNS):
         workdir = tmp_path / f"killed-{attempt}"
         run_dir = workdir / "runs" / "sentiment-hosted"
-        command = _command(teacher, student, workdir)
-        kills = [_kill_during(stage, command, run_dir, max(seconds.get(stage, 1.0), 0.5), chooser)
+        command, log = _command(teacher, student, workdir), tmp_path / f"killed-{attempt}.log"
+        kills = [_kill_during(stage, command, run_dir, max(seconds.get(stage, 1.0), 0.5), chooser, log)
                  for stage in ("synthesize", "finetune", "finetune-reference", "evaluate")]
-        finished = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=900)
-        assert finished.returncode == 0, finished.stderr[-3000:]
+        _run_to_the_end(command, log)
         landed.append(kills)
         assert _outputs(run_dir) == expected, f"run {attempt}, killed in {kills}"
     print(f"kills landed in: {landed}")

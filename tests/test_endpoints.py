@@ -304,6 +304,47 @@ def test_a_record_hung_at_the_end_is_hedged_and_kept_once(tmp_path):
     assert stats["endpoint"]["hedged"] == 1 and stats["endpoint"]["retries"] == 0
 
 
+def test_a_record_answered_but_not_yet_collected_is_not_hedged(monkeypatch):
+    """A worker that has answered a record is done with it: its next request (another record's, long out) must not
+    make the tail hedging ask the answered record again."""
+    from types import SimpleNamespace
+
+    from azdistill.synthesis import answering
+
+    monkeypatch.setattr(answering, "_answer_item", lambda item, teacher, context, journal, stop: {"answer": "positive"})
+
+    class Teacher:
+        concurrency = 2
+
+        def median_request_s(self) -> float:
+            return 0.01
+
+        def request_out_since(self, thread: int) -> float:
+            return 0.0  # every worker is waiting on a request sent long ago (at clock 100 below)
+
+    class Stream:
+        context = journal = None
+        started: list = []
+
+        def start(self, record, index):
+            self.started.append(index)
+            return SimpleNamespace(index=index)
+
+    stream = Stream()
+    pool = answering._Pool(Teacher(), clock=lambda: 100.0)
+    try:
+        pool.submit(answering._Job(stream, SimpleNamespace(index=0), record=object()))
+        for _ in range(500):  # until the worker has handed the answer over (not collected: the main thread is elsewhere)
+            if pool.results.qsize():
+                break
+            time.sleep(0.01)
+        assert pool.results.qsize() == 1
+        pool.hedge_the_tail()
+        assert pool.hedged == 0 and stream.started == []
+    finally:
+        pool.close()
+
+
 def test_a_hedged_record_whose_first_copy_answers_late_counts_both_copies_in_the_cost(tmp_path):
     """The endpoint bills both copies of a hedged record: the copy that answers second is dropped from the outputs
     but its tokens are in stats.json and in the cost. 'late' answers its first request after 1 s (a hedge goes

@@ -355,12 +355,16 @@ class _Pool:
                 self.busy += 1
             try:
                 row = _answer_item(job.item, self.teacher, job.stream.context, job.stream.journal, self.stop)
-                self.results.put((job, row, None))
+                outcome = (job, row, None)
             except BaseException as error:  # handed to the main thread, which decides
-                self.results.put((job, None, error))
+                outcome = (job, None, error)
             finally:
+                # Done with this job before it is handed over: the thread's next request is not this record's, so
+                # hedge_the_tail must not take it for one still out (and hedge a record already answered).
+                job.thread = None
                 with self._busy_lock:
                     self.busy -= 1
+            self.results.put(outcome)
 
     def submit(self, job: _Job) -> None:
         self.pending.setdefault((id(job.stream), job.item.index), []).append(job)

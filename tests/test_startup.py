@@ -272,3 +272,37 @@ def test_validate_holds_a_few_bytes_per_record_not_the_records(tmp_path):
     assert summary.records == count and summary.duplicates == 0
     assert peak < count * 48 + 256 * 1024, f"{peak / count:.0f} bytes a record"
 
+
+
+def test_a_run_reads_the_training_data_once_itself_and_still_trains_the_reference_baseline(make_config, monkeypatch, tmp_path):
+    """`azdistill run` checks the data before the first stage; that same pass over the training data tells whether it
+    has reference answers, so the run reads it once (its stages, stubbed here, read what they need themselves)."""
+    import collections
+
+    from azdistill.config.loading import load_config
+    from azdistill.data import records
+    from azdistill.stages import evaluate as evaluate_stage
+    from azdistill.stages import finetune as finetune_stage
+    from azdistill.stages import run
+    from azdistill.stages import synthesize as synthesize_stage
+
+    config = load_config(make_config(task="nli"), ())
+    reads: collections.Counter = collections.Counter()
+    scan = records.scan_records
+
+    def counted_scan(path, *args, **kwargs):
+        reads[Path(path).name] += 1
+        return scan(path, *args, **kwargs)
+
+    monkeypatch.setattr(records, "scan_records", counted_scan)
+    monkeypatch.setattr(run, "prepare_models", lambda config: run.Models(None, tmp_path / "student"))
+    monkeypatch.setattr(run, "synthesis_teacher", lambda config, teacher: (None, "stub"))
+    monkeypatch.setattr(synthesize_stage, "synthesize", lambda *args, **kwargs: tmp_path / "synthetic")
+    trained: list[bool] = []
+    monkeypatch.setattr(finetune_stage, "finetune",
+                        lambda *args, on_references=False, **kwargs: trained.append(on_references) or tmp_path / "finetuned")
+    monkeypatch.setattr(evaluate_stage, "evaluate", lambda *args, **kwargs: "report")
+
+    run._run_stages(config, force=False, tracker=None)
+    assert trained == [False, True]  # the student, then the reference baseline: the training data has answers
+    assert reads == {"train.jsonl": 1, "validation.jsonl": 1, "test.jsonl": 1}

@@ -73,11 +73,14 @@ def prepare_models(config: DistillConfig) -> Models:
 
 
 
-def wants_reference_baseline(config: DistillConfig) -> bool:
-    """Whether to also train the student on the data's own answers: asked for, and the training data has them."""
+def wants_reference_baseline(config: DistillConfig, references: Optional[bool] = None) -> bool:
+    """Whether to also train the student on the data's own answers: asked for, and the training data has them
+    (`references`, where a pass over the training data already found out; else it is read)."""
     if not config.evaluation.reference_baseline:
         return False
-    return has_references(config.data.train, config.task.type, config.data.max_records)
+    if references is None:
+        references = has_references(config.data.train, config.task.type, config.data.max_records)
+    return references
 
 
 
@@ -143,7 +146,10 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
     from azdistill.stages.finetune import finetune
     from azdistill.stages.synthesize import synthesize
 
-    for split in ("train", "validation", "test"):  # fail on bad data before loading any model; nothing is held
+    # Fail on bad data before loading any model; nothing is held. The pass over the training data also finds out
+    # whether it has reference answers (the reference baseline), so the file is read once here.
+    references = has_references(config.data.train, config.task.type, config.data.max_records)
+    for split in ("validation", "test"):
         count_records(getattr(config.data, split), config.task.type, config.data.max_records)
     # evaluation.engine vllm on a machine without vLLM or a GPU: refused now, not after synthesis and training.
     engine_on_this_machine(config.evaluation.engine)
@@ -158,7 +164,7 @@ def _run_stages(config: DistillConfig, force: bool, tracker: Optional[NullTracke
         with _timed(seconds, "finetune"):
             student = finetune(config, models.student_init, models.teacher, synthetic, tracker, force) / "model"
         evaluated = {"student": student, "baseline": models.student_init}
-        if wants_reference_baseline(config):
+        if wants_reference_baseline(config, references):
             with _timed(seconds, "finetune-reference"):
                 evaluated["reference_sft"] = finetune(config, models.student_init, None, synthetic, tracker, force, on_references=True) / "model"
         with _timed(seconds, "evaluate"):

@@ -28,6 +28,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,12 +132,14 @@ def check_outputs(out_dir: Path, records: int) -> dict:
     }
 
 
-def run_ours(url: str, records: int, folder: Path) -> dict:
+def run_ours(url: str, records: int, folder: Path, requests_per_minute: Optional[int] = None) -> dict:
+    """Our synthesize stage on `records` records; with `requests_per_minute`, paced at that configured quota."""
     from azdistill.stages.synthesize import synthesize
     from azdistill.teachers.factory import hosted_teacher_factory
 
     data = write_data(folder / "data", records)
-    config = our_config(url, data, folder / "work")
+    quota = {"requests_per_minute": requests_per_minute} if requests_per_minute else {}
+    config = our_config(url, data, folder / "work", **quota)
     started = time.monotonic()
     out = synthesize(config, hosted_teacher_factory(config))
     ended = time.monotonic()
@@ -149,18 +152,21 @@ def run_ours(url: str, records: int, folder: Path) -> dict:
     return result
 
 
-def shard_child(url: str, records: int, folder: Path) -> None:
+def shard_child(url: str, records: int, folder: Path, requests_per_minute: Optional[int]) -> None:
     """Runs in a fresh process: one shard's synthesize stage; prints its figures (with its monotonic start and end,
     which all processes of the machine share) as the last line."""
-    print(json.dumps(run_ours(url, records, folder)))
+    print(json.dumps(run_ours(url, records, folder, requests_per_minute)))
 
 
-def run_shards(url: str, shards: int, records: int, folder: Path) -> dict:
+def run_shards(url: str, shards: int, records: int, folder: Path, requests_per_minute: Optional[int] = None) -> dict:
     """`shards` synthesize processes at once against one endpoint, `records` split between them, each with its own
-    limiter (as the shards of an Azure ML parallel job): the share of the limit they reach together."""
+    limiter (as the shards of an Azure ML parallel job): the share of the limit they reach together. With
+    `requests_per_minute` (the deployment's quota, configured), each shard is paced at its share of it, as
+    `azdistill azure` gives each shard (azure/build.py: shard_shares)."""
+    quota = ["--shard-rpm", str(requests_per_minute // shards)] if requests_per_minute else []
     children = [
         subprocess.Popen([sys.executable, __file__, "--shard-child", str(records // shards), "--url", url, "--folder",
-                          str(folder / f"shard-{n}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          str(folder / f"shard-{n}"), *quota], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for n in range(shards)
     ]
     results = []
@@ -275,6 +281,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="Runs of each of our scenarios; the median is reported.")
     parser.add_argument("--scenarios", default=None, help="Only these of our scenarios, comma-separated ('' for none).")
     parser.add_argument("--shard-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shard-rpm", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory", default="1000,100000", help="Record counts for the memory runs ('' to skip).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -288,13 +295,15 @@ def main() -> None:
         memory_child(args.url, args.memory_child, args.folder)
         return
     if args.shard_child:
-        shard_child(args.url, args.shard_child, args.folder)
+        shard_child(args.url, args.shard_child, args.folder, args.shard_rpm)
         return
 
     figures: dict = {"machine": machine(), "limit_per_s": LIMIT_PER_S, "latency_s": LATENCY_S, "repeats": args.repeat}
     print(f"machine: {figures['machine']}", flush=True)
     half = args.records // 2
-    # name -> (server options, the ideal seconds at the endpoint's limit(s), shards)
+    # name -> (server options, the ideal seconds at the endpoint's limit(s), shards[, the quota configured: requests
+    # per minute, split between the shards])
+    quota = LIMIT_PER_S * 60
     scenarios = {
         "ours_no_faults": ([], args.records / LIMIT_PER_S, 1),
         "ours_10pct_faults": (["--fault-rate", "0.1"], args.records / LIMIT_PER_S, 1),
@@ -303,12 +312,14 @@ def main() -> None:
                               half / LIMIT_PER_S + (args.records - half) / (LIMIT_PER_S // 2), 1),
         "ours_4_shards": ([], args.records / LIMIT_PER_S, 4),
         "ours_4_shards_10pct_faults": (["--fault-rate", "0.1"], args.records / LIMIT_PER_S, 4),
+        "ours_4_shards_quota": ([], args.records / LIMIT_PER_S, 4, quota),
+        "ours_4_shards_quota_10pct_faults": (["--fault-rate", "0.1"], args.records / LIMIT_PER_S, 4, quota),
     }
     with tempfile.TemporaryDirectory(prefix="azdistill-bench-") as tmp:
         folder = Path(tmp)
         limited = ["--latency", str(LATENCY_S), "--rate-limit", str(LIMIT_PER_S), "--hang", str(HANG_S)]
         chosen = None if args.scenarios is None else {name for name in args.scenarios.split(",") if name}
-        for name, (options, ideal_s, shards) in scenarios.items():
+        for name, (options, ideal_s, shards, *configured) in scenarios.items():
             if chosen is not None and name not in chosen:
                 continue
             runs = []
@@ -316,7 +327,8 @@ def main() -> None:
                 server, url = start_server(*limited, *options)
                 try:
                     where = folder / f"{name}-{repeat}"
-                    result = run_ours(url, args.records, where) if shards == 1 else run_shards(url, shards, args.records, where)
+                    result = run_ours(url, args.records, where) if shards == 1 else \
+                        run_shards(url, shards, args.records, where, *configured)
                 finally:
                     counts = stop_server(server)
                 result["server"] = counts

@@ -91,12 +91,12 @@ def test_finds_the_limit_and_paces_within_two_percent_of_it_with_few_429s():
 def test_a_late_waking_thread_does_not_lose_its_slot():
     """Naps that oversleep by a millisecond (a loaded machine) must not stretch every interval by as much."""
     clock = FakeClock(oversleep=0.001)
-    limiter = AdaptiveRateLimiter(requests_per_minute=2400, clock=clock, sleep=clock.sleep)  # 40/s
+    limiter = AdaptiveRateLimiter(requests_per_minute=2400, clock=clock, sleep=clock.sleep)  # 39.6/s: 1% under 40
     started = clock.now
     for _ in range(401):
         limiter.acquire()
-    # 400 intervals of 25 ms: 10 s, not 400 x 26 ms = 10.4 s.
-    assert clock.now - started == pytest.approx(10.0, abs=0.05)
+    # 400 intervals of 25.25 ms: 10.1 s, not 400 x 26.25 ms = 10.5 s.
+    assert clock.now - started == pytest.approx(400 / 39.6, abs=0.05)
 
 
 def test_a_single_429_at_the_limit_keeps_the_pace_and_repeated_ones_ease_it():
@@ -223,3 +223,28 @@ def test_hours_without_a_429_neither_overflow_nor_run_the_pace_away():
     limiter.on_accepted(limiter.acquire())
     limiter.on_success()
     assert limiter.rate <= 2 * 10.5
+
+
+def test_shards_paced_at_their_shares_of_a_configured_quota_meet_the_limit_without_429s():
+    """Four shards, each configured with a quarter of the deployment's quota (as `azdistill azure` splits it), send
+    into one 40/s window with a few ms of network jitter. Paced at their shares exactly, the window would hold 40
+    and a request arriving early would be refused (17 of 1,000 were); just under them, none is, and together
+    they still send 99% of the limit."""
+    clock, endpoint, rng = FakeClock(), WindowEndpoint(40), random.Random(0)
+    shards = [AdaptiveRateLimiter(requests_per_minute=600, clock=clock, sleep=clock.sleep) for _ in range(4)]
+    for offset, shard in zip((0.0, 0.05, 0.1, 0.15), shards):
+        shard._next_at = clock.now + offset  # the shards start a little apart, as processes do
+    started, left = clock.now, [250] * 4
+    while any(left):
+        # The next request is the one whose slot comes first (each shard sends one at a time in its own process).
+        which = min((n for n in range(4) if left[n]), key=lambda n: max(shards[n]._next_at, shards[n].blocked_until))
+        ticket = shards[which].acquire()
+        wait = endpoint.arrive(clock.now + rng.uniform(0.0, 0.003))
+        if wait is None:
+            shards[which].on_accepted(ticket)
+            shards[which].on_success(endpoint.remaining(clock.now))
+            left[which] -= 1
+        else:
+            shards[which].on_throttle(wait, ticket)
+    assert endpoint.throttled == 0
+    assert 1000 / (clock.now - started) >= 0.98 * 40

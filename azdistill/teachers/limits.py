@@ -91,7 +91,9 @@ class AdaptiveRateLimiter:
     upwards, by 5% a second at first and twice as fast every `probe_doubling_s` without one, so a limit that
     rises is found and one that falls (or is shared with other clients) costs one 429 and a new measure; a probe
     that only finds the same limit again waits twice as long before the next one (up to 12 s).
-    A configured `requests_per_minute` caps the rate.
+    A configured `requests_per_minute` caps the rate, `margin` under it as under a limit found from 429s: paced
+    at the quota exactly, a request that reaches the endpoint's window a little early is refused, and shards that
+    share the quota (each paced at its share) meet the limit together, every second.
     """
 
     def __init__(
@@ -110,8 +112,9 @@ class AdaptiveRateLimiter:
         self._gate = threading.Lock()  # requests waiting for their turn queue here
         # Injectable together, so tests drive the pacing on a fake clock instead of the wall clock.
         self._clock, self._sleep = clock, sleep
-        self.max_rate = requests_per_minute / 60.0 if requests_per_minute else math.inf
-        # A configured budget is the deployment's quota: pace at it from the start; otherwise find the limit.
+        # A configured budget is the deployment's quota: pace just under it from the start; otherwise find the limit.
+        # (Exactly at it, 4 shards at their shares drew 20 429s for 1,000 answers on the bench: docs/benchmarks.md.)
+        self.max_rate = requests_per_minute / 60.0 * (1.0 - margin) if requests_per_minute else math.inf
         self.rate = self.max_rate if requests_per_minute else initial_rate
         self.slow_start = requests_per_minute is None
         self.margin, self.min_rate = margin, min_rate

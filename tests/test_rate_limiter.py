@@ -70,6 +70,24 @@ def drive(limiter: AdaptiveRateLimiter, clock: FakeClock, endpoint: WindowEndpoi
             limiter.on_throttle(wait, ticket)
 
 
+def send_next(limiters: list, active, clock: FakeClock, endpoint: WindowEndpoint, rng: random.Random,
+              reports_headroom: bool = False) -> tuple[int, bool]:
+    """Clients with their own limiters against one endpoint: the active one whose slot comes first sends its next
+    request (each client sends one at a time, in its own process); returns which one sent and whether it was
+    admitted (an admitted one is answered, with the endpoint's headroom if it `reports_headroom`)."""
+    which = min(active, key=lambda n: max(limiters[n]._next_at, limiters[n].blocked_until))
+    limiter = limiters[which]
+    ticket = limiter.acquire()
+    arrival = clock.now + rng.uniform(0, 0.003)
+    wait = endpoint.arrive(arrival)
+    if wait is None:
+        limiter.on_accepted(ticket)
+        limiter.on_success(endpoint.remaining(arrival) if reports_headroom else None)
+    else:
+        limiter.on_throttle(wait, ticket)
+    return which, wait is None
+
+
 def admitted_between(endpoint: WindowEndpoint, start: float, end: float) -> int:
     return sum(1 for at in endpoint.admitted_at if start <= at < end)
 
@@ -161,17 +179,9 @@ def test_clients_sharing_one_limit_fill_it_together():
     started = clock.now
     # Interleave the two clients by whichever is due first: each asks its limiter when its next slot is.
     while clock.now < started + 60.0:
-        which = min(range(2), key=lambda n: max(limiters[n]._next_at, limiters[n].blocked_until))
-        limiter = limiters[which]
-        ticket = limiter.acquire()
-        wait = endpoint.arrive(clock.now + rng.uniform(0, 0.003))
-        if wait is None:
-            limiter.on_accepted(ticket)
-            limiter.on_success()
-            if clock.now >= started + 5.0:
-                admitted_by[which] += 1
-        else:
-            limiter.on_throttle(wait, ticket)
+        which, admitted = send_next(limiters, range(2), clock, endpoint, rng)
+        if admitted and clock.now >= started + 5.0:
+            admitted_by[which] += 1
     assert sum(admitted_by) >= 0.95 * 40 * 55
     assert min(admitted_by) >= 0.25 * sum(admitted_by)
     assert endpoint.throttled <= 200
@@ -188,17 +198,7 @@ def test_a_client_left_alone_on_a_shared_limit_takes_it_up(reports_headroom):
     rng = random.Random(5)
     started = clock.now
     while clock.now < started + 40.0:
-        active = [0, 1] if clock.now < started + 20.0 else [0]
-        which = min(active, key=lambda n: max(limiters[n]._next_at, limiters[n].blocked_until))
-        limiter = limiters[which]
-        ticket = limiter.acquire()
-        arrival = clock.now + rng.uniform(0, 0.003)
-        wait = endpoint.arrive(arrival)
-        if wait is None:
-            limiter.on_accepted(ticket)
-            limiter.on_success(endpoint.remaining(arrival) if reports_headroom else None)
-        else:
-            limiter.on_throttle(wait, ticket)
+        send_next(limiters, [0, 1] if clock.now < started + 20.0 else [0], clock, endpoint, rng, reports_headroom)
     # Seconds after the other client stopped until the one left alone admits 95% of the limit in a second.
     taken_up_after = next(second for second in range(20) if admitted_between(
         endpoint, started + 20.0 + second, started + 21.0 + second) >= 0.95 * 40)
@@ -236,15 +236,7 @@ def test_shards_paced_at_their_shares_of_a_configured_quota_meet_the_limit_witho
         shard._next_at = clock.now + offset  # the shards start a little apart, as processes do
     started, left = clock.now, [250] * 4
     while any(left):
-        # The next request is the one whose slot comes first (each shard sends one at a time in its own process).
-        which = min((n for n in range(4) if left[n]), key=lambda n: max(shards[n]._next_at, shards[n].blocked_until))
-        ticket = shards[which].acquire()
-        wait = endpoint.arrive(clock.now + rng.uniform(0.0, 0.003))
-        if wait is None:
-            shards[which].on_accepted(ticket)
-            shards[which].on_success(endpoint.remaining(clock.now))
-            left[which] -= 1
-        else:
-            shards[which].on_throttle(wait, ticket)
+        which, admitted = send_next(shards, [n for n in range(4) if left[n]], clock, endpoint, rng, reports_headroom=True)
+        left[which] -= admitted
     assert endpoint.throttled == 0
     assert 1000 / (clock.now - started) >= 0.98 * 40

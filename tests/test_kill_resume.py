@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -97,13 +99,24 @@ def _outputs(run_dir: Path) -> dict:
     }
 
 
-def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, chooser: random.Random, log: Path) -> str:
-    """Start the run, wait until `stage` is under way, SIGKILL it at a random moment within the stage's usual
-    duration; returns where the kill landed ("finished" if the run ended first). Its stderr goes to `log`, a file
-    (a pipe nobody reads while it runs could fill and stop it)."""
+@contextmanager
+def _started(command: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """The run, its stderr appended to `log`, a file (a pipe nobody reads while it runs could fill and stop it);
+    killed if it is still running when the block ends (a failed assertion, or the suite's time limit)."""
     with log.open("a") as stderr:
         process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, chooser: random.Random, log: Path) -> str:
+    """Start the run, wait until `stage` is under way, SIGKILL it at a random moment within the stage's usual
+    duration; returns where the kill landed ("finished" if the run ended first)."""
+    with _started(command, log) as process:
         marker = run_dir / stage / "inprogress.json"
         deadline = time.monotonic() + STUCK_S
         while not marker.is_file() and process.poll() is None:
@@ -120,20 +133,15 @@ def _kill_during(stage: str, command: list[str], run_dir: Path, seconds: float, 
                 return landed
         assert process.returncode == 0, _tail(log)
         return "finished"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def _run_to_the_end(command: list[str], log: Path) -> None:
-    with log.open("a") as stderr:
-        process = subprocess.Popen(command, env=_environment(), stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        process.wait(timeout=STUCK_S)
-    except subprocess.TimeoutExpired:
-        _stuck(process, log, "finishing")
-    assert process.returncode == 0, _tail(log)
+    with _started(command, log) as process:
+        try:
+            process.wait(timeout=STUCK_S)
+        except subprocess.TimeoutExpired:
+            _stuck(process, log, "finishing")
+        assert process.returncode == 0, _tail(log)
 
 
 def _stuck(process: subprocess.Popen, log: Path, doing: str) -> None:

@@ -155,6 +155,67 @@ def test_a_429_over_the_limit_drops_the_pace_to_just_under_what_was_admitted():
     assert limiter.rate == pytest.approx(30 * 0.99)
 
 
+
+
+def test_the_first_429_of_the_slow_start_drops_the_pace_to_the_measure_not_to_half_a_pace_never_sent():
+    """The slow start grows the pace with every answer, faster than the workers send (here a pace of 88/s while 56
+    requests a second go out). Its first 429 brings the pace to just under what the endpoint admitted (40/s): halving
+    a pace never sent (44/s, still over the limit) would take a second throttling episode to get there."""
+    clock, endpoint = FakeClock(), WindowEndpoint(limit=40)
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate = 88.0
+    for _ in range(200):
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now)
+        if wait is not None:
+            limiter.on_throttle(wait, ticket)
+            break
+        limiter.on_accepted(ticket)
+        clock.now += 1 / 56 - 1 / 88  # the workers, not the pace, hold the requests back
+    assert endpoint.throttled == 1 and limiter.measured_limit == 40
+    assert limiter.rate == pytest.approx(40 * 0.99)
+
+def test_a_probe_that_finds_the_same_limit_eases_off_at_its_first_429():
+    """Paced just under a limit of 40/s, the limiter probes upwards after its hold. The probe's first 429 (the window
+    admitted 40, its pace is over that) brings the pace back under the limit at once: holding it there, as a single
+    429 at the limit is held, would only draw the next 429."""
+    clock, endpoint = FakeClock(), WindowEndpoint(limit=40)
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate, limiter.slow_start = 39.6, False
+    for _ in range(2000):
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now)
+        if wait is None:
+            limiter.on_accepted(ticket)
+            limiter.on_success()
+        else:
+            paced_at = limiter.rate
+            limiter.on_throttle(wait, ticket)
+            break
+    assert endpoint.throttled == 1 and paced_at > 40
+    assert limiter.rate == pytest.approx(40 * 0.99)
+
+
+def test_headroom_right_after_a_429_pause_is_not_taken_for_capacity_freed():
+    """After a 429's pause the endpoint's window is emptier because the client itself paused: the headroom it then
+    reports (x-ratelimit-remaining-requests) must not raise the pace. A window after the pause, it may."""
+    clock = FakeClock()
+    limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+    limiter.rate, limiter.slow_start = 19.8, False
+
+    def answers_until(moment: float, remaining: int) -> None:
+        while clock.now < moment:
+            limiter.on_accepted(limiter.acquire())
+            limiter.on_success(remaining=remaining)
+
+    answers_until(clock.now + 2.0, remaining=0)
+    limiter.on_throttle(0.5, limiter.acquire())  # 0 left when the 429 came: the header tracks the limit
+    paced_at, paused_until = limiter.rate, limiter.blocked_until
+    answers_until(paused_until + 0.95, remaining=10)  # the window still shows the pause
+    assert limiter.rate == paced_at
+    answers_until(paused_until + 1.2, remaining=10)
+    assert limiter.rate > paced_at
+
 def test_follows_a_limit_halved_midway_and_a_limit_that_rises_again():
     clock = FakeClock()
     limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)

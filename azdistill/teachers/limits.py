@@ -87,10 +87,12 @@ class AdaptiveRateLimiter:
     send time is kept with what became of it (a fault after admission, such as a 500 or a timeout, still took
     a slot; a 429 did not), so the measure counts what the endpoint counted, not when the answers came back.
     The pace drops to just under the measure (`margin` for the gap between our clock and the endpoint's), at
-    most once per throttling episode and never below half at once. After `probe_hold_s` without a 429 it probes
-    upwards, by 5% a second at first and twice as fast every `probe_doubling_s` without one, so a limit that
-    rises is found and one that falls (or is shared with other clients) costs one 429 and a new measure; a probe
-    that only finds the same limit again waits twice as long before the next one (up to 12 s).
+    most once per throttling episode and never below half of what was sent at once. After `probe_hold_s` without
+    a 429 it probes upwards, by 5% a second at first and twice as fast every `probe_doubling_s` without one, so a
+    limit that rises is found and one that falls (or is shared with other clients) costs one 429 and a new
+    measure; a probe that only finds the same limit again eases off at its first 429 and waits twice as long
+    before the next one (up to 12 s). Headroom the endpoint reports right after a 429's pause is our own pause,
+    not capacity freed, and does not raise the pace.
     A configured `requests_per_minute` caps the rate, `margin` under it as under a limit found from 429s: paced
     at the quota exactly, a request that reaches the endpoint's window a little early is refused, and shards that
     share the quota (each paced at its share) meet the limit together, every second.
@@ -123,6 +125,7 @@ class AdaptiveRateLimiter:
         self.blocked_until = 0.0
         self._last_decrease = -math.inf
         self._last_edge_throttle = -math.inf
+        self._probed = False  # whether probing raised the pace since the last throttling episode
         self._probe_from = clock() + probe_hold_s  # (slow start comes first unless a request budget is configured)
         self._hold = probe_hold_s
         self._grown_at: Optional[float] = None
@@ -227,7 +230,9 @@ class AdaptiveRateLimiter:
                 return
             now = self._clock()
             grown_at, self._grown_at = self._grown_at, now
+            # (Not within a window of a 429's pause: the headroom then is our own pause, not capacity freed.)
             if self._remaining_is_the_limit and remaining is not None and now >= self._headroom_at + ACCEPTED_WINDOW_S \
+                    and now >= self.blocked_until + ACCEPTED_WINDOW_S \
                     and remaining >= max(4.0, HEADROOM_SHARE * self.rate * ACCEPTED_WINDOW_S):
                 # The endpoint says a good part of its limit is unused (other clients of a shared limit stopped, or
                 # it was raised): take up half of it at once (once a window: the figure lags our own new requests),
@@ -243,7 +248,9 @@ class AdaptiveRateLimiter:
             # the power: hours without a 429, as under a configured budget, would overflow it).
             doublings = min(20.0, (now - self._probe_from) / self.probe_doubling_s)
             gain = min(PROBE_MAX_GAIN_PER_S, PROBE_GAIN_PER_S * 2 ** doublings)
-            self.rate = self._bounded(self.rate * (1.0 + gain * (now - max(grown_at, self._probe_from))))
+            probed = self._bounded(self.rate * (1.0 + gain * (now - max(grown_at, self._probe_from))))
+            self._probed = self._probed or probed > self.rate
+            self.rate = probed
 
     def _bounded(self, rate: float) -> float:
         """`rate` within the configured budget and, when the pace is not what holds the requests back (fewer are
@@ -274,12 +281,14 @@ class AdaptiveRateLimiter:
             measured = self._peak_admitted(ticket.sent_at) / ACCEPTED_WINDOW_S
             if measured:
                 self.measured_limit = measured
+            probed, self._probed = self._probed, False
             if measured and measured >= self.rate * (1.0 - 3 * self.margin):
                 # The measure is the pace itself: we are at the limit, not over it. Once, a request reached the
                 # endpoint's window a little early (hold the pace: lowering it each time would ratchet it down a
                 # request a second); again within probe_hold_s, the limit is just under our pace or shared with
-                # other clients: ease off by the margin.
-                if now - self._last_edge_throttle < self.probe_hold_s:
+                # other clients: ease off by the margin. A probe that finds the limit eases off at once (held, it
+                # would only draw the next 429).
+                if probed or now - self._last_edge_throttle < self.probe_hold_s:
                     self.rate = max(self.min_rate, min(self.rate, measured) * (1.0 - self.margin))
                     # The probe found the same limit: probe less often.
                     self._hold = min(PROBE_MAX_HOLD_S, self._hold * 2)
@@ -287,9 +296,10 @@ class AdaptiveRateLimiter:
                 self._last_edge_throttle = now
                 return
             self._hold = self.probe_hold_s
-            # Over the limit: just under the measure; never below half at once.
+            # Over the limit: just under the measure; never below half of what was really sent at once (the slow
+            # start's pace runs ahead of the requests sent: half of it can still be over the limit).
             target = measured * (1.0 - self.margin) if measured else self.rate * 0.5
-            self.rate = max(self.min_rate, self.rate * 0.5, min(self.rate, target))
+            self.rate = max(self.min_rate, min(self.rate, self._send_rate) * 0.5, min(self.rate, target))
 
     def _peak_admitted(self, before: float) -> int:
         """The most requests the endpoint admitted from us in any window that ended in the window before `before`:

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import stand_in_model_folders
 from test_azure_submit import TEACHER_KEY, bound, component_payloads, component_version, job_payload, submit, wire  # noqa: F401
 
 from azdistill.azure import build, injob
@@ -176,6 +177,28 @@ def test_shard_shares_follow_the_shards_running_at_once_and_pass_only_what_the_c
     )
     assert build.shard_shares(sparse) == {"shard_requests_per_minute": 1, "shard_max_concurrency": 1}
 
+
+
+def test_validate_warns_when_shards_share_an_endpoint_whose_quota_the_config_does_not_give(make_config, tmp_path):
+    """Shards that run at once without teacher.requests_per_minute each find the limit on their own and share it
+    unequally (docs/benchmarks.md): `validate` says so, in one line naming both keys, and still passes. No warning
+    with the quota given, nor when the shards run one after another (one node)."""
+    runner, student = CliRunner(), stand_in_model_folders(tmp_path, ["student"])["student"]
+
+    def validate(*overrides: str):
+        # (a local student folder: validate checks student.model on this machine; the warning does not depend on it)
+        overrides = (f"student.model={student}", *overrides)
+        result = runner.invoke(cli, ["validate", str(hosted_config(make_config, shards=4)), *(f"--set={item}" for item in overrides)])
+        assert result.exit_code == 0, result.output
+        return [line for line in result.stderr.splitlines() if "synthesis_shards" in line]
+
+    assert validate("teacher.requests_per_minute=null") == [
+        "warning: azure.synthesis_shards: 2 shards run at once against the teacher's endpoint and teacher.requests_per_minute "
+        "is not set, so each finds the endpoint's limit from 429s on its own and they share it unequally; set it to the "
+        "deployment's quota and each shard paces at its share (docs/azure.md)"
+    ]
+    assert validate() == []
+    assert validate("teacher.requests_per_minute=null", "azure.compute.synthesize.instance_count=1") == []
 
 def test_each_shard_runs_synthesize_with_its_share_as_set_overrides(tmp_path, monkeypatch):
     """The parallel job's entry script forwards the shard_* inputs to each shard's `azdistill synthesize`."""

@@ -224,6 +224,28 @@ def check_teacher_key_reference(config: DistillConfig) -> None:
         )
 
 
+def shards_at_once(config: DistillConfig) -> int:
+    """How many synthesis shards run at the same time: one process on each node of the synthesize target."""
+    azure = azure_settings(config)
+    return min(azure.synthesis_shards, stage_target(azure, "synthesize").instance_count * SHARD_PROCESSES_PER_INSTANCE)
+
+
+def shard_warnings(config: DistillConfig) -> list[str]:
+    """What `validate` says of a sharded synthesis: shards that run at once against a hosted teacher whose request
+    quota the config does not give each find the endpoint's limit from 429s on their own, and settle on unequal
+    shares of it (docs/benchmarks.md)."""
+    if config.azure is None or config.teacher.kind in ("local", "logged") or config.teacher.requests_per_minute is not None:
+        return []
+    concurrent = shards_at_once(config)
+    if concurrent < 2:
+        return []
+    return [
+        f"azure.synthesis_shards: {concurrent} shards run at once against the teacher's endpoint and teacher.requests_per_minute "
+        "is not set, so each finds the endpoint's limit from 429s on its own and they share it unequally; set it to the "
+        "deployment's quota and each shard paces at its share (docs/azure.md)"
+    ]
+
+
 def shard_shares(config: DistillConfig) -> dict[str, Any]:
     """Each synthesis shard's share of the teacher's limits and budget: the synthesize_shards inputs (SHARD_LIMITS).
 
@@ -232,9 +254,7 @@ def shard_shares(config: DistillConfig) -> dict[str, Any]:
     equal contiguous slices, so each gets 1/N of synthesis.max_cost (fewer, larger shards, when the data is too
     small for N, spend less in all). Only the limits the config sets are passed.
     """
-    azure, teacher = azure_settings(config), config.teacher
-    shards = azure.synthesis_shards
-    concurrent = min(shards, stage_target(azure, "synthesize").instance_count * SHARD_PROCESSES_PER_INSTANCE)
+    teacher, shards, concurrent = config.teacher, azure_settings(config).synthesis_shards, shards_at_once(config)
     shares: dict[str, Any] = {"shard_max_concurrency": max(1, -(-teacher.max_concurrency // concurrent))}
     if teacher.requests_per_minute is not None:
         shares["shard_requests_per_minute"] = max(1, teacher.requests_per_minute // concurrent)

@@ -82,6 +82,10 @@ def validate(config: Optional[Path], overrides: tuple[str, ...]) -> None:
         summary = check_split(path, settings.task.type, data.max_records, data.max_prompt_chars, report)
         click.echo(f"{split}: {path} — {summary.records} records, {summary.with_reference} with reference answers")
         warnings += split_warnings(summary, settings.task.type)
+    if settings.azure is not None:
+        from azdistill.azure.build import shard_warnings
+
+        warnings += shard_warnings(settings)
     for warning in warnings:  # after every split passed: bad input stays one line on stderr
         click.echo(f"warning: {warning}", err=True)
     student = settings.student.model

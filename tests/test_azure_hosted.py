@@ -179,26 +179,33 @@ def test_shard_shares_follow_the_shards_running_at_once_and_pass_only_what_the_c
 
 
 
-def test_validate_warns_when_shards_share_an_endpoint_whose_quota_the_config_does_not_give(make_config, tmp_path):
+SHARDS_WITHOUT_QUOTA = (
+    "warning: azure.synthesis_shards: 2 shards run at once against the teacher's endpoint and teacher.requests_per_minute "
+    "is not set, so each finds the endpoint's limit from 429s on its own and they share it unequally; set it to the "
+    "deployment's quota and each shard paces at its share (docs/azure.md)"
+)
+
+
+def test_validate_and_submit_warn_when_shards_share_an_endpoint_whose_quota_the_config_does_not_give(make_config, tmp_path):
     """Shards that run at once without teacher.requests_per_minute each find the limit on their own and share it
-    unequally (docs/benchmarks.md): `validate` says so, in one line naming both keys, and still passes. No warning
-    with the quota given, nor when the shards run one after another (one node)."""
+    unequally (docs/benchmarks.md): `validate` says so, in one line naming both keys, and still passes; `submit` says it
+    too, before it builds anything. No warning with the quota given, nor when the shards run one after another (one
+    node)."""
     runner, student = CliRunner(), stand_in_model_folders(tmp_path, ["student"])["student"]
 
-    def validate(*overrides: str):
-        # (a local student folder: validate checks student.model on this machine; the warning does not depend on it)
-        overrides = (f"student.model={student}", *overrides)
-        result = runner.invoke(cli, ["validate", str(hosted_config(make_config, shards=4)), *(f"--set={item}" for item in overrides)])
+    def warned(*arguments: str) -> list[str]:
+        result = runner.invoke(cli, [arguments[0], str(hosted_config(make_config, shards=4)), *arguments[1:]])
         assert result.exit_code == 0, result.output
         return [line for line in result.stderr.splitlines() if "synthesis_shards" in line]
 
-    assert validate("teacher.requests_per_minute=null") == [
-        "warning: azure.synthesis_shards: 2 shards run at once against the teacher's endpoint and teacher.requests_per_minute "
-        "is not set, so each finds the endpoint's limit from 429s on its own and they share it unequally; set it to the "
-        "deployment's quota and each shard paces at its share (docs/azure.md)"
-    ]
-    assert validate() == []
-    assert validate("teacher.requests_per_minute=null", "azure.compute.synthesize.instance_count=1") == []
+    # (a local student folder: validate checks student.model on this machine; the warning does not depend on it)
+    validate = ("validate", "--set", f"student.model={student}")
+    assert warned(*validate, "--set", "teacher.requests_per_minute=null") == [SHARDS_WITHOUT_QUOTA]
+    assert warned(*validate) == []
+    assert warned(*validate, "--set", "teacher.requests_per_minute=null", "--set", "azure.compute.synthesize.instance_count=1") == []
+    # a dry run: no network, no credentials
+    dry_run = ("submit", "--dry-run", "--output-dir", str(tmp_path / "dry"))
+    assert warned(*dry_run, "--set", "teacher.requests_per_minute=null") == [SHARDS_WITHOUT_QUOTA]
 
 def test_each_shard_runs_synthesize_with_its_share_as_set_overrides(tmp_path, monkeypatch):
     """The parallel job's entry script forwards the shard_* inputs to each shard's `azdistill synthesize`."""

@@ -56,10 +56,13 @@ def _client(config: Optional[Path]):
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None, help="Where the job config and YAML go (default: <workdir>/azure/<name>).")
 def submit(config: Optional[Path], overrides: tuple[str, ...], pipeline: Optional[str], dry_run: bool, stream: bool, output_dir: Optional[Path]) -> None:
     """Submit the distillation to Azure ML as a pipeline job (or write it for review with --dry-run)."""
+    from azdistill.azure.build import shard_warnings
     from azdistill.azure.submit import submit as submit_pipeline
 
     _quiet_sdk()
     settings = _settings(config, overrides)
+    for warning in shard_warnings(settings):  # as `validate` says it: a submit may come without one
+        click.echo(f"warning: {warning}", err=True)
     result = submit_pipeline(settings, pipeline, dry_run=dry_run, stream=stream, folder=output_dir, echo=click.echo)
     if dry_run:
         click.echo(f"{result.pipeline} pipeline validated; job YAML: {result.yaml_path}")

@@ -178,7 +178,6 @@ def test_shard_shares_follow_the_shards_running_at_once_and_pass_only_what_the_c
     assert build.shard_shares(sparse) == {"shard_requests_per_minute": 1, "shard_max_concurrency": 1}
 
 
-
 SHARDS_WITHOUT_QUOTA = (
     "warning: azure.synthesis_shards: 2 shards run at once against the teacher's endpoint and teacher.requests_per_minute "
     "is not set, so each finds the endpoint's limit from 429s on its own and they share it unequally; set it to the "
@@ -206,6 +205,7 @@ def test_validate_and_submit_warn_when_shards_share_an_endpoint_whose_quota_the_
     # a dry run: no network, no credentials
     dry_run = ("submit", "--dry-run", "--output-dir", str(tmp_path / "dry"))
     assert warned(*dry_run, "--set", "teacher.requests_per_minute=null") == [SHARDS_WITHOUT_QUOTA]
+
 
 def test_each_shard_runs_synthesize_with_its_share_as_set_overrides(tmp_path, monkeypatch):
     """The parallel job's entry script forwards the shard_* inputs to each shard's `azdistill synthesize`."""

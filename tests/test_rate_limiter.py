@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import random
+from typing import Optional
 
 import pytest
 
@@ -88,6 +89,25 @@ def send_next(limiters: list, active, clock: FakeClock, endpoint: WindowEndpoint
     return which, wait is None
 
 
+def until_the_first_429(limiter: AdaptiveRateLimiter, clock: FakeClock, endpoint: WindowEndpoint, most: int,
+                        answered: bool = False, gap: float = 0.0) -> Optional[float]:
+    """Requests one after another, each arriving at once, until the endpoint throttles one (or `most` were sent): an
+    admitted one is answered when `answered` (which feeds the slow start or a probe), and the next one waits `gap`
+    more than its slot (the workers, not the pace, holding it back). Returns the pace the throttled one went at."""
+    for _ in range(most):
+        ticket = limiter.acquire()
+        wait = endpoint.arrive(clock.now)
+        if wait is not None:
+            paced_at = limiter.rate
+            limiter.on_throttle(wait, ticket)
+            return paced_at
+        limiter.on_accepted(ticket)
+        if answered:
+            limiter.on_success()
+        clock.now += gap
+    return None
+
+
 def admitted_between(endpoint: WindowEndpoint, start: float, end: float) -> int:
     return sum(1 for at in endpoint.admitted_at if start <= at < end)
 
@@ -143,18 +163,9 @@ def test_a_429_over_the_limit_drops_the_pace_to_just_under_what_was_admitted():
     limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
     limiter.rate, limiter.slow_start = 50.0, False
     endpoint = WindowEndpoint(limit=30)
-    for _ in range(60):
-        ticket = limiter.acquire()
-        wait = endpoint.arrive(clock.now)
-        if wait is None:
-            limiter.on_accepted(ticket)
-        else:
-            limiter.on_throttle(wait, ticket)
-            break
+    until_the_first_429(limiter, clock, endpoint, most=60)
     assert limiter.measured_limit == 30
     assert limiter.rate == pytest.approx(30 * 0.99)
-
-
 
 
 def test_the_first_429_of_the_slow_start_drops_the_pace_to_the_measure_not_to_half_a_pace_never_sent():
@@ -164,16 +175,10 @@ def test_the_first_429_of_the_slow_start_drops_the_pace_to_the_measure_not_to_ha
     clock, endpoint = FakeClock(), WindowEndpoint(limit=40)
     limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
     limiter.rate = 88.0
-    for _ in range(200):
-        ticket = limiter.acquire()
-        wait = endpoint.arrive(clock.now)
-        if wait is not None:
-            limiter.on_throttle(wait, ticket)
-            break
-        limiter.on_accepted(ticket)
-        clock.now += 1 / 56 - 1 / 88  # the workers, not the pace, hold the requests back
+    until_the_first_429(limiter, clock, endpoint, most=200, gap=1 / 56 - 1 / 88)  # 56 a second go out
     assert endpoint.throttled == 1 and limiter.measured_limit == 40
     assert limiter.rate == pytest.approx(40 * 0.99)
+
 
 def test_a_probe_that_finds_the_same_limit_eases_off_at_its_first_429():
     """Paced just under a limit of 40/s, the limiter probes upwards after its hold. The probe's first 429 (the window
@@ -182,16 +187,7 @@ def test_a_probe_that_finds_the_same_limit_eases_off_at_its_first_429():
     clock, endpoint = FakeClock(), WindowEndpoint(limit=40)
     limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
     limiter.rate, limiter.slow_start = 39.6, False
-    for _ in range(2000):
-        ticket = limiter.acquire()
-        wait = endpoint.arrive(clock.now)
-        if wait is None:
-            limiter.on_accepted(ticket)
-            limiter.on_success()
-        else:
-            paced_at = limiter.rate
-            limiter.on_throttle(wait, ticket)
-            break
+    paced_at = until_the_first_429(limiter, clock, endpoint, most=2000, answered=True)
     assert endpoint.throttled == 1 and paced_at > 40
     assert limiter.rate == pytest.approx(40 * 0.99)
 
@@ -215,6 +211,7 @@ def test_headroom_right_after_a_429_pause_is_not_taken_for_capacity_freed():
     assert limiter.rate == paced_at
     answers_until(paused_until + 1.2, remaining=10)
     assert limiter.rate > paced_at
+
 
 def test_follows_a_limit_halved_midway_and_a_limit_that_rises_again():
     clock = FakeClock()

@@ -233,11 +233,9 @@ def shards_at_once(config: DistillConfig) -> int:
 def shard_warnings(config: DistillConfig) -> list[str]:
     """What `validate` says of a sharded synthesis: shards that run at once against a hosted teacher whose request
     quota the config does not give each find the endpoint's limit from 429s on their own, and settle on unequal
-    shares of it (docs/benchmarks.md)."""
-    if config.azure is None or config.teacher.kind in ("local", "logged") or config.teacher.requests_per_minute is not None:
-        return []
+    shares of it (docs/benchmarks.md). Without an azure section there is one shard, and nothing to say."""
     concurrent = shards_at_once(config)
-    if concurrent < 2:
+    if concurrent < 2 or config.teacher.kind in ("local", "logged") or config.teacher.requests_per_minute is not None:
         return []
     return [
         f"azure.synthesis_shards: {concurrent} shards run at once against the teacher's endpoint and teacher.requests_per_minute "

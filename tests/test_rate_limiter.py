@@ -267,6 +267,51 @@ def test_a_client_left_alone_on_a_shared_limit_takes_it_up(reports_headroom):
     assert admitted_between(endpoint, started + 35.0, started + 40.0) >= 0.95 * 40 * 5
 
 
+def test_one_reading_of_headroom_at_a_429_does_not_make_the_header_untrusted_for_good():
+    """On a limit shared with other clients, they can fill the window between our last answer and our 429, so the
+    header read a few requests of headroom at that 429. That alone must not stop the client from trusting it (it
+    then held its share to the end of the run when the others finished: docs/benchmarks.md). A header that reads
+    headroom at 429 after 429 (a per-minute budget while a shorter window throttles) is not trusted."""
+
+    def client(readings_at_429s: list) -> AdaptiveRateLimiter:
+        """A client at 10/s whose answers before each 429 read as given, then left alone with headroom 20."""
+        clock = FakeClock()
+        limiter = AdaptiveRateLimiter(clock=clock, sleep=clock.sleep)
+        limiter.rate, limiter.slow_start = 10.0, False
+        for remaining in readings_at_429s:
+            for _ in range(10):
+                limiter.on_accepted(limiter.acquire())
+                limiter.on_success(remaining=remaining)
+            limiter.on_throttle(0.05, limiter.acquire())
+            limiter.on_throttle(0.05, limiter.acquire())  # a companion of the same episode: the same reading
+            clock.now += 2.0
+        limiter.rate = 10.0
+        for _ in range(10):
+            limiter.on_accepted(limiter.acquire())
+            limiter.on_success(remaining=20)
+        return limiter
+
+    assert client([0, 5, 0, 1]).rate > 15.0  # one reading of 5 among readings of none: headroom is taken up
+    assert client([25, 30, 0]).rate < 11.0  # headroom read at most 429s: the figure is ignored
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_shards_finding_a_shared_limit_fill_it_to_the_end(seed):
+    """Four shards without a configured quota, 250 requests each, find one 40/s limit with their own limiters (as the
+    shards of an Azure ML parallel job) and the endpoint reports its headroom. They settle on unequal shares, so
+    some finish first; the ones left take up the capacity freed. Together they reach 92% of the limit (86.6% median
+    over 8 seeds, as low as 78%, when one reading of headroom at a 429 made a shard ignore the header for good)."""
+    clock, endpoint, rng = FakeClock(), WindowEndpoint(40), random.Random(seed)
+    shards = [AdaptiveRateLimiter(clock=clock, sleep=clock.sleep) for _ in range(4)]
+    for offset, shard in zip((0.0, 0.05, 0.1, 0.15), shards):
+        shard._next_at = clock.now + offset
+    started, left = clock.now, [250] * 4
+    while any(left):
+        which, admitted = send_next(shards, [n for n in range(4) if left[n]], clock, endpoint, rng, reports_headroom=True)
+        left[which] -= admitted
+    assert 1000 / (clock.now - started) >= 0.92 * 40
+
+
 def test_hours_without_a_429_neither_overflow_nor_run_the_pace_away():
     """Under a configured budget (or a concurrency that never reaches the limit) no 429 ever comes: probing must
     neither overflow its doubling gain nor raise the pace far beyond what is really sent."""

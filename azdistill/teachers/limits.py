@@ -36,6 +36,8 @@ PROBE_MAX_GAIN_PER_S = 0.5
 # Headroom the endpoint reports (x-ratelimit-remaining-requests), as a share of a window's worth of our pace, that
 # ends a hold at once: the limit is shared and its other clients stopped, or it was raised.
 HEADROOM_SHARE = 0.25
+# How far the header's votes go either way (at 429s: did it read as headroom?): three readings turn them.
+REMAINING_VOTES_CAP = 3
 SEND_RATE_SMOOTHING_S = 0.25
 
 
@@ -138,8 +140,10 @@ class AdaptiveRateLimiter:
         self.initial_rate = initial_rate
         self._send_rate, self._sent_rate_at = initial_rate, None  # requests really sent per second (smoothed)
         self._headroom_at = -math.inf  # when reported headroom last raised the pace
-        self._last_remaining: Optional[int] = None  # x-ratelimit-remaining-requests of the last answer
-        self._remaining_is_the_limit: Optional[bool] = None  # whether that header tracks the limit that throttles us
+        self._last_remaining: Optional[int] = None  # x-ratelimit-remaining-requests of the last answer (None once used)
+        # Whether that header tracks the limit that throttles us: at each 429, the last answer's figure votes for it
+        # (it read as no headroom) or against it (it read as headroom, the figure the rule below would act on).
+        self._remaining_votes = 0
         self.measured_limit: Optional[float] = None  # the limit as the last throttling episode measured it, per second
         # The recent requests' tickets, oldest first: what the endpoint's window held when it said 429.
         self._sent: collections.deque = collections.deque()
@@ -231,9 +235,8 @@ class AdaptiveRateLimiter:
             now = self._clock()
             grown_at, self._grown_at = self._grown_at, now
             # (Not within a window of a 429's pause: the headroom then is our own pause, not capacity freed.)
-            if self._remaining_is_the_limit and remaining is not None and now >= self._headroom_at + ACCEPTED_WINDOW_S \
-                    and now >= self.blocked_until + ACCEPTED_WINDOW_S \
-                    and remaining >= max(4.0, HEADROOM_SHARE * self.rate * ACCEPTED_WINDOW_S):
+            if self._remaining_votes > 0 and remaining is not None and now >= self._headroom_at + ACCEPTED_WINDOW_S \
+                    and now >= self.blocked_until + ACCEPTED_WINDOW_S and self._is_headroom(remaining):
                 # The endpoint says a good part of its limit is unused (other clients of a shared limit stopped, or
                 # it was raised): take up half of it at once (once a window: the figure lags our own new requests),
                 # and probe from now rather than after the hold.
@@ -252,6 +255,10 @@ class AdaptiveRateLimiter:
             self._probed = self._probed or probed > self.rate
             self.rate = probed
 
+    def _is_headroom(self, remaining: int) -> bool:
+        """Whether the endpoint's reported headroom is a good part of a window's worth of our pace."""
+        return remaining >= max(4.0, HEADROOM_SHARE * self.rate * ACCEPTED_WINDOW_S)
+
     def _bounded(self, rate: float) -> float:
         """`rate` within the configured budget and, when the pace is not what holds the requests back (fewer are
         sent than it allows: the workers are busy), within twice what is really sent: a pace that nothing tests
@@ -265,11 +272,15 @@ class AdaptiveRateLimiter:
             now = self._clock()
             self.throttled += 1
             ticket.state = "throttled"
-            # Trust x-ratelimit-remaining-requests as a measure of headroom only while it says ~0 when a 429 comes:
-            # a per-minute budget (OpenAI's) can read large while a shorter window throttles.
+            # Trust x-ratelimit-remaining-requests as a measure of headroom only while it mostly says there is none
+            # when a 429 comes: a per-minute budget (OpenAI's) can read large while a shorter window throttles. Mostly:
+            # on a limit shared with other clients (shards), they can fill the window between our last answer and the
+            # 429, so one reading of headroom there is no proof. Each answer's figure votes once (a 429's companions
+            # in the same episode see the same figure), and the votes are capped so that evidence can turn them.
             if self._last_remaining is not None:
-                near_zero = self._last_remaining <= max(2.0, 0.1 * self.rate * ACCEPTED_WINDOW_S)
-                self._remaining_is_the_limit = near_zero and self._remaining_is_the_limit is not False
+                vote = -1 if self._is_headroom(self._last_remaining) else 1
+                self._remaining_votes = max(-REMAINING_VOTES_CAP, min(REMAINING_VOTES_CAP, self._remaining_votes + vote))
+                self._last_remaining = None
             pause = retry_after if retry_after is not None else min(2.0, 2.0 / self.rate) * random.uniform(0.5, 1.0)
             self.blocked_until = max(self.blocked_until, now + pause)
             self._probe_from = max(self._probe_from, now + self._hold)

@@ -78,7 +78,11 @@ def _finite_or_none(metrics: dict[str, float]) -> dict[str, Optional[float]]:
 def _spread(role: str, name: str, metric: str, values: list[float]) -> Spread:
     sd = statistics.stdev(values) if len(values) > 1 else None
     fraction = metric not in RAW_SCALE_METRICS and all(0.0 <= value <= 1.0 for value in values)
-    return Spread(role, name, metric, len(values), statistics.fmean(values), sd, min(values), max(values), fraction)
+    low, high = min(values), max(values)
+    # Within the range, as a mean is: fmean of three equal 0.8625s is a hair above 0.8625, and '86.3% (86.2-86.2)' would
+    # show a mean outside its own range.
+    mean = min(max(statistics.fmean(values), low), high)
+    return Spread(role, name, metric, len(values), mean, sd, low, high, fraction)
 
 
 def seeds_to_dict(summary: SeedsSummary) -> dict:

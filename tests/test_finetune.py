@@ -268,6 +268,24 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tokenizer, tmp_pa
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 
+def test_a_run_resumed_from_the_checkpoint_at_an_epochs_end_trains_the_same_weights(tokenizer, tmp_path):
+    # The Trainer saves a checkpoint's random state at its step, before the evaluation at the epoch's end; the
+    # validation loader drew a seed from torch's generator there, so the uninterrupted run shuffled the next epoch
+    # from another state than a run resumed from that checkpoint (found by tests/test_kill_resume.py).
+    from safetensors.torch import load_file
+
+    student = tiny_model(tokenizer, tmp_path / "student")
+    settings = TrainingConfig(learning_rate=5e-3, batch_size=4, epochs=2, logging_steps=1, save_steps=4)
+    train_student(conversations(16), conversations(4), student, tmp_path / "whole", settings)
+    with pytest.raises(KeyboardInterrupt):  # 4 steps an epoch: checkpoint-4 is the first epoch's end
+        train_student(conversations(16), conversations(4), student, tmp_path / "out", settings, tracker=InterruptAtStep(6))
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-4").is_dir()
+    train_student(conversations(16), conversations(4), student, tmp_path / "out", settings, resume=True)
+    whole, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "out"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+
+
 def test_pruned_student_is_rebuilt_when_the_share_of_layers_changes(tokenizer, tmp_path):
     import json as json_module
 

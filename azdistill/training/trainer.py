@@ -187,6 +187,15 @@ class DistillationTrainer(Trainer):
         self._sums = {"train": {}, "eval": {}}
         self.on_policy_batches = 0
 
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation, leaving torch's random state as it found it. At an epoch's end the Trainer saves
+        the checkpoint (and its random state) before it evaluates, and the validation loader draws a seed from
+        torch's generator: the next epoch was shuffled from another state than a run resumed from that checkpoint
+        restores, so a run killed there trained other weights. (Not in transformers: it restores the state it saved.)"""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         on_policy = training and self.draws_on_policy_batch()

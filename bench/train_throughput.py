@@ -18,8 +18,9 @@ the same call) measures the work itself, which other programs on a shared machin
 
 The baseline is what a plain script does: `Trainer` with `DataCollatorForSeq2Seq` (pad to the longest in the
 batch), random batches, the model's own loss over full logits. Ours is `azdistill.training.loop.train_student`
-with the config's defaults (length-grouped batches, logits only where an answer token is predicted); `--batching`
-measures its other batching modes, and `--with-kd` adds a run with token-level distillation from the teacher.
+with the config's defaults (length-grouped batches, logits only where an answer token is predicted, the batch's
+shared prompt prefix run once); `--batching` measures its other batching modes, `--without-shared-prefix` adds ours
+with each row running the prefix itself, and `--with-kd` adds a run with token-level distillation from the teacher.
 """
 
 from __future__ import annotations
@@ -115,14 +116,14 @@ def plain_trainer(student: Path, conversations: list[list[dict]], batch_size: in
 
 def our_trainer(
     student: Path, teacher: Path, conversations: list[list[dict]], batch_size: int, max_length: int, learning_rate: float,
-    out: Path, batching: str, kd_weight: float = 0.0,
+    out: Path, batching: str, kd_weight: float = 0.0, shared_prefix: bool = True,
 ) -> dict:
     from azdistill.config.sections import TrainingConfig
     from azdistill.training.loop import train_student
 
     settings = TrainingConfig(
         learning_rate=learning_rate, batch_size=batch_size, epochs=1, max_length=max_length, batching=batching,
-        kd_weight=kd_weight, logging_steps=1, save_steps=10**6, seed=0,
+        kd_weight=kd_weight, logging_steps=1, save_steps=10**6, seed=0, shared_prefix=shared_prefix,
     )
     summary = train_student(conversations, [], student, out, settings, teacher_path=teacher if kd_weight else None)
     tokens = round(summary["tokens_per_s"] * summary["seconds"])
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each trainer; medians are printed")
     parser.add_argument("--batching", nargs="+", default=["length_grouped"], choices=["padded", "length_grouped", "packed"])
     parser.add_argument("--with-kd", action="store_true", help="also time ours with kd_weight 0.5 (teacher forward included)")
+    parser.add_argument("--without-shared-prefix", action="store_true",
+                        help="also time ours with training.shared_prefix false (each row runs the system prompt itself)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "sentiment" / "train.jsonl")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--student", nargs="+", default=["demo"], choices=["demo", "0.5b"],
@@ -191,6 +194,11 @@ def measure(args, teacher: Path, student: Path, conversations: list[list[dict]])
     for batching in args.batching:
         contenders[f"azdistill ({batching})"] = lambda out, batching=batching: our_trainer(
             student, teacher, conversations, args.batch_size, args.max_length, args.learning_rate, out, batching
+        )
+    if args.without_shared_prefix:
+        contenders["azdistill (length_grouped, prefix run per row)"] = lambda out: our_trainer(
+            student, teacher, conversations, args.batch_size, args.max_length, args.learning_rate, out, "length_grouped",
+            shared_prefix=False,
         )
     if args.with_kd:
         contenders["azdistill + KD to the teacher"] = lambda out: our_trainer(

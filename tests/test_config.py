@@ -32,7 +32,7 @@ TRAINING_KEYS = (
     "batch_size, batching, bf16, epochs, freeze_embeddings, gradient_accumulation_steps, gradient_checkpointing, hidden_loss, "
     "hidden_weight, kd_beta, kd_loss, kd_temperature, kd_weight, learning_rate, logging_steps, lora, lr_scheduler, "
     "max_length, method, on_policy_max_new_tokens, on_policy_ratio, on_policy_temperature, save_steps, seed, "
-    "sft_weight, topk_weight, warmup_ratio, weight_decay"
+    "sft_weight, shared_prefix, topk_weight, warmup_ratio, weight_decay"
 )
 
 

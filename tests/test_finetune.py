@@ -439,7 +439,7 @@ def test_a_setting_added_later_leaves_the_stage_key_of_earlier_students_as_it_wa
     existed) is not part of the finetune stage's key; set, it is."""
     from azdistill.stages.finetune import training_key
 
-    before = {"logging_steps", "save_steps", "gradient_checkpointing", "freeze_embeddings"}
+    before = {"logging_steps", "save_steps", "gradient_checkpointing", "shared_prefix", "freeze_embeddings"}
     assert set(training_key(TrainingConfig())) == set(TrainingConfig.model_fields) - before
     assert training_key(TrainingConfig(freeze_embeddings=True))["freeze_embeddings"] is True
     assert training_key(TrainingConfig(freeze_embeddings=True)) != training_key(TrainingConfig())

@@ -271,6 +271,12 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: much less GPU memory, ~30% slower."
     )
+    shared_prefix: bool = Field(
+        default=True,
+        description="Run the tokens every row of a padded batch starts with (a shared system prompt, the chat "
+        "template's header) once per batch instead of once per row, forward and backward; same loss and gradients. "
+        "Not with packed batches, hidden_weight > 0, gradient checkpointing or several processes, which train as before.",
+    )
     freeze_embeddings: bool = Field(
         default=False,
         description="method full: keep the token embeddings (and an output head tied to them) as the student had them. "

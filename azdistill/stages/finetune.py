@@ -61,10 +61,10 @@ SETTINGS_ADDED_LATER = {"freeze_embeddings": False}
 
 
 def training_key(settings: TrainingConfig) -> dict:
-    """The training settings that decide the weights: logging, checkpoint intervals and memory savers do not. A setting
-    added later counts only when set otherwise than its default, so a student trained before it existed (the one that
-    default trains) is not trained again after an upgrade."""
-    excluded = {"logging_steps", "save_steps", "gradient_checkpointing"}
+    """The training settings that decide the weights: logging, checkpoint intervals, memory savers and the shared prefix
+    (the same sums in another order) do not. A setting added later counts only when set otherwise than its default,
+    so a student trained before it existed (the one that default trains) is not trained again after an upgrade."""
+    excluded = {"logging_steps", "save_steps", "gradient_checkpointing", "shared_prefix"}
     excluded |= {name for name, default in SETTINGS_ADDED_LATER.items() if getattr(settings, name) == default}
     return settings.model_dump(exclude=excluded)
 

@@ -19,6 +19,7 @@ from azdistill.errors import UserError
 from azdistill.tracking.tracker import NullTracker
 from azdistill.training import losses
 from azdistill.training.examples import IGNORE_INDEX, pad_batch
+from azdistill.training.prefix import prefix_shared_forward, shared_prefix_length
 
 LOSS_NAMES = ("sft", "kd", "topk", "hidden")
 
@@ -117,23 +118,44 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def answer_forward(model, batch: dict, predict):
+def answer_forward(model, batch: dict, predict, share_prefix: bool = False):
     """Run a causal LM and return its logits at the `predict` positions only, as [N, vocab].
 
     The vocabulary projection is the largest single matrix product of a small model (49152 x 576 for SmolLM2):
     sparing it on prompt and padding positions is most of our speed-up over a plain Trainer. Models whose forward
-    takes no `logits_to_keep` get the full projection, then the selection.
+    takes no `logits_to_keep` get the full projection, then the selection. With `share_prefix`, the tokens every
+    row of a padded batch starts with run once (`azdistill.training.prefix`).
     """
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    keeps_logits = _accepts_logits_to_keep(type(inner))
+    if share_prefix and "position_ids" not in batch:
+        shared = shared_prefix_length(batch["input_ids"], batch["attention_mask"], predict)
+        if shared:
+            rest = predict[:, shared:]
+            if keeps_logits:
+                return prefix_shared_forward(
+                    model, batch["input_ids"], batch["attention_mask"], shared, True, logits_to_keep=rest
+                ).logits
+            return prefix_shared_forward(model, batch["input_ids"], batch["attention_mask"], shared, False).logits[rest]
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}  # a cache would also hide packed boundaries
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     else:
         inputs["attention_mask"] = batch["attention_mask"]
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    if _accepts_logits_to_keep(type(inner)):
+    if keeps_logits:
         return model(**inputs, logits_to_keep=predict).logits
     return model(**inputs).logits[predict]
+
+
+def shares_prefix(training: TrainingConfig, args) -> bool:
+    """Whether batches run their shared prefix once (`training.shared_prefix`, where it gives the same gradients)."""
+    # Hidden states are matched at every position (the prefix's too); gradient checkpointing drops the cache the
+    # rows read the prefix from; DistributedDataParallel allows one forward per backward.
+    return bool(
+        training.shared_prefix and training.hidden_weight == 0 and not training.gradient_checkpointing
+        and args.world_size == 1
+    )
 
 
 # On-policy batches: the student answers the batch's prompts itself
@@ -184,6 +206,7 @@ class DistillationTrainer(Trainer):
             self.student_layers = LayerOutputs(decoder_layers(self.model), list(range(len(layer_map))))
             self.teacher_layers = LayerOutputs(decoder_layers(teacher), layer_map)
         self.rng = random.Random(training.seed + self.args.process_index)
+        self.share_prefix = shares_prefix(training, self.args)
         self._sums = {"train": {}, "eval": {}}
         self.on_policy_batches = 0
 
@@ -218,7 +241,7 @@ class DistillationTrainer(Trainer):
         labels = inputs["labels"]
         predict = predicting_positions(labels)
         targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        logits = answer_forward(model, inputs, predict)
+        logits = answer_forward(model, inputs, predict, self.share_prefix)
         weights = self.loss_weights
         terms = {}
         if weights["sft"] > 0 and not on_policy:  # the student's own answers are no SFT target
@@ -239,7 +262,9 @@ class DistillationTrainer(Trainer):
         terms = {}
         with torch.no_grad():
             # Hidden states alone need no teacher logits: an empty selection skips its projection.
-            teacher_logits = answer_forward(self.teacher, inputs, predict if weights["kd"] > 0 else torch.zeros_like(predict))
+            teacher_logits = answer_forward(
+                self.teacher, inputs, predict if weights["kd"] > 0 else torch.zeros_like(predict), self.share_prefix
+            )
         if weights["kd"] > 0:
             terms["kd"] = losses.logit_divergence(
                 logits, teacher_logits, settings.kd_loss, settings.kd_temperature, settings.kd_beta

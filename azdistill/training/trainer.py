@@ -19,7 +19,7 @@ from azdistill.errors import UserError
 from azdistill.tracking.tracker import NullTracker
 from azdistill.training import losses
 from azdistill.training.examples import IGNORE_INDEX, pad_batch
-from azdistill.training.prefix import prefix_shared_forward, shared_prefix_length
+from azdistill.models.prefix import prefix_shared_forward, shared_prefix_length
 
 LOSS_NAMES = ("sft", "kd", "topk", "hidden")
 
@@ -124,7 +124,7 @@ def answer_forward(model, batch: dict, predict, share_prefix: bool = False):
     The vocabulary projection is the largest single matrix product of a small model (49152 x 576 for SmolLM2):
     sparing it on prompt and padding positions is most of our speed-up over a plain Trainer. Models whose forward
     takes no `logits_to_keep` get the full projection, then the selection. With `share_prefix`, the tokens every
-    row of a padded batch starts with run once (`azdistill.training.prefix`).
+    row of a padded batch starts with run once (`azdistill.models.prefix`).
     """
     inner = getattr(model, "module", model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner

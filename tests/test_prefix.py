@@ -101,7 +101,29 @@ def test_sharing_the_prefix_gives_the_same_logits_and_gradients_with_fewer_token
     assert shared_tokens == prefix + rows * (width - prefix)
 
 
-def test_training_shares_the_prefix_on_every_batch_and_trains_the_same_weights(tokenizer, tmp_path, monkeypatch):
+def test_a_model_that_keeps_no_cache_runs_the_whole_batch_as_usual(tokenizer, caplog):
+    class NoCache(torch.nn.Module):
+        """A causal LM that ignores the cache it is given, as some remote-code models do."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None, logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
+
+    inner = tiny_llama(tokenizer).eval()
+    batch = pad_batch([build_example(tokenizer, messages, 256) for messages in reviews(3)], tokenizer.pad_token_id)
+    predict = predicting_positions(batch["labels"])
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        logits = answer_forward(NoCache(inner), batch, predict, share_prefix=True)
+        expected = answer_forward(inner, batch, predict)
+    torch.testing.assert_close(logits, expected)
+    assert "keeps no attention cache" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_shares_the_prefix_on_every_batch_and_trains_the_same_weights(tokenizer, tmp_path, monkeypatch, method):
     from safetensors.torch import load_file
 
     folder = tmp_path / "student"
@@ -113,7 +135,9 @@ def test_training_shares_the_prefix_on_every_batch_and_trains_the_same_weights(t
     weights, summaries = {}, {}
     for share in (True, False):
         calls.clear()
-        settings = TrainingConfig(learning_rate=5e-3, batch_size=4, epochs=2, save_steps=100, shared_prefix=share, seed=3)
+        # No LoRA dropout: with it the rows would share the prefix's dropout mask, and draw other masks than without.
+        lora = {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}} if method == "lora" else {}
+        settings = TrainingConfig(learning_rate=5e-3, batch_size=4, epochs=2, save_steps=100, shared_prefix=share, seed=3, **lora)
         summaries[share] = train_student(reviews(8), [], folder, tmp_path / f"out-{share}", settings)
         weights[share] = load_file(tmp_path / f"out-{share}" / "model" / "model.safetensors")
         assert len(calls) == (summaries[share]["steps"] if share else 0)

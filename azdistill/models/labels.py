@@ -75,10 +75,10 @@ def score_labels(model, tokenizer, conversations: Sequence[list[Message]], label
         shared = shared_prefix_length(input_ids, attention, read)
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.inference_mode():
-            if shared:
-                logits = prefix_shared_forward(model, input_ids, attention, shared, True, logits_to_keep=kept).logits
-            else:
-                logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=kept).logits
+            output = prefix_shared_forward(model, input_ids, attention, shared, True, logits_to_keep=kept) if shared else None
+            if output is None:
+                output = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=kept)
+            logits = output.logits
             logprobs = logits.float().log_softmax(-1).cpu()
         first_kept = width - kept
         index = 0

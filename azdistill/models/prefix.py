@@ -13,12 +13,15 @@ generating); it needs right-padded rows, so packed batches (no rows to share acr
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from azdistill.errors import UserError
+log = logging.getLogger(__name__)
 
 # Below this a second forward call costs more than the rows' shared tokens save.
 MIN_SHARED_TOKENS = 16
+_WARNED: set[str] = set()
 
 
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor) -> int:
@@ -40,7 +43,8 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int, keeps_logits: bool, **kwargs):
-    """The model's output on the tokens after `prefix`, the shared prefix having run once (see the module's doc).
+    """The model's output on the tokens after `prefix`, the shared prefix having run once (see the module's doc), or
+    None where the model filled no attention cache with the prefix (then run the batch as usual).
 
     `keeps_logits`: the model's forward takes `logits_to_keep` (then the prefix's pass projects one position onto
     the vocabulary, not all). `kwargs` go to the call on the rows' remaining tokens.
@@ -51,10 +55,12 @@ def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     model(input_ids=input_ids[:1, :prefix], past_key_values=cache, use_cache=True, **({"logits_to_keep": 1} if keeps_logits else {}))
     if cache.get_seq_length() != prefix:
-        raise UserError(
-            f"training.shared_prefix: {type(model).__name__} did not fill the attention cache when run on the shared "
-            "prefix, so its rows cannot read the prefix from it; set training.shared_prefix: false"
-        )
+        # A model that keeps no cache of its own (or drops it): the rows could not read the prefix, so the caller runs
+        # the whole batch as usual instead.
+        if type(model).__name__ not in _WARNED:
+            _WARNED.add(type(model).__name__)
+            log.warning("%s keeps no attention cache: its batches run their shared prompt prefix once per row", type(model).__name__)
+        return None
     cache.batch_repeat_interleave(input_ids.shape[0])
     rows, width = input_ids.shape
     positions = torch.arange(prefix, width, device=input_ids.device).expand(rows, -1)

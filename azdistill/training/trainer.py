@@ -16,10 +16,10 @@ from transformers import Trainer, TrainerCallback
 from azdistill.config.sections import TrainingConfig
 from azdistill.console import Progress
 from azdistill.errors import UserError
+from azdistill.models.prefix import prefix_shared_forward, shared_prefix_length
 from azdistill.tracking.tracker import NullTracker
 from azdistill.training import losses
 from azdistill.training.examples import IGNORE_INDEX, pad_batch
-from azdistill.models.prefix import prefix_shared_forward, shared_prefix_length
 
 LOSS_NAMES = ("sft", "kd", "topk", "hidden")
 
@@ -133,11 +133,10 @@ def answer_forward(model, batch: dict, predict, share_prefix: bool = False):
         shared = shared_prefix_length(batch["input_ids"], batch["attention_mask"], predict)
         if shared:
             rest = predict[:, shared:]
-            if keeps_logits:
-                return prefix_shared_forward(
-                    model, batch["input_ids"], batch["attention_mask"], shared, True, logits_to_keep=rest
-                ).logits
-            return prefix_shared_forward(model, batch["input_ids"], batch["attention_mask"], shared, False).logits[rest]
+            kept = {"logits_to_keep": rest} if keeps_logits else {}
+            output = prefix_shared_forward(model, batch["input_ids"], batch["attention_mask"], shared, keeps_logits, **kept)
+            if output is not None:
+                return output.logits if keeps_logits else output.logits[rest]
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}  # a cache would also hide packed boundaries
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]

@@ -8,10 +8,10 @@ import torch
 from azdistill.config.sections import TrainingConfig
 from azdistill.models.builtin import builtin_teacher_path
 from azdistill.models.loading import load_tokenizer
+from azdistill.models.prefix import MIN_SHARED_TOKENS, shared_prefix_length
 from azdistill.training import trainer as trainer_module
 from azdistill.training.examples import IGNORE_INDEX, build_example, pad_batch
 from azdistill.training.loop import train_student
-from azdistill.models.prefix import MIN_SHARED_TOKENS, shared_prefix_length
 from azdistill.training.trainer import answer_forward, predicting_positions
 
 SYSTEM = "Classify the sentiment of the review. Answer with one word: positive or negative."
@@ -161,22 +161,3 @@ def test_hidden_state_matching_and_gradient_checkpointing_train_without_sharing(
     Args.world_size = 2
     assert trainer_module.shares_prefix(TrainingConfig(), Args()) is False
 
-
-def test_label_scores_are_the_same_with_the_prompt_prefix_run_once(tokenizer, monkeypatch):
-    from azdistill.models import labels as labels_module
-
-    model = tiny_llama(tokenizer, seed=4).eval()
-    conversations = [messages[:2] for messages in reviews(5)]
-    candidates = ["positive", "negative", "not sure"]  # "not sure" is two tokens
-    tokens_seen = []
-    model.model.embed_tokens.register_forward_hook(lambda module, args, output: tokens_seen.append(args[0].numel()))
-    shared = labels_module.score_labels(model, tokenizer, conversations, candidates, batch_size=3)
-    tokens_shared = sum(tokens_seen)
-    tokens_seen.clear()
-    monkeypatch.setattr(labels_module, "shared_prefix_length", lambda *args: 0)
-    alone = labels_module.score_labels(model, tokenizer, conversations, candidates, batch_size=3)
-    for with_prefix, without in zip(shared, alone, strict=True):
-        assert with_prefix.probs == pytest.approx(without.probs, abs=1e-5)
-        assert with_prefix.label == without.label
-    assert len({score.label for score in alone}) > 1 or len({round(score.probs["positive"], 3) for score in alone}) > 1
-    assert tokens_shared < sum(tokens_seen) * 0.7  # two batches of 9 and 6 sequences, each starting with ~27 shared tokens

@@ -16,7 +16,6 @@ from typing import Sequence
 
 from azdistill.data.records import Message
 from azdistill.models.generation import render_prompts
-from azdistill.models.prefix import prefix_shared_forward, shared_prefix_length
 
 
 @dataclass
@@ -69,16 +68,8 @@ def score_labels(model, tokenizer, conversations: Sequence[list[Message]], label
         # Logits only from the position before the shortest prompt's end: a full [rows, width, vocabulary] tensor would
         # make the scorer's memory several times the model's (1.7 GB against 0.5 GB for the built-in teacher).
         kept = width - (min(len(prompt_ids[row]) for row in rows) - 1)
-        read = torch.zeros_like(attention, dtype=torch.bool)
-        read[:, width - kept :] = True
-        # The system prompt and chat header every sequence starts with run once for the batch (`models.prefix`).
-        shared = shared_prefix_length(input_ids, attention, read)
-        input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.inference_mode():
-            output = prefix_shared_forward(model, input_ids, attention, shared, True, logits_to_keep=kept) if shared else None
-            if output is None:
-                output = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=kept)
-            logits = output.logits
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), logits_to_keep=kept).logits
             logprobs = logits.float().log_softmax(-1).cpu()
         first_kept = width - kept
         index = 0

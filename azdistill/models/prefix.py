@@ -51,8 +51,7 @@ def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.
     """
     from transformers import DynamicCache
 
-    config = getattr(model, "config", None)
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    cache = DynamicCache(config=getattr(model, "config", None))
     model(input_ids=input_ids[:1, :prefix], past_key_values=cache, use_cache=True, **({"logits_to_keep": 1} if keeps_logits else {}))
     if cache.get_seq_length() != prefix:
         # A model that keeps no cache of its own (or drops it): the rows could not read the prefix, so the caller runs
@@ -61,8 +60,8 @@ def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.
             _WARNED.add(type(model).__name__)
             log.warning("%s keeps no attention cache: its batches run their shared prompt prefix once per row", type(model).__name__)
         return None
-    cache.batch_repeat_interleave(input_ids.shape[0])
     rows, width = input_ids.shape
+    cache.batch_repeat_interleave(rows)
     positions = torch.arange(prefix, width, device=input_ids.device).expand(rows, -1)
     return model(
         input_ids=input_ids[:, prefix:], attention_mask=attention_mask, past_key_values=cache,

@@ -131,3 +131,74 @@ def test_a_constrained_teacher_answers_the_held_out_set_by_scoring_and_students_
     asked.clear()
     stage.evaluate(load_config(config_path, ["synthesis.label_constraint=off"]), teacher, models)
     assert asked == {"teacher": None}  # only the teacher's answers depend on the constraint
+
+
+def _random_llama(tokenizer):
+    """A tiny random Llama: unlike `known_model`, its label probabilities differ from prompt to prompt."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+REVIEWS = ["Great.", "The battery died after two days of light use and support never answered.", "Loved it!",
+           "Meh, it works I guess", "Cold soup, rude staff, long wait."]
+
+
+def test_each_prompt_runs_once_and_its_labels_read_it_from_the_cache(monkeypatch):
+    """Scored from the attention cache, every label gets the probability it gets as a whole sequence (prompts of
+    several lengths in one batch, labels of one and two tokens), with the prompts run through the model once
+    instead of once per label."""
+    from azdistill.models import labels as labels_module
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(builtin_teacher_path())
+    model = _random_llama(tokenizer)
+    conversations = [[CONVERSATION[0], {"role": "user", "content": f"Review: {text}"}] for text in REVIEWS]
+    candidates = ["positive", "negative", "not sure"]
+    tokens = []
+    model.model.embed_tokens.register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0].numel()))
+
+    cached = score_labels(model, tokenizer, conversations, candidates, batch_size=3)
+    cached_tokens, tokens[:] = sum(tokens), []
+    monkeypatch.setattr(labels_module, "_cached_logprobs", lambda *args: None)
+    sequences = score_labels(model, tokenizer, conversations, candidates, batch_size=3)
+    sequence_tokens = sum(tokens)
+
+    for with_cache, whole in zip(cached, sequences):
+        assert with_cache.probs == pytest.approx(whole.probs, abs=1e-5)
+        assert with_cache.prompt_tokens == whole.prompt_tokens
+    assert len({round(score.probs["positive"], 4) for score in cached}) == len(REVIEWS)  # the test can tell prompts apart
+    assert cached_tokens < 0.5 * sequence_tokens  # three labels: each prompt ran once, not three times
+
+
+def test_a_model_that_keeps_no_cache_is_scored_a_sequence_per_label():
+    import torch
+
+    from azdistill.models.builtin import builtin_teacher_path
+    from azdistill.models.loading import load_tokenizer
+
+    class NoCache(torch.nn.Module):
+        """A causal LM that ignores the cache it is given, as some remote-code models do."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config, self.device = inner, inner.config, inner.device
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None, logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
+
+    tokenizer = load_tokenizer(builtin_teacher_path())
+    inner = _random_llama(tokenizer)
+    conversations = [[CONVERSATION[0], {"role": "user", "content": f"Review: {text}"}] for text in REVIEWS[:3]]
+    expected = score_labels(inner, tokenizer, conversations, ["positive", "negative"], batch_size=2)
+    scores = score_labels(NoCache(inner), tokenizer, conversations, ["positive", "negative"], batch_size=2)
+    for score, reference in zip(scores, expected):
+        assert score.probs == pytest.approx(reference.probs, abs=1e-5)

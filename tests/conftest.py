@@ -218,6 +218,38 @@ def separate_tiny_student(folder: Path) -> Path:
     return folder
 
 
+def tiny_llama(tokenizer, seed: int = 0):
+    """A tiny random 2-layer Llama with the given tokenizer's vocabulary (not saved): its outputs differ from prompt
+    to prompt, unlike a model whose weights are set by hand."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def no_cache_model(inner):
+    """`inner` wrapped as a causal LM that ignores the attention cache it is given, as some remote-code models do;
+    `.cached_calls` counts the calls that were given one."""
+    import torch
+
+    class NoCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.device, self.cached_calls = inner, inner.config, inner.device, 0
+
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None, logits_to_keep=0):
+            self.cached_calls += past_key_values is not None
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
+
+    return NoCache()
+
+
 def stand_in_model_folders(tmp_path: Path, roles: Iterable[str] = ("student", "baseline")) -> dict[str, Path]:
     """A folder per role, each only a `config.json` naming it: the models of an evaluate stage whose
     `measure_in_child` is faked (the folders are never loaded)."""

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import no_cache_model, tiny_llama
 
 from azdistill.config.sections import SynthesisConfig
 from azdistill.models.labels import label_token_ids, score_labels
@@ -133,20 +134,6 @@ def test_a_constrained_teacher_answers_the_held_out_set_by_scoring_and_students_
     assert asked == {"teacher": None}  # only the teacher's answers depend on the constraint
 
 
-def _random_llama(tokenizer):
-    """A tiny random Llama: unlike `known_model`, its label probabilities differ from prompt to prompt."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
 REVIEWS = ["Great.", "The battery died after two days of light use and support never answered.", "Loved it!",
            "Meh, it works I guess", "Cold soup, rude staff, long wait."]
 
@@ -160,7 +147,7 @@ def test_each_prompt_runs_once_and_its_labels_read_it_from_the_cache(monkeypatch
     from azdistill.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(builtin_teacher_path())
-    model = _random_llama(tokenizer)
+    model = tiny_llama(tokenizer).eval()
     conversations = [[CONVERSATION[0], {"role": "user", "content": f"Review: {text}"}] for text in REVIEWS]
     candidates = ["positive", "negative", "not sure"]
     tokens = []
@@ -180,25 +167,17 @@ def test_each_prompt_runs_once_and_its_labels_read_it_from_the_cache(monkeypatch
 
 
 def test_a_model_that_keeps_no_cache_is_scored_a_sequence_per_label():
-    import torch
-
+    """Scored a sequence per label, with the same probabilities; after the first batch shows it keeps no cache, the
+    later batches do not try the cache again."""
     from azdistill.models.builtin import builtin_teacher_path
     from azdistill.models.loading import load_tokenizer
 
-    class NoCache(torch.nn.Module):
-        """A causal LM that ignores the cache it is given, as some remote-code models do."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config, self.device = inner, inner.config, inner.device
-
-        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None, logits_to_keep=0):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
-
     tokenizer = load_tokenizer(builtin_teacher_path())
-    inner = _random_llama(tokenizer)
+    inner = tiny_llama(tokenizer).eval()
     conversations = [[CONVERSATION[0], {"role": "user", "content": f"Review: {text}"}] for text in REVIEWS[:3]]
     expected = score_labels(inner, tokenizer, conversations, ["positive", "negative"], batch_size=2)
-    scores = score_labels(NoCache(inner), tokenizer, conversations, ["positive", "negative"], batch_size=2)
+    model = no_cache_model(inner)
+    scores = score_labels(model, tokenizer, conversations, ["positive", "negative"], batch_size=2)
     for score, reference in zip(scores, expected):
         assert score.probs == pytest.approx(reference.probs, abs=1e-5)
+    assert model.cached_calls == 1  # two batches, the cache tried on the first only

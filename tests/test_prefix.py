@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import no_cache_model, tiny_llama
 
 from azdistill.config.sections import TrainingConfig
 from azdistill.models.builtin import builtin_teacher_path
@@ -32,18 +33,6 @@ def reviews(count: int) -> list[list[dict]]:
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer(builtin_teacher_path())
-
-
-def tiny_llama(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
 
 
 def batch_of(ids: list[list[int]], answer_from: list[int]) -> dict:
@@ -102,21 +91,11 @@ def test_sharing_the_prefix_gives_the_same_logits_and_gradients_with_fewer_token
 
 
 def test_a_model_that_keeps_no_cache_runs_the_whole_batch_as_usual(tokenizer, caplog):
-    class NoCache(torch.nn.Module):
-        """A causal LM that ignores the cache it is given, as some remote-code models do."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None, logits_to_keep=0):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
-
     inner = tiny_llama(tokenizer).eval()
     batch = pad_batch([build_example(tokenizer, messages, 256) for messages in reviews(3)], tokenizer.pad_token_id)
     predict = predicting_positions(batch["labels"])
     with torch.no_grad(), caplog.at_level("WARNING"):
-        logits = answer_forward(NoCache(inner), batch, predict, share_prefix=True)
+        logits = answer_forward(no_cache_model(inner), batch, predict, share_prefix=True)
         expected = answer_forward(inner, batch, predict)
     torch.testing.assert_close(logits, expected)
     assert "keeps no attention cache" in caplog.text

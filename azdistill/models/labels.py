@@ -58,11 +58,14 @@ def score_labels(model, tokenizer, conversations: Sequence[list[Message]], label
                   for conversation, ids in zip(conversations, prompt_ids)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[LabelScores] = []
+    caches = True  # until the model shows it keeps no cache: then the rest is scored a sequence per label too
     for start in range(0, len(conversations), batch_size):
         rows = range(start, min(start + batch_size, len(conversations)))
         batch_prompts, batch_candidates = [prompt_ids[row] for row in rows], [candidates[row] for row in rows]
-        totals = _cached_logprobs(model, batch_prompts, batch_candidates, pad) if min(map(len, batch_prompts)) > 1 else None
+        cacheable = caches and min(map(len, batch_prompts)) > 1
+        totals = _cached_logprobs(model, batch_prompts, batch_candidates, pad) if cacheable else None
         if totals is None:
+            caches = caches and not cacheable
             totals = _sequence_logprobs(model, batch_prompts, batch_candidates, pad)
         for prompt, row_totals in zip(batch_prompts, totals):
             top = max(row_totals)
@@ -111,14 +114,8 @@ def _cached_logprobs(model, prompts: list[list[int]], candidates: list[list[list
         logits = model(input_ids=tail_ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions.to(model.device),
                        past_key_values=cache, use_cache=True).logits
         logprobs = logits.float().log_softmax(-1).cpu()
-    totals, index = [], 0
-    for labels in candidates:
-        row_totals = []
-        for tokens in labels:  # position 0 holds the prompt's last token, which predicts the label's first
-            row_totals.append(sum(logprobs[index, offset, token].item() for offset, token in enumerate(tokens)))
-            index += 1
-        totals.append(row_totals)
-    return totals
+    # Position 0 of each row holds the prompt's last token, which predicts the label's first.
+    return _label_totals(logprobs, candidates, [0] * len(prompts))
 
 
 def _sequence_logprobs(model, prompts: list[list[int]], candidates: list[list[list[int]]], pad: int) -> list[list[float]]:
@@ -134,12 +131,19 @@ def _sequence_logprobs(model, prompts: list[list[int]], candidates: list[list[li
     with torch.inference_mode():
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), logits_to_keep=kept).logits
         logprobs = logits.float().log_softmax(-1).cpu()
+    # The kept positions start at width - kept; a prompt's last token predicts its label's first.
+    return _label_totals(logprobs, candidates, [len(prompt) - 1 - (width - kept) for prompt in prompts])
+
+
+def _label_totals(logprobs, candidates: list[list[list[int]]], firsts: list[int]) -> list[list[float]]:
+    """Each label's summed log-probability per prompt, from `logprobs` [rows, positions, vocabulary] with a row per
+    (prompt, label) in order; `firsts[i]` is the position, in prompt i's rows, whose distribution is its labels' first
+    token's."""
     totals, index = [], 0
-    for prompt, labels in zip(prompts, candidates):
-        length = len(prompt) - (width - kept)
+    for labels, first in zip(candidates, firsts):
         row_totals = []
         for tokens in labels:
-            row_totals.append(sum(logprobs[index, length - 1 + offset, token].item() for offset, token in enumerate(tokens)))
+            row_totals.append(sum(logprobs[index, first + offset, token].item() for offset, token in enumerate(tokens)))
             index += 1
         totals.append(row_totals)
     return totals

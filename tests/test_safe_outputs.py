@@ -309,3 +309,25 @@ def test_an_over_long_prompt_is_rejected_with_its_reason_and_never_sent(make_con
     assert [row["reason"] for row in rejected if "max_prompt_chars" in row["reason"]] == [
         "the prompt has 200,097 characters, more than data.max_prompt_chars (100,000); shorten the record or raise data.max_prompt_chars"
     ]
+
+
+def test_a_folder_left_by_a_kill_while_its_first_marker_was_written_is_the_stages_own(tmp_path):
+    """Killed inside the atomic write of a stage's first marker, a folder holds only that marker's temporary file (seen
+    in tests/test_kill_resume.py): the rerun takes the folder as its own and clears the leftover; a user's file next
+    to it is still refused."""
+    from azdistill.errors import UserError
+    from azdistill.stages import state
+
+    folder = tmp_path / "finetune"
+    folder.mkdir()
+    (folder / ".inprogress.json.4ixp4qph.tmp").write_text('{"stage": "fine')
+    assert state.begin(folder, "fingerprint", stage="finetune") is False
+    assert sorted(path.name for path in folder.iterdir()) == ["inprogress.json"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".inprogress.json.x.tmp").write_text("")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        state.begin(other, "fingerprint", stage="finetune")
+    assert (other / "notes.txt").read_text() == "mine"

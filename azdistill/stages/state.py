@@ -10,6 +10,7 @@ Outputs are verified against `stage.json` before they are reused or read by the 
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ IN_PROGRESS_FILE = "inprogress.json"
 HASHED_BYTES = 64 * 2**20
 # Temporary files of atomic writes (data.atomic_writer) and staging folders: a stage's own leftovers.
 LEFTOVERS = (".*.tmp", ".*-staging", ".model-staging")
+# A kill while a stage wrote its first marker leaves only that marker's temporary file in a folder that holds no work
+# yet: the folder is still the stage's own.
+MARKER_LEFTOVERS = tuple(f".{name}.*.tmp" for name in (IN_PROGRESS_FILE, DONE_FILE))
 
 
 def _read_marker(path: Path) -> Optional[dict]:
@@ -59,7 +63,8 @@ def check_writable(stage_dir: Path, stage: str) -> None:
         raise UserError(f"{stage_dir} is a file, not a folder: give the {stage} stage a folder to write into")
     marker = _marker(stage_dir)
     if marker is None:
-        entries = sorted(entry.name for entry in stage_dir.iterdir())
+        entries = sorted(entry.name for entry in stage_dir.iterdir()
+                         if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in MARKER_LEFTOVERS))
         if entries:
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
             raise UserError(
@@ -165,6 +170,9 @@ def begin(stage_dir: Path, stage_fingerprint: str, force: bool = False, stage: s
             resumable = True
             (stage_dir / DONE_FILE).unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in MARKER_LEFTOVERS:
+        for leftover in stage_dir.glob(pattern):
+            leftover.unlink(missing_ok=True)
     write_json(marker, {"stage": stage, "fingerprint": stage_fingerprint})
     return resumable
 
